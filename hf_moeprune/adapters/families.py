@@ -1,0 +1,52 @@
+"""The MoE families hf_moeprune supports, one registration each.
+
+Router semantics that decide whether removing an unused expert changes outputs:
+- Mixtral, GPT-OSS: the combine weights are renormalised over the chosen top-k -> invariant holds.
+- Qwen2-MoE, Qwen3-MoE, OLMoE: softmax over all experts, renormalised only if ``norm_topk_prob``;
+  without it, removing an expert changes the softmax denominator and hence the weights.
+- DeepSeek-V3: per-expert sigmoid scores (no shared denominator) -> invariant holds with one group;
+  with group-limited routing a group's score is the sum of its top-2 members, so removing an unused
+  expert can change which groups win.
+"""
+
+from __future__ import annotations
+
+from hf_moeprune.adapters.base import MoEAdapter, register_adapter
+
+
+def _norm_topk(config) -> bool:
+    return bool(getattr(config, "norm_topk_prob", False))
+
+
+MIXTRAL = register_adapter(MoEAdapter(model_type="mixtral", num_experts_field="num_local_experts"))
+
+QWEN2_MOE = register_adapter(
+    MoEAdapter(model_type="qwen2_moe", num_experts_field="num_experts", renormalizes=_norm_topk)
+)
+
+QWEN3_MOE = register_adapter(
+    MoEAdapter(model_type="qwen3_moe", num_experts_field="num_experts", renormalizes=_norm_topk)
+)
+
+OLMOE = register_adapter(MoEAdapter(model_type="olmoe", num_experts_field="num_experts", renormalizes=_norm_topk))
+
+DEEPSEEK_V3 = register_adapter(
+    MoEAdapter(
+        model_type="deepseek_v3",
+        num_experts_field="n_routed_experts",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        group_field="n_group",
+        topk_group_field="topk_group",
+    )
+)
+
+GPT_OSS = register_adapter(
+    MoEAdapter(
+        model_type="gpt_oss",
+        num_experts_field="num_local_experts",
+        router_attr="router",
+        router_tensors=("weight", "bias"),
+        expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+    )
+)

@@ -1,0 +1,87 @@
+"""Pruned-model format: a Transformers-compatible config that records per-layer expert counts.
+
+``import hf_moeprune`` registers one ``moeprune_<family>`` config/model pair per supported family
+with the Auto classes, so ``AutoModelForCausalLM.from_pretrained(path)`` rebuilds the pruned shapes
+directly. The classes themselves live in the self-contained ``modeling_moeprune.py``, which is also
+what ``trust_remote_code=True`` loads where hf_moeprune is not installed.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_moeprune.format.modeling_moeprune import (
+    MODEL_TYPE_PREFIX,
+    PRUNED_CLASSES,
+    PRUNING_FIELDS,
+    PrunedConfigError,
+    PrunedMoEMixin,
+    check_pruned_config,
+    heterogeneous_load_balancing_loss,
+    resize_expert_tensors,
+)
+
+__all__ = [
+    "MODEL_TYPE_PREFIX",
+    "PRUNED_CLASSES",
+    "PRUNING_FIELDS",
+    "PrunedConfigError",
+    "PrunedMoEMixin",
+    "check_pruned_config",
+    "expert_counts",
+    "heterogeneous_load_balancing_loss",
+    "is_pruned",
+    "mark_pruned",
+    "register_auto_classes",
+    "resize_expert_tensors",
+]
+
+
+def register_auto_classes() -> None:
+    for config_cls, model_cls in PRUNED_CLASSES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        # save_pretrained then copies modeling_moeprune.py and writes the auto_map for trust_remote_code.
+        config_cls.register_for_auto_class()
+        model_cls.register_for_auto_class("AutoModelForCausalLM")
+
+
+def is_pruned(model) -> bool:
+    return isinstance(model, PrunedMoEMixin)
+
+
+def expert_counts(model, adapter) -> list[int | None]:
+    """Experts per decoder layer as the modules hold them (None for dense layers)."""
+    return [
+        adapter.num_experts(layer) if adapter.moe_block(layer) is not None else None
+        for layer in adapter.decoder_layers(model)
+    ]
+
+
+def mark_pruned(model, adapter) -> None:
+    """Turn a stock model (in place) into its pruned class, with complete pruning metadata.
+
+    Only ``__class__`` changes, so parameters, hooks and wrappers stay valid. A stock checkpoint that
+    hf_moeprune exported earlier carries ``moeprune_provenance``; its original expert ids are kept.
+    """
+    if is_pruned(model):
+        return
+    if adapter.model_type not in PRUNED_CLASSES:
+        raise ValueError(f"no pruned-model classes for model_type {adapter.model_type!r}")
+    config = model.config
+    counts = expert_counts(model, adapter)
+    provenance = getattr(config, "moeprune_provenance", None) or {}
+    original = provenance.get("original_num_experts") or getattr(config, adapter.num_experts_field)
+    kept = provenance.get("kept_expert_ids") or [list(range(c)) if c is not None else None for c in counts]
+    config_cls, model_cls = PRUNED_CLASSES[adapter.model_type]
+    config.__class__ = config_cls
+    config.base_model_type = adapter.model_type
+    config.original_num_experts = int(original)
+    config.experts_per_layer = counts
+    config.kept_expert_ids = kept
+    config.expert_tensor_names = adapter.tensor_names
+    config.expert_count_attributes = adapter.count_attributes
+    if "moeprune_provenance" in config.__dict__:
+        del config.moeprune_provenance
+    model.__class__ = model_cls
+    check_pruned_config(config)

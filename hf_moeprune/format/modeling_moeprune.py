@@ -1,0 +1,323 @@
+# Pruned-model format for hf_moeprune: configs and causal-LM classes whose MoE layers keep different
+# numbers of experts.
+#
+# This file is deliberately self-contained (it imports only torch and transformers): `save_pretrained`
+# copies it next to the weights and writes an `auto_map`, so that
+# `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works on a machine where
+# hf_moeprune is not installed. Everything here is driven by fields of the saved config
+# (`experts_per_layer`, `expert_tensor_names`, `expert_count_attributes`), so the file carries no
+# per-family knowledge beyond the list of stock classes it can extend.
+from __future__ import annotations
+
+import logging
+
+import torch
+import transformers
+from torch import nn
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE_PREFIX = "moeprune_"
+
+# model_type -> (stock config class, stock causal-LM class, config field holding the expert count)
+PRUNABLE_BASES: dict[str, tuple[str, str, str]] = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "num_local_experts"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "num_experts"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "num_experts"),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "num_experts"),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "num_local_experts"),
+}
+
+# Config fields that make a config "pruned". They are plain JSON values so that the stock export can
+# keep them as provenance metadata.
+PRUNING_FIELDS = (
+    "base_model_type",
+    "experts_per_layer",
+    "kept_expert_ids",
+    "original_num_experts",
+    "expert_tensor_names",
+    "expert_count_attributes",
+)
+
+
+class PrunedConfigError(ValueError):
+    """A pruned-model config is inconsistent with itself or with the weights."""
+
+
+def get_submodule_attr(root: nn.Module, dotted: str):
+    """Resolve ``"mlp.gate.weight"`` relative to ``root``; returns ``(owner_module, attr_name)``."""
+    owner_path, _, attr = dotted.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    return owner, attr
+
+
+def resize_expert_tensors(
+    layer: nn.Module,
+    tensor_names: list[str],
+    count_attributes: list[str],
+    num_experts: int,
+    index: torch.Tensor | None = None,
+) -> list[str]:
+    """Give every per-expert tensor of one decoder layer ``num_experts`` rows along dim 0.
+
+    With ``index`` the rows are ``tensor[index]`` (expert surgery: prune or permute). Without it the
+    rows are left uninitialised (load time: the checkpoint fills them). Names that the layer does
+    not have are skipped (e.g. a bias a family only sometimes has); the names actually resized are
+    returned. Each tensor is replaced one at a time, so at most one extra tensor is alive.
+    """
+    resized = []
+    for name in tensor_names:
+        try:
+            owner, attr = get_submodule_attr(layer, name)
+        except AttributeError:
+            continue
+        old = getattr(owner, attr, None)
+        if not isinstance(old, torch.Tensor):
+            continue
+        if index is not None:
+            data = old.detach().index_select(0, index.to(old.device))
+        else:
+            data = torch.empty((num_experts, *old.shape[1:]), dtype=old.dtype, device=old.device)
+        if isinstance(old, nn.Parameter):
+            new = nn.Parameter(data, requires_grad=old.requires_grad)
+            setattr(owner, attr, new)
+        else:
+            persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
+            owner.register_buffer(attr, data, persistent=persistent)
+        resized.append(name)
+    for name in count_attributes:
+        try:
+            owner, attr = get_submodule_attr(layer, name)
+        except AttributeError:
+            continue
+        if hasattr(owner, attr):
+            setattr(owner, attr, num_experts)
+    return resized
+
+
+def heterogeneous_load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss for layers with different expert counts.
+
+    The stock ``load_balancing_loss_func`` concatenates all layers' logits, which needs one width. Here
+    the loss ``E_l * sum_i f_i * P_i`` is computed per layer with that layer's own ``E_l`` and averaged
+    over layers; for equal widths and no padding it is the stock value.
+    """
+    losses = []
+    for logits in router_logits:
+        num_experts = logits.shape[-1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        _, selected = torch.topk(probs, top_k, dim=-1)
+        dispatch = nn.functional.one_hot(selected, num_experts).float().sum(dim=1)  # [T, E]
+        if attention_mask is not None and attention_mask.numel() == logits.shape[0]:
+            weight = attention_mask.reshape(-1, 1).to(probs.dtype)
+            f = (dispatch * weight).sum(0) / (weight.sum() * top_k).clamp_min(1.0)
+            p = (probs * weight).sum(0) / weight.sum().clamp_min(1.0)
+        else:
+            f = dispatch.mean(0) / top_k
+            p = probs.mean(0)
+        losses.append(num_experts * (f * p).sum() * top_k)
+    return torch.stack(losses).mean()
+
+
+def check_pruned_config(config) -> None:
+    """Fail early, naming the layer and values, when the pruning fields contradict each other."""
+    missing = [f for f in PRUNING_FIELDS if getattr(config, f, None) is None]
+    if missing:
+        raise PrunedConfigError(f"pruned config of model_type {config.model_type!r} is missing field(s) {missing}")
+    counts = config.experts_per_layer
+    ids = config.kept_expert_ids
+    if len(counts) != config.num_hidden_layers or len(ids) != config.num_hidden_layers:
+        raise PrunedConfigError(
+            f"experts_per_layer has {len(counts)} entries and kept_expert_ids {len(ids)}, "
+            f"but num_hidden_layers is {config.num_hidden_layers}"
+        )
+    for layer, (count, kept) in enumerate(zip(counts, ids)):
+        if (count is None) != (kept is None):
+            raise PrunedConfigError(f"layer {layer}: experts_per_layer={count} but kept_expert_ids={kept}")
+        if count is None:
+            continue
+        if not isinstance(count, int) or count < 1:
+            raise PrunedConfigError(f"layer {layer}: experts_per_layer={count!r} is not a positive integer")
+        if len(kept) != count:
+            raise PrunedConfigError(
+                f"layer {layer}: experts_per_layer={count} but kept_expert_ids lists {len(kept)} ids {kept}"
+            )
+        if len(set(kept)) != len(kept) or any(not 0 <= i < config.original_num_experts for i in kept):
+            raise PrunedConfigError(
+                f"layer {layer}: kept_expert_ids={kept} must be distinct ids in [0, {config.original_num_experts})"
+            )
+
+
+def _align_cpu_tensors(model: nn.Module, alignment: int = 64) -> None:
+    """Copy CPU tensors that safetensors memory-mapped at unaligned addresses into aligned memory.
+
+    BLAS kernels take different SIMD paths for unaligned data, which changes the last bits of the
+    logits; after this the reloaded model computes bit-identical outputs to the in-memory one.
+    """
+    for module in model.modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None or tensor.device.type != "cpu" or tensor.data_ptr() % alignment == 0:
+                continue
+            tensor.data = tensor.data.clone()
+
+
+class PrunedMoEMixin:
+    """Behaviour shared by every pruned causal-LM class; combined with a stock class by `make_pruned_classes`."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        _align_cpu_tensors(model)
+        return model
+
+    def _resize_to_config(self, config) -> None:
+        layers = self.model.layers
+        for layer_idx, count in enumerate(config.experts_per_layer):
+            if count is None:
+                continue
+            resized = resize_expert_tensors(
+                layers[layer_idx], config.expert_tensor_names, config.expert_count_attributes, count
+            )
+            if not resized:
+                raise PrunedConfigError(
+                    f"layer {layer_idx}: experts_per_layer={count} but the layer has none of the expert "
+                    f"tensors {config.expert_tensor_names}"
+                )
+            owners = {id(o): o for o in (get_submodule_attr(layers[layer_idx], n)[0] for n in resized)}
+            for module in owners.values():
+                if not any(t.is_meta for t in module.parameters(recurse=False)):
+                    # Direct construction (not from_pretrained): give the new rows the family's own init.
+                    self._init_weights(module)
+
+    def save_pretrained(self, save_directory, *args, export_stock: bool = True, **kwargs):
+        """Save the pruned model.
+
+        When every MoE layer keeps the same number of experts and ``export_stock`` is True (the default),
+        the stock architecture is written (e.g. ``model_type: mixtral`` with a smaller expert count), so
+        plain transformers and vLLM load it; the pruning provenance goes under ``moeprune_provenance``.
+        Otherwise the pruned format is written together with this file and an ``auto_map``.
+        """
+        counts = {c for c in self.config.experts_per_layer if c is not None}
+        if not (export_stock and len(counts) == 1):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        config = self.config
+        pruned_config_cls, pruned_model_cls = type(config), type(self)
+        fields = {name: config.__dict__.pop(name) for name in PRUNING_FIELDS}
+        config.moeprune_provenance = dict(fields)
+        config.__class__, self.__class__ = self.stock_config_class, self.stock_model_class
+        try:
+            return self.save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            config.__class__, self.__class__ = pruned_config_cls, pruned_model_cls
+            del config.moeprune_provenance
+            config.__dict__.update(fields)
+
+    def _router_widths_differ(self) -> bool:
+        counts = [c for c in self.config.experts_per_layer if c is not None]
+        return len(set(counts)) > 1
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, output_router_logits=None, **kwargs):
+        want_router_logits = (
+            output_router_logits
+            if output_router_logits is not None
+            else getattr(self.config, "output_router_logits", False)
+        )
+        base_has_aux = hasattr(self, "router_aux_loss_coef")
+        if not (want_router_logits and base_has_aux and self._router_widths_differ()):
+            if base_has_aux:
+                kwargs["output_router_logits"] = output_router_logits
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        # Stock heads concatenate router logits across layers, which fails for per-layer widths: run the
+        # decoder, then the head and a per-layer aux loss here.
+        logits_to_keep = kwargs.pop("logits_to_keep", 0)
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True, **kwargs
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep, :]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        aux_loss = heterogeneous_load_balancing_loss(
+            outputs.router_logits, self.config.num_experts_per_tok, attention_mask
+        )
+        if loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits,
+        )
+
+
+def _make_init(stock_model_cls, count_field: str):
+    def __init__(self, config):
+        check_pruned_config(config)
+        counts = [c for c in config.experts_per_layer if c is not None]
+        declared = getattr(config, count_field)
+        # Build the stock skeleton with the smallest count, so that the full-size model is never
+        # materialised, then give each layer its own count.
+        setattr(config, count_field, min(counts))
+        try:
+            stock_model_cls.__init__(self, config)
+        finally:
+            setattr(config, count_field, declared)
+        if hasattr(self, "num_experts"):
+            self.num_experts = declared
+        self._resize_to_config(config)
+
+    return __init__
+
+
+def make_pruned_classes(model_type: str):
+    """Create the (config, causal-LM) pair that extends the stock classes of ``model_type``."""
+    config_name, model_name, count_field = PRUNABLE_BASES[model_type]
+    stock_config = getattr(transformers, config_name)
+    stock_model = getattr(transformers, model_name)
+    pruned_config = type(
+        f"MoEPrune{config_name}",
+        (stock_config,),
+        {
+            "model_type": MODEL_TYPE_PREFIX + model_type,
+            "__module__": __name__,
+            "__doc__": f"{config_name} whose MoE layers keep per-layer expert counts (hf_moeprune).",
+        },
+    )
+    pruned_model = type(
+        f"MoEPrune{model_name}",
+        (PrunedMoEMixin, stock_model),
+        {
+            "config_class": pruned_config,
+            "__init__": _make_init(stock_model, count_field),
+            "__module__": __name__,
+            "__doc__": f"{model_name} whose MoE layers keep per-layer expert counts (hf_moeprune).",
+            "expert_count_field": count_field,
+            "stock_config_class": stock_config,
+            "stock_model_class": stock_model,
+        },
+    )
+    return pruned_config, pruned_model
+
+
+PRUNED_CLASSES: dict[str, tuple[type, type]] = {}
+for _model_type, (_config_name, _model_name, _) in PRUNABLE_BASES.items():
+    if not (hasattr(transformers, _config_name) and hasattr(transformers, _model_name)):
+        continue  # an older transformers without this family
+    _cfg, _mdl = make_pruned_classes(_model_type)
+    PRUNED_CLASSES[_model_type] = (_cfg, _mdl)
+    globals()[_cfg.__name__] = _cfg
+    globals()[_mdl.__name__] = _mdl

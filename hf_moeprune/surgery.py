@@ -1,0 +1,189 @@
+"""Expert surgery: physically remove or reorder experts of a transformers v5 MoE model, in place.
+
+Indices in ``keep``/``order`` are the expert *positions the model has now* (for an unpruned model,
+the checkpoint's expert ids). ``config.kept_expert_ids`` always tracks the original checkpoint ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hf_moeprune.adapters import MoEAdapter, get_adapter
+from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
+from hf_moeprune.format.modeling_moeprune import get_submodule_attr
+
+logger = logging.getLogger(__name__)
+
+# Called as (old_tensor, new_tensor, index) for every per-expert tensor replaced, so that callers can
+# carry optimizer state or other per-parameter data across surgery without keeping a full copy.
+TensorReplacedHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP/accelerate/compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def _check_layer_indices(adapter: MoEAdapter, model: nn.Module, layer_ids) -> list[int]:
+    moe_layers = adapter.moe_layer_indices(model)
+    bad = [layer for layer in layer_ids if layer not in moe_layers]
+    if bad:
+        raise ValueError(f"layer(s) {bad} are not MoE layers of this {adapter.model_type} model; MoE layers: {moe_layers}")
+    return moe_layers
+
+
+def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts: int, positions: list[int]) -> None:
+    """Group-limited routing scores contiguous blocks of experts as groups; keep that structure intact.
+
+    Each new block must come from a single old group, all groups survive, and every group keeps at
+    least 2 experts (the router sums each group's top-2) with enough experts in the chosen groups.
+    """
+    groups = adapter.num_groups(config)
+    if groups == 1:
+        return
+    n = len(positions)
+    if n % groups:
+        raise ValueError(
+            f"layer {layer}: keeping {n} experts breaks group-limited routing with {adapter.group_field}={groups}; "
+            f"the count must be a multiple of {groups}"
+        )
+    old_size, new_size = num_experts // groups, n // groups
+    blocks = [positions[g * new_size : (g + 1) * new_size] for g in range(groups)]
+    origin = []
+    for g, block in enumerate(blocks):
+        source = {p // old_size for p in block}
+        if len(source) != 1:
+            raise ValueError(
+                f"layer {layer}: new group {g} holds experts {block} from old groups {sorted(source)}; "
+                f"with {adapter.group_field}={groups} every group must keep {new_size} experts of one old group "
+                f"(list kept experts group by group)"
+            )
+        origin.append(source.pop())
+    if len(set(origin)) != groups:
+        raise ValueError(f"layer {layer}: old groups {origin} appear twice; every group must keep {new_size} experts")
+    top_k = adapter.top_k(config)
+    topk_group = int(getattr(config, adapter.topk_group_field) or groups)
+    if new_size < 2 or topk_group * new_size < top_k:
+        raise ValueError(
+            f"layer {layer}: {new_size} experts per group is too few for group-limited routing "
+            f"(needs >= 2 per group and {adapter.topk_group_field}={topk_group} groups x {new_size} >= top-k {top_k})"
+        )
+
+
+def _validate_positions(
+    adapter: MoEAdapter, model: nn.Module, layer: int, positions: Sequence[int], what: str
+) -> list[int]:
+    num_experts = adapter.num_experts(adapter.decoder_layers(model)[layer])
+    try:
+        positions = [int(p) for p in positions]
+    except (TypeError, ValueError):
+        raise ValueError(f"layer {layer}: {what} must be a sequence of integer expert indices, got {positions!r}") from None
+    out_of_range = [p for p in positions if not 0 <= p < num_experts]
+    if out_of_range:
+        raise ValueError(f"layer {layer}: expert indices {out_of_range} out of range [0, {num_experts})")
+    repeated = sorted({p for p in positions if positions.count(p) > 1})
+    if repeated:
+        raise ValueError(f"layer {layer}: expert indices {repeated} repeated in {what}")
+    top_k = adapter.top_k(model.config)
+    if len(positions) < top_k:
+        raise ValueError(f"layer {layer}: keeping {len(positions)} experts, fewer than top-k={top_k}")
+    _check_group_structure(adapter, model.config, layer, num_experts, positions)
+    return positions
+
+
+def _apply(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    plan: dict[int, list[int]],
+    on_tensor_replaced: TensorReplacedHook | None,
+) -> None:
+    mark_pruned(model, adapter)
+    config = model.config
+    layers = adapter.decoder_layers(model)
+    for layer_idx, positions in plan.items():
+        index = torch.tensor(positions, dtype=torch.long)
+        layer = layers[layer_idx]
+        if on_tensor_replaced is not None:
+            before = {name: _lookup(layer, name) for name in adapter.tensor_names}
+        resize_expert_tensors(layer, adapter.tensor_names, adapter.count_attributes, len(positions), index)
+        if on_tensor_replaced is not None:
+            for name, old in before.items():
+                if old is not None:
+                    on_tensor_replaced(old, _lookup(layer, name), index)
+            del before
+        config.kept_expert_ids[layer_idx] = [config.kept_expert_ids[layer_idx][p] for p in positions]
+    counts = expert_counts(model, adapter)
+    config.experts_per_layer = counts
+    largest = max(c for c in counts if c is not None)
+    setattr(config, adapter.num_experts_field, largest)
+    if hasattr(model, "num_experts"):
+        model.num_experts = largest
+
+
+def _lookup(layer: nn.Module, dotted: str) -> torch.Tensor | None:
+    try:
+        owner, attr = get_submodule_attr(layer, dotted)
+    except AttributeError:
+        return None
+    value = getattr(owner, attr, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def prune_experts(
+    model: nn.Module,
+    keep: Mapping[int, Sequence[int]],
+    on_tensor_replaced: TensorReplacedHook | None = None,
+) -> nn.Module:
+    """Keep only ``keep[layer]`` experts (in that order) in each listed MoE layer; in place.
+
+    Every per-expert tensor is sliced (router rows, router/expert biases, correction biases, expert
+    weights), module attributes and the config follow, and the model becomes its pruned class, so
+    ``save_pretrained``/``from_pretrained`` round-trip. Layers not in ``keep`` are untouched. Each tensor
+    is replaced one at a time: no second full-size copy of the model is ever held.
+    """
+    model = unwrap_model(model)
+    adapter = get_adapter(model)
+    _check_layer_indices(adapter, model, keep)
+    plan = {int(layer): _validate_positions(adapter, model, int(layer), kept, "keep") for layer, kept in keep.items()}
+    _apply(model, adapter, plan, on_tensor_replaced)
+    logger.info(
+        "pruned experts: %s",
+        {layer: f"{adapter.num_experts(adapter.decoder_layers(model)[layer])} kept" for layer in plan},
+    )
+    return model
+
+
+def permute_experts(
+    model: nn.Module,
+    order: Mapping[int, Sequence[int]],
+    on_tensor_replaced: TensorReplacedHook | None = None,
+) -> nn.Module:
+    """Reorder each listed layer's experts by ``order[layer]`` (a permutation); outputs do not change.
+
+    Router rows, biases and expert weights move together, so only which contiguous block (and hence
+    which expert-parallel rank) each expert lands on changes.
+    """
+    model = unwrap_model(model)
+    adapter = get_adapter(model)
+    _check_layer_indices(adapter, model, order)
+    plan = {}
+    for layer, perm in order.items():
+        layer = int(layer)
+        positions = _validate_positions(adapter, model, layer, perm, "order")
+        num_experts = adapter.num_experts(adapter.decoder_layers(model)[layer])
+        if len(positions) != num_experts:
+            raise ValueError(
+                f"layer {layer}: order has {len(positions)} entries but the layer has {num_experts} experts; "
+                "a permutation must list every expert once"
+            )
+        plan[layer] = positions
+    _apply(model, adapter, plan, on_tensor_replaced)
+    return model
