@@ -36,7 +36,9 @@ def _check_layer_indices(adapter: MoEAdapter, model: nn.Module, layer_ids) -> li
     moe_layers = adapter.moe_layer_indices(model)
     bad = [layer for layer in layer_ids if layer not in moe_layers]
     if bad:
-        raise ValueError(f"layer(s) {bad} are not MoE layers of this {adapter.model_type} model; MoE layers: {moe_layers}")
+        raise ValueError(
+            f"layer(s) {bad} are not MoE layers of this {adapter.model_type} model; MoE layers: {moe_layers}"
+        )
     return moe_layers
 
 
@@ -85,7 +87,9 @@ def _validate_positions(
     try:
         positions = [int(p) for p in positions]
     except (TypeError, ValueError):
-        raise ValueError(f"layer {layer}: {what} must be a sequence of integer expert indices, got {positions!r}") from None
+        raise ValueError(
+            f"layer {layer}: {what} must be a sequence of integer expert indices, got {positions!r}"
+        ) from None
     out_of_range = [p for p in positions if not 0 <= p < num_experts]
     if out_of_range:
         raise ValueError(f"layer {layer}: expert indices {out_of_range} out of range [0, {num_experts})")

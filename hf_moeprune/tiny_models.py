@@ -29,8 +29,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_local_experts=8)),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        dict(intermediate_size=64, moe_intermediate_size=24, shared_expert_intermediate_size=32, num_experts=8,
-             norm_topk_prob=True),
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            num_experts=8,
+            norm_topk_prob=True,
+        ),
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
@@ -40,15 +45,31 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek_v3": (
         "DeepseekV3Config",
         dict(
-            intermediate_size=64, moe_intermediate_size=24, n_routed_experts=8, num_key_value_heads=4, n_shared_experts=1, n_group=1,
-            topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
-            qk_nope_head_dim=8, v_head_dim=8, routed_scaling_factor=1.0,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            num_key_value_heads=4,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            routed_scaling_factor=1.0,
         ),
     ),
     "gpt_oss": (
         "GptOssConfig",
-        dict(intermediate_size=24, num_local_experts=8, head_dim=8, sliding_window=16,
-             layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+        dict(
+            intermediate_size=24,
+            num_local_experts=8,
+            head_dim=8,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
     ),
 }
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import transformers
@@ -154,6 +155,19 @@ def check_pruned_config(config) -> None:
             )
 
 
+def _describe_mismatches(config, mismatched) -> str:
+    lines = []
+    for key, checkpoint_shape, model_shape in sorted(mismatched, key=lambda m: m[0]):
+        match = re.search(r"layers\.(\d+)\.", key)
+        layer = int(match.group(1)) if match else None
+        declared = config.experts_per_layer[layer] if layer is not None else None
+        lines.append(
+            f"layer {layer}: config says experts_per_layer={declared} but checkpoint tensor {key} has shape "
+            f"{list(checkpoint_shape)} (the config implies {list(model_shape)})"
+        )
+    return "pruned checkpoint does not match its config:\n  " + "\n  ".join(lines)
+
+
 def _align_cpu_tensors(model: nn.Module, alignment: int = 64) -> None:
     """Copy CPU tensors that safetensors memory-mapped at unaligned addresses into aligned memory.
 
@@ -172,9 +186,14 @@ class PrunedMoEMixin:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        # Load with mismatches allowed so that they can be reported per layer, then refuse them.
+        model, info = super().from_pretrained(*args, ignore_mismatched_sizes=True, output_loading_info=True, **kwargs)
+        if info.get("mismatched_keys") and not ignore_mismatched:
+            raise PrunedConfigError(_describe_mismatches(model.config, info["mismatched_keys"]))
         _align_cpu_tensors(model)
-        return model
+        return (model, info) if want_info else model
 
     def _resize_to_config(self, config) -> None:
         layers = self.model.layers
@@ -236,9 +255,7 @@ class PrunedMoEMixin:
         # Stock heads concatenate router logits across layers, which fails for per-layer widths: run the
         # decoder, then the head and a per-layer aux loss here.
         logits_to_keep = kwargs.pop("logits_to_keep", 0)
-        outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True, **kwargs
-        )
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True, **kwargs)
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
             hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
@@ -310,6 +327,11 @@ def make_pruned_classes(model_type: str):
             "stock_model_class": stock_model,
         },
     )
+    # transformers decides whether attention/experts kernels can be swapped (grouped_mm, sdpa, ...) by
+    # reading the source of the class's module; this file reuses the stock modules, so inherit their answer.
+    for probe in ("_can_set_attn_implementation", "_can_set_experts_implementation"):
+        if hasattr(stock_model, probe):
+            setattr(pruned_model, f"{probe}_cached_value", bool(getattr(stock_model, probe)()))
     return pruned_config, pruned_model
 
 

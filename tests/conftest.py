@@ -1,0 +1,66 @@
+import os
+import sys
+
+import pytest
+import torch
+
+import hf_moeprune  # noqa: F401  (registers the pruned-model classes)
+from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    return tiny_model(family)
+
+
+class RoutingRecorder:
+    """Records, per decoder layer, the router's (logits, top-k weights, top-k indices) of each forward."""
+
+    def __init__(self, model):
+        self.adapter = hf_moeprune.get_adapter(model)
+        self.calls: dict[int, tuple] = {}
+        self.handles = []
+        for idx in self.adapter.moe_layer_indices(model):
+            router = self.adapter.router(self.adapter.decoder_layers(model)[idx])
+            self.handles.append(router.register_forward_hook(self._hook(idx)))
+
+    def _hook(self, idx):
+        def hook(module, args, output):
+            logits, weights, indices = output
+            self.calls[idx] = (logits.detach(), weights.detach(), indices.detach())
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run_without_package(code: str, cwd=None):
+    """Run python code in a subprocess in which `import hf_moeprune` fails."""
+    import subprocess
+
+    blocker = (
+        "import sys, importlib.abc\n"
+        "class _Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'hf_moeprune' or name.startswith('hf_moeprune.'):\n"
+        "            raise ImportError('hf_moeprune is blocked in this test')\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    # same thread count as this process: BLAS reductions split differently across threads
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    return subprocess.run(
+        [sys.executable, "-c", blocker + code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
