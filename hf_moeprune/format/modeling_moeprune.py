@@ -175,7 +175,7 @@ def _align_cpu_tensors(model: nn.Module, alignment: int = 64) -> None:
     logits; after this the reloaded model computes bit-identical outputs to the in-memory one.
     """
     for module in model.modules():
-        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
             if tensor is None or tensor.device.type != "cpu" or tensor.data_ptr() % alignment == 0:
                 continue
             tensor.data = tensor.data.clone()
