@@ -1,0 +1,73 @@
+"""Small shared helpers: argument parsing for the CLIs and all-or-nothing output folders."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: Sequence[str], prog: str):
+    """Parse ``argv`` into ``dataclass_types`` with ``HfArgumentParser``.
+
+    ``argv`` may be flags, a single YAML recipe (``recipe.yaml``), or a recipe followed by flags that
+    override it (``recipe.yaml --learning_rate 1e-4``).
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog)
+    argv = list(argv)
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        import yaml
+
+        recipe_path = Path(argv[0])
+        if not recipe_path.is_file():
+            parser.error(f"recipe {str(recipe_path)!r} does not exist")
+        recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        if not isinstance(recipe, dict):
+            parser.error(f"recipe {str(recipe_path)!r} must be a mapping of field: value, got {type(recipe).__name__}")
+        known = {f for t in dataclass_types for f in t.__dataclass_fields__}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            parser.error(f"recipe {str(recipe_path)!r} has unknown field(s) {unknown}")
+        parser.set_defaults(**recipe)
+        argv = argv[1:]
+        # fields required by the dataclass but given in the recipe are no longer required on the CLI
+        for action in parser._actions:
+            if action.dest in recipe:
+                action.required = False
+    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``path`` only if the block succeeds.
+
+    A failure leaves ``path`` exactly as it was. An existing non-empty ``path`` is refused unless
+    ``overwrite`` is set, and even then it is only replaced once the new content is complete.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output path {str(path)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(path)!r} is not empty; choose another or pass overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if path.exists():
+        backup = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, backup)
+    os.replace(tmp, path)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
