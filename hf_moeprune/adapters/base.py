@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_moeprune.adapters.routing import get_route_function
 from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -30,6 +31,7 @@ class MoEAdapter:
         block_attr / router_attr / experts_attr: attribute path decoder layer -> MoE block -> router/experts.
         router_tensors / expert_tensors: per-expert tensors (expert index on dim 0) of router and experts.
         score_function: how the router turns logits into per-expert scores (``softmax`` or ``sigmoid``).
+        routing: name of the family's routing rule in ``adapters.routing.ROUTE_FUNCTIONS``.
         renormalizes: ``config -> bool``; True when the combine weights are renormalised over the chosen
             top-k (or the score is per-expert), so removing an expert no token chose leaves outputs unchanged.
         group_field / topk_group_field: config fields of group-limited routing (DeepSeek-V3), or None.
@@ -47,6 +49,7 @@ class MoEAdapter:
     group_field: str | None = None
     topk_group_field: str | None = None
     top_k_field: str = "num_experts_per_tok"
+    routing: str = "softmax_topk_renorm"
 
     def __post_init__(self):
         if self.score_function not in ROUTER_SCORE_FUNCTIONS:
@@ -54,6 +57,7 @@ class MoEAdapter:
                 f"score_function={self.score_function!r} for {self.model_type!r}; "
                 f"known: {sorted(ROUTER_SCORE_FUNCTIONS)}"
             )
+        get_route_function(self.routing)  # fails early, naming the known rules
 
     # -- where things live -------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -103,6 +107,10 @@ class MoEAdapter:
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         """Per-expert router scores [tokens, experts] from router logits (probabilities or sigmoids)."""
         return ROUTER_SCORE_FUNCTIONS[self.score_function](router_logits)
+
+    def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+        """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice."""
+        return get_route_function(self.routing)(router, logits, selection_bias)
 
     def num_groups(self, config) -> int:
         if self.group_field is None:

@@ -21,14 +21,16 @@ def _norm_topk(config) -> bool:
 MIXTRAL = register_adapter(MoEAdapter(model_type="mixtral", num_experts_field="num_local_experts"))
 
 QWEN2_MOE = register_adapter(
-    MoEAdapter(model_type="qwen2_moe", num_experts_field="num_experts", renormalizes=_norm_topk)
+    MoEAdapter(model_type="qwen2_moe", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
 )
 
 QWEN3_MOE = register_adapter(
-    MoEAdapter(model_type="qwen3_moe", num_experts_field="num_experts", renormalizes=_norm_topk)
+    MoEAdapter(model_type="qwen3_moe", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
 )
 
-OLMOE = register_adapter(MoEAdapter(model_type="olmoe", num_experts_field="num_experts", renormalizes=_norm_topk))
+OLMOE = register_adapter(
+    MoEAdapter(model_type="olmoe", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
+)
 
 DEEPSEEK_V3 = register_adapter(
     MoEAdapter(
@@ -36,6 +38,7 @@ DEEPSEEK_V3 = register_adapter(
         num_experts_field="n_routed_experts",
         router_tensors=("weight", "e_score_correction_bias"),
         score_function="sigmoid",
+        routing="sigmoid_group_limited",
         group_field="n_group",
         topk_group_field="topk_group",
     )
@@ -48,5 +51,6 @@ GPT_OSS = register_adapter(
         router_attr="router",
         router_tensors=("weight", "bias"),
         expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
+        routing="topk_softmax",
     )
 )
