@@ -99,30 +99,38 @@ def resize_expert_tensors(
 
 
 def heterogeneous_load_balancing_loss(
-    router_logits: tuple[torch.Tensor, ...],
+    router_logits,
     top_k: int,
     attention_mask: torch.Tensor | None = None,
+    score_fn=None,
 ) -> torch.Tensor:
-    """Switch-Transformer auxiliary loss for layers with different expert counts.
+    """Switch-Transformer auxiliary loss computed per layer, for layers with different expert counts.
 
-    The stock ``load_balancing_loss_func`` concatenates all layers' logits, which needs one width. Here
-    the loss ``E_l * sum_i f_i * P_i`` is computed per layer with that layer's own ``E_l`` and averaged
-    over layers; for equal widths and no padding it is the stock value.
+    Per layer ``l``: ``E_l * k * sum_i f_i * P_i`` with ``f_i`` the fraction of (token, slot) pairs routed to
+    expert ``i`` and ``P_i`` its mean router probability; the result is the mean over layers. (The stock
+    ``load_balancing_loss_func`` pools all layers' tokens into one histogram, which needs one width; per layer
+    is the Switch paper's definition.) ``score_fn`` maps logits to probabilities (default softmax); scores
+    that do not sum to one (sigmoid routers) are normalised per token.
     """
+    if isinstance(router_logits, dict):
+        router_logits = list(router_logits.values())
     losses = []
     for logits in router_logits:
         num_experts = logits.shape[-1]
-        probs = torch.softmax(logits.float(), dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1) if score_fn is None else score_fn(logits)
+        probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         _, selected = torch.topk(probs, top_k, dim=-1)
         dispatch = nn.functional.one_hot(selected, num_experts).float().sum(dim=1)  # [T, E]
         if attention_mask is not None and attention_mask.numel() == logits.shape[0]:
             weight = attention_mask.reshape(-1, 1).to(probs.dtype)
-            f = (dispatch * weight).sum(0) / (weight.sum() * top_k).clamp_min(1.0)
-            p = (probs * weight).sum(0) / weight.sum().clamp_min(1.0)
         else:
-            f = dispatch.mean(0) / top_k
-            p = probs.mean(0)
-        losses.append(num_experts * (f * p).sum() * top_k)
+            weight = torch.ones(logits.shape[0], 1, dtype=probs.dtype, device=probs.device)
+        tokens = weight.sum().clamp_min(1.0)
+        f = (dispatch * weight).sum(0) / (tokens * top_k)
+        p = (probs * weight).sum(0) / tokens
+        # x top_k: the scale of transformers' load_balancing_loss_func (top_k when perfectly balanced), so the
+        # configs' router_aux_loss_coef values mean the same thing here
+        losses.append(num_experts * top_k * (f * p).sum())
     return torch.stack(losses).mean()
 
 

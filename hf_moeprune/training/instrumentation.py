@@ -1,0 +1,149 @@
+"""Hooks that observe and steer routing during training, for every supported family.
+
+- Router forward hooks re-route with a per-expert selection bias when one is set (soft masks before removal,
+  aux-loss-free balancing), record token counts and router probability mass, and keep the router logits of
+  the current forward for the auxiliary and z losses.
+- An instance-level wrapper around each experts module records the REAP statistic (gate weight x ||expert
+  output||). It calls the module's own forward (eager, grouped_mm, ...) with one row per (token, expert)
+  pair and unit weights, so the per-pair outputs come out at no extra expert compute; the weighted sum is
+  then formed exactly as transformers forms it.
+
+Recording is switched on only around the training forward (``recording``), so activation-checkpoint
+recomputation during backward and evaluation forwards are not counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hf_moeprune.adapters import MoEAdapter
+from hf_moeprune.pruning.statistics import ExpertStatistics
+
+logger = logging.getLogger(__name__)
+
+
+class RoutingInstrumentation:
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, statistics: ExpertStatistics):
+        self.model = model
+        self.adapter = adapter
+        self.statistics = statistics
+        self.recording = False
+        self.capture_logits = False
+        self.token_mask: torch.Tensor | None = None
+        self.router_logits: dict[int, torch.Tensor] = {}
+        self.step_loads: dict[int, torch.Tensor] = {}  # tokens per expert in the current optimizer step
+        self.selection_bias: dict[int, torch.Tensor] = {}  # balancing bias, added to the selection scores
+        self.masked: dict[int, torch.Tensor] = {}  # bool [experts]: soft-masked (never selected)
+        self._handles = []
+        self._wrapped: list[nn.Module] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        layers = self.adapter.decoder_layers(self.model)
+        for idx in self.adapter.moe_layer_indices(self.model):
+            router = self.adapter.router(layers[idx])
+            experts = self.adapter.experts(layers[idx])
+            self._handles.append(router.register_forward_hook(self._router_hook(idx)))
+            experts.forward = self._experts_forward(idx, experts, experts.forward)
+            self._wrapped.append(experts)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for experts in self._wrapped:
+            del experts.forward  # back to the class's forward
+        self._handles, self._wrapped = [], []
+
+    def select(self, layer: int, index: torch.Tensor) -> None:
+        """Follow expert surgery in one layer."""
+        for store in (self.selection_bias, self.masked, self.step_loads):
+            if layer in store:
+                store[layer] = store[layer].index_select(0, index.to(store[layer].device))
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _token_weights(self, num_tokens: int, device) -> torch.Tensor | None:
+        mask = self.token_mask
+        if mask is None or mask.numel() != num_tokens:
+            return None
+        return mask.reshape(-1).to(device=device, dtype=torch.float32)
+
+    def _bias(self, layer: int, logits: torch.Tensor) -> torch.Tensor | None:
+        bias = self.selection_bias.get(layer)
+        masked = self.masked.get(layer)
+        if masked is not None and bool(masked.any()):
+            neg = torch.zeros(masked.shape, dtype=torch.float32, device=logits.device)
+            neg[masked.to(logits.device)] = float("-inf")
+            bias = neg if bias is None else bias.to(logits.device) + neg
+        return bias
+
+    def _router_hook(self, layer: int):
+        def hook(module, args, output):
+            logits, weights, indices = output[0], output[1], output[2]
+            bias = self._bias(layer, logits)
+            if bias is not None:
+                weights, indices = self.adapter.route(module, logits, bias)
+                output = (logits, weights, indices, *output[3:])
+            if self.capture_logits:
+                self.router_logits[layer] = logits
+            if self.recording:
+                with torch.no_grad():
+                    num_experts = logits.shape[-1]
+                    token_weights = self._token_weights(logits.shape[0], logits.device)
+                    probs = self.adapter.scores(logits.detach())
+                    pair_weights = None
+                    if token_weights is not None:
+                        probs = probs * token_weights[:, None]
+                        pair_weights = token_weights.repeat_interleave(indices.shape[-1])
+                    counts = torch.bincount(indices.reshape(-1), weights=pair_weights, minlength=num_experts)
+                    self.statistics.add(layer, "tokens", counts)
+                    self.statistics.add(layer, "prob_mass", probs.sum(0))
+                    previous = self.step_loads.get(layer)
+                    counts = counts.float().cpu()
+                    self.step_loads[layer] = counts if previous is None else previous + counts
+            return output
+
+        return hook
+
+    def _experts_forward(self, layer: int, experts: nn.Module, original_forward):
+        def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
+            if not self.recording:
+                return original_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            num_tokens, top_k = top_k_index.shape
+            pairs = hidden_states.repeat_interleave(top_k, dim=0)
+            unit = torch.ones(num_tokens * top_k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+            per_pair = original_forward(pairs, top_k_index.reshape(-1, 1), unit, *args, **kwargs)
+            combined = (per_pair.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)).sum(dim=1)
+            with torch.no_grad():
+                norms = per_pair.detach().float().norm(dim=-1) * top_k_weights.detach().float().reshape(-1)
+                token_weights = self._token_weights(num_tokens, norms.device)
+                if token_weights is not None:
+                    norms = norms * token_weights.repeat_interleave(top_k)
+                reap = torch.bincount(top_k_index.reshape(-1), weights=norms, minlength=experts.num_experts)
+                self.statistics.add(layer, "reap_sum", reap)
+            return combined.to(hidden_states.dtype)
+
+        return forward
+
+    # -- training-time quantities ------------------------------------------------------------
+    def accumulate_saliency(self) -> None:
+        """Add |theta . grad| per expert (first-order Taylor) from the current gradients."""
+        layers = self.adapter.decoder_layers(self.model)
+        for idx in self.statistics.layers:
+            experts = self.adapter.experts(layers[idx])
+            dot = None
+            for param in experts.parameters(recurse=False):
+                if param.grad is None or param.dim() == 0 or param.shape[0] != experts.num_experts:
+                    continue
+                contribution = (param.detach().float() * param.grad.detach().float()).flatten(1).sum(1)
+                dot = contribution if dot is None else dot + contribution
+            if dot is not None:
+                self.statistics.add(idx, "saliency", dot.abs())
+
+    def take_router_logits(self) -> dict[int, torch.Tensor]:
+        logits, self.router_logits = self.router_logits, {}
+        return logits

@@ -1,0 +1,36 @@
+"""Carry optimizer state across expert surgery: slice the moments with the parameters, never reset them."""
+
+from __future__ import annotations
+
+import torch
+
+
+class OptimizerStateSlicer:
+    """``on_tensor_replaced`` hook for ``prune_experts``/``permute_experts``.
+
+    Replaces the old parameter by the new one in every param group (same position, so group settings and
+    the LR schedule carry on) and moves its state, slicing each per-expert tensor (AdamW ``exp_avg``,
+    ``exp_avg_sq``, ...) with the same index. Scalars such as AdamW's ``step`` are kept as they are.
+    """
+
+    def __init__(self, optimizer):
+        # accelerate wraps the torch optimizer; param groups and state live on the inner one
+        self.optimizer = getattr(optimizer, "optimizer", optimizer) if optimizer is not None else None
+
+    def __call__(self, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> None:
+        if self.optimizer is None or not isinstance(old, torch.nn.Parameter):
+            return
+        for group in self.optimizer.param_groups:
+            params = group["params"]
+            for i, p in enumerate(params):
+                if p is old:
+                    params[i] = new
+        state = self.optimizer.state.pop(old, None)
+        if state is None:
+            return
+        self.optimizer.state[new] = {
+            key: value.index_select(0, index.to(value.device))
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]
+            else value
+            for key, value in state.items()
+        }
