@@ -36,6 +36,7 @@ def register_command(name: str, help: str, target: str) -> None:
 
 
 register_command("prune", "prune experts of a model one-shot and save it", "hf_moeprune.cli:prune_main")
+register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
 
 
 @dataclass
