@@ -35,6 +35,7 @@ def register_command(name: str, help: str, target: str) -> None:
     COMMANDS[name] = Command(name, help, target)
 
 
+register_command("train", "fine-tune while pruning experts (MoEPruneTrainer)", "hf_moeprune.training.cli:train_main")
 register_command("prune", "prune experts of a model one-shot and save it", "hf_moeprune.cli:prune_main")
 register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
 

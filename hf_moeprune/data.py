@@ -1,0 +1,97 @@
+"""Text data for the CLIs: a ``datasets`` dataset saved on disk, JSONL, or plain text files; packed for causal LM."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+
+
+def load_text_dataset(path: str, text_field: str = "text", validation_fraction: float = 0.0, seed: int = 0):
+    """Load ``path`` as a ``DatasetDict`` with a ``text`` column.
+
+    ``path`` may be a folder written by ``Dataset(Dict).save_to_disk``, a ``.jsonl``/``.json`` file, a text
+    file, or a folder of text files. Without a ``validation`` split, ``validation_fraction`` of the rows
+    is held out (deterministically, by ``seed``).
+    """
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"data path {path!r} does not exist")
+    if source.is_dir() and ((source / "dataset_dict.json").exists() or (source / "dataset_info.json").exists()):
+        loaded = load_from_disk(str(source))
+    elif source.suffix in (".jsonl", ".json"):
+        loaded = load_dataset("json", data_files=str(source))
+    elif source.is_file():
+        loaded = load_dataset("text", data_files=str(source), sample_by="paragraph")
+    else:
+        files = sorted(str(p) for p in source.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"data folder {path!r} holds no saved dataset and no {list(TEXT_SUFFIXES)} files")
+        loaded = load_dataset("text", data_files=files, sample_by="document")
+    if isinstance(loaded, Dataset):
+        loaded = DatasetDict({"train": loaded})
+    if "train" not in loaded:
+        raise ValueError(f"data {path!r} has splits {list(loaded)}; a 'train' split is required")
+    columns = loaded["train"].column_names
+    if text_field not in columns:
+        raise ValueError(f"data {path!r} has columns {columns}; no text field {text_field!r} (set --text_field)")
+    if text_field != "text":
+        loaded = loaded.rename_column(text_field, "text")
+    loaded = DatasetDict(
+        {split: ds.filter(lambda row: bool(row["text"] and row["text"].strip())) for split, ds in loaded.items()}
+    )
+    if "validation" not in loaded and validation_fraction > 0:
+        split = loaded["train"].train_test_split(test_size=validation_fraction, seed=seed)
+        loaded = DatasetDict({"train": split["train"], "validation": split["test"]})
+    logger.info("loaded %s: %s", path, {split: len(ds) for split, ds in loaded.items()})
+    return loaded
+
+
+def pack_token_ids(sequences: Iterable[list[int]], separator: int, block_size: int) -> list[list[int]]:
+    """Concatenate sequences, each followed by ``separator``, and cut the stream into full blocks.
+
+    The tail shorter than ``block_size`` is dropped so every block has the same length and needs no padding.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size} must be >= 2 (a token and the one it predicts)")
+    stream = [tok for seq in sequences for tok in (*seq, separator)]
+    usable = len(stream) - len(stream) % block_size
+    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def tokenize_and_pack(dataset_dict: DatasetDict, tokenizer, block_size: int = 128) -> DatasetDict:
+    """Tokenize the ``text`` column and pack it into ``block_size`` blocks with ``input_ids`` and ``labels``.
+
+    The result feeds ``Trainer`` with its default collator (labels equal inputs; the model shifts them).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token to separate documents")
+
+    def pack(batch: Mapping[str, list]) -> dict[str, list]:
+        ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        blocks = pack_token_ids(ids, tokenizer.eos_token_id, block_size)
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    packed = DatasetDict(
+        {
+            split: ds.map(
+                pack,
+                batched=True,
+                batch_size=1000,
+                remove_columns=ds.column_names,
+                keep_in_memory=True,
+                desc=f"tokenizing + packing {split}",
+            )
+            for split, ds in dataset_dict.items()
+        }
+    )
+    empty = [split for split, ds in packed.items() if len(ds) == 0]
+    if empty:
+        raise ValueError(f"split(s) {empty} hold fewer than block_size={block_size} tokens after tokenization")
+    return packed

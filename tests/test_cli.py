@@ -1,0 +1,105 @@
+import inspect
+import json
+import json as json_module
+import subprocess
+import sys
+
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from hf_moeprune.cli import COMMANDS, main
+from hf_moeprune.tiny_models import tiny_model
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    lines = inspect.getsource(json_module).splitlines()
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        lines, trainers.WordLevelTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tiny_model("mixtral").save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    rows = [json.dumps({"body": " ".join(lines[i : i + 20])}) for i in range(0, len(lines), 20)]
+    (root / "data.jsonl").write_text("\n".join(rows))
+    return root
+
+
+def test_help_lists_every_subcommand():
+    out = subprocess.run([sys.executable, "-m", "hf_moeprune.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    for name in COMMANDS:
+        assert name in out.stdout
+    assert {"train", "prune", "push"} <= set(COMMANDS)
+
+
+def test_train_from_yaml_recipe_with_flag_override(workspace, capsys):
+    recipe = workspace / "recipe.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {workspace / 'model'}\ndata: {workspace / 'data.jsonl'}\ntext_field: body\n"
+        f"output_dir: {workspace / 'out'}\nblock_size: 32\nmax_steps: 4\nper_device_train_batch_size: 4\n"
+        "prune_target: 0.25\nprune_start_step: 2\nreport_to: []\nuse_cpu: true\nsave_strategy: 'no'\n"
+        "disable_tqdm: true\n"
+    )
+    assert main(["--log-level", "WARNING", "train", str(recipe), "--prune_layer_adaptive", "false"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index('{\n  "output_dir"') :])
+    assert summary["routed_experts"] == 18 and summary["original_routed_experts"] == 24
+    assert summary["eval_loss"] > 0
+    out = workspace / "out"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "mixtral"  # uniform -> stock export
+    assert model.config.num_local_experts == 6
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert report["allocation"]["mode"] == "uniform"
+    assert (out / "tokenizer.json").exists()
+
+
+def test_recipe_with_unknown_field_fails_naming_it(workspace, capsys):
+    recipe = workspace / "bad.yaml"
+    recipe.write_text(f"model_name_or_path: {workspace / 'model'}\ndata: x\noutput_dir: y\nprune_targett: 0.5\n")
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe)])
+    assert "prune_targett" in capsys.readouterr().err
+
+
+def test_prune_subcommand_writes_atomically(workspace):
+    out = workspace / "pruned"
+    assert (
+        main(
+            [
+                "prune",
+                "--model",
+                str(workspace / "model"),
+                "--output_dir",
+                str(out),
+                "--keep",
+                '{"0": [0, 1, 2], "2": [4, 5]}',
+            ]
+        )
+        == 0
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.experts_per_layer == [3, 8, 2]
+    with pytest.raises(ValueError, match=r"layer 0: expert indices \[9\] out of range"):
+        main(
+            [
+                "prune",
+                "--model",
+                str(workspace / "model"),
+                "--output_dir",
+                str(workspace / "p2"),
+                "--keep",
+                '{"0": [0, 9]}',
+            ]
+        )
+    assert not (workspace / "p2").exists(), "a failed prune must not leave an output folder"
+    with pytest.raises(FileExistsError, match="is not empty"):
+        main(["prune", "--model", str(workspace / "model"), "--output_dir", str(out), "--keep", '{"0": [0, 1]}'])
+    assert AutoModelForCausalLM.from_pretrained(out).config.experts_per_layer == [3, 8, 2], "existing output kept"
