@@ -1,4 +1,10 @@
-"""hf_moeprune: prune, balance, compress and serve Mixture-of-Experts models with Hugging Face Transformers."""
+"""hf_moeprune: prune, balance, compress and serve Mixture-of-Experts models with Hugging Face Transformers.
+
+``import hf_moeprune`` registers the pruned-model classes with the Auto classes, so pruned checkpoints load
+with ``AutoModelForCausalLM.from_pretrained``. Heavier parts (trainer, compression, serving) load on first use.
+"""
+
+from importlib import import_module
 
 from hf_moeprune.adapters import ADAPTERS, MoEAdapter, get_adapter, register_adapter
 from hf_moeprune.format import PrunedConfigError, is_pruned, register_auto_classes
@@ -7,6 +13,23 @@ from hf_moeprune.surgery import permute_experts, prune_experts
 register_auto_classes()
 
 __version__ = "0.1.0"
+
+# name -> module that defines it, imported on first access (keeps `import hf_moeprune` fast)
+_LAZY = {
+    "MoEPruneArguments": "hf_moeprune.training",
+    "MoEPruneTrainer": "hf_moeprune.training",
+    "CardInfo": "hf_moeprune.hub",
+    "build_model_card": "hf_moeprune.hub",
+    "push_to_hub": "hf_moeprune.hub",
+    "write_model_card": "hf_moeprune.hub",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_moeprune' has no attribute {name!r}")
+
 
 __all__ = [
     "ADAPTERS",
@@ -18,4 +41,5 @@ __all__ = [
     "permute_experts",
     "prune_experts",
     "register_adapter",
+    *_LAZY,
 ]
