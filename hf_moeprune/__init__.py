@@ -8,6 +8,13 @@ from importlib import import_module
 
 from hf_moeprune.adapters import ADAPTERS, MoEAdapter, get_adapter, register_adapter
 from hf_moeprune.format import PrunedConfigError, is_pruned, register_auto_classes
+from hf_moeprune.quantization import (  # registers the quantizer, so quantized checkpoints load too
+    QuantizationConfig,
+    dequantize,
+    model_size_bytes,
+    quantize,
+    weight_files_size_bytes,
+)
 from hf_moeprune.surgery import permute_experts, prune_experts
 
 register_auto_classes()
@@ -18,6 +25,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "MoEPruneArguments": "hf_moeprune.training",
     "MoEPruneTrainer": "hf_moeprune.training",
+    "MoEDistillArguments": "hf_moeprune.distillation",
+    "MoEDistillTrainer": "hf_moeprune.distillation",
+    "distillation_loss": "hf_moeprune.distillation",
     "CardInfo": "hf_moeprune.hub",
     "build_model_card": "hf_moeprune.hub",
     "push_to_hub": "hf_moeprune.hub",
@@ -35,11 +45,16 @@ __all__ = [
     "ADAPTERS",
     "MoEAdapter",
     "PrunedConfigError",
+    "QuantizationConfig",
     "__version__",
+    "dequantize",
     "get_adapter",
     "is_pruned",
+    "model_size_bytes",
     "permute_experts",
     "prune_experts",
+    "quantize",
     "register_adapter",
+    "weight_files_size_bytes",
     *_LAZY,
 ]

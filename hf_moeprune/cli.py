@@ -36,6 +36,15 @@ def register_command(name: str, help: str, target: str) -> None:
 
 
 register_command("train", "fine-tune while pruning experts (MoEPruneTrainer)", "hf_moeprune.training.cli:train_main")
+register_command(
+    "balance", "reorder experts so expert-parallel ranks get equal load", "hf_moeprune.balancing.cli:balance_main"
+)
+register_command(
+    "quantize", "quantize weights (fused experts included) and save", "hf_moeprune.quantization.cli:quantize_main"
+)
+register_command(
+    "distill", "distil the unpruned teacher into a pruned student", "hf_moeprune.distillation:distill_main"
+)
 register_command("prune", "prune experts of a model one-shot and save it", "hf_moeprune.cli:prune_main")
 register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
 

@@ -1,8 +1,13 @@
+import inspect
+import json
+import json as json_module
 import os
 import sys
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 import hf_moeprune  # noqa: F401  (registers the pruned-model classes)
 from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
@@ -22,6 +27,26 @@ def family(request):
 @pytest.fixture
 def model(family):
     return tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    """A tiny Mixtral with a word-level tokenizer (trained on the json module's source) and a JSONL corpus."""
+    root = tmp_path_factory.mktemp("cli")
+    lines = inspect.getsource(json_module).splitlines()
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        lines, trainers.WordLevelTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tiny_model("mixtral").save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    rows = [json.dumps({"body": " ".join(lines[i : i + 20])}) for i in range(0, len(lines), 20)]
+    (root / "data.jsonl").write_text("\n".join(rows))
+    return root
 
 
 class RoutingRecorder:

@@ -1,34 +1,11 @@
-import inspect
 import json
-import json as json_module
 import subprocess
 import sys
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from hf_moeprune.cli import COMMANDS, main
-from hf_moeprune.tiny_models import tiny_model
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    lines = inspect.getsource(json_module).splitlines()
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        lines, trainers.WordLevelTrainer(vocab_size=128, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    tiny_model("mixtral").save_pretrained(root / "model")
-    fast.save_pretrained(root / "model")
-    rows = [json.dumps({"body": " ".join(lines[i : i + 20])}) for i in range(0, len(lines), 20)]
-    (root / "data.jsonl").write_text("\n".join(rows))
-    return root
 
 
 def test_help_lists_every_subcommand():

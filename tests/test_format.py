@@ -212,3 +212,15 @@ def test_autoconfig_resolves_pruned_type(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config).__name__ == "MoEPruneGptOssConfig"
     assert config.experts_per_layer == [3, 8, 4]
+
+
+def test_loaded_checkpoint_pruned_then_saved_reloads_exactly(family, tmp_path):
+    """A model that came from from_pretrained (with the checkpoint's key renamings) keeps its weights."""
+    tiny_model(family).save_pretrained(tmp_path / "stock")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "stock")
+    prune_experts(model, _hetero_keep(model))
+    expected = _logits(model)
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert reloaded.config.model_type == f"moeprune_{family}"
+    assert torch.equal(_logits(reloaded), expected)

@@ -83,5 +83,10 @@ def mark_pruned(model, adapter) -> None:
     config.expert_count_attributes = adapter.count_attributes
     if "moeprune_provenance" in config.__dict__:
         del config.moeprune_provenance
+    # A loaded config may carry model_type as an instance attribute, which would shadow the pruned class's;
+    # and a loaded model remembers the checkpoint's key renamings (e.g. Mixtral's per-expert w1/w2/w3),
+    # which the pruned format (fused tensors, saved as they are) must not apply on save.
+    config.__dict__.pop("model_type", None)
+    model.__dict__.pop("_weight_conversions", None)
     model.__class__ = model_cls
     check_pruned_config(config)

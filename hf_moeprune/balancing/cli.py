@@ -1,0 +1,84 @@
+"""``hf-moeprune balance``: measure expert loads on calibration data, reorder experts for expert parallelism."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BalanceArguments:
+    model: str = field(metadata={"help": "Model folder or Hub id."})
+    output_dir: str = field(metadata={"help": "Where to save the rebalanced model (must be new or empty)."})
+    data: str = field(metadata={"help": "Calibration text: a saved dataset, .jsonl, a text file or a folder."})
+    ep_size: int = field(default=2, metadata={"help": "Expert-parallel size the placement is planned for."})
+    num_redundant: int = field(
+        default=0, metadata={"help": "Extra replica slots per layer (writes the vLLM EPLB maps; 0 = none)."}
+    )
+    text_field: str = field(default="text", metadata={"help": "Column holding the text."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per calibration block."})
+    max_blocks: int = field(default=256, metadata={"help": "Calibration blocks to route (at most)."})
+    batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
+    export_stock: bool = field(default=True, metadata={"help": "Stock architecture when counts are uniform."})
+
+    def __post_init__(self):
+        for name in ("ep_size", "block_size", "max_blocks", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_redundant < 0:
+            raise ValueError(f"num_redundant={self.num_redundant} must be >= 0")
+
+
+def _positional(argv: Sequence[str]) -> list[str]:
+    """Accept `balance MODEL ...` as well as `balance --model MODEL ...`."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
+        argv = ["--model", argv[0], *argv[1:]]
+    return argv
+
+
+def _fmt(value: float | None, width: int = 8) -> str:
+    return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
+
+
+def balance_main(argv: Sequence[str]) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
+    from hf_moeprune.data import load_text_dataset, tokenize_and_pack
+    from hf_moeprune.utils import atomic_output_dir, parse_args
+
+    (args,) = parse_args((BalanceArguments,), _positional(argv), prog="hf-moeprune balance")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    blocks = tokenize_and_pack(load_text_dataset(args.data, args.text_field), tokenizer, args.block_size)["train"]
+    blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
+    ids = torch.tensor(blocks["input_ids"])
+    batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
+    loads = measure_expert_loads(model, batches)
+    plan = rebalance_for_expert_parallel(model, loads, args.ep_size, args.num_redundant)
+    with atomic_output_dir(args.output_dir) as tmp:
+        model.save_pretrained(tmp, export_stock=args.export_stock)
+        tokenizer.save_pretrained(tmp)
+        record = plan.to_dict()
+        record["loads"] = {layer: load.tolist() for layer, load in loads.items()}
+        (tmp / "placement.json").write_text(json.dumps(record, indent=1))
+    print(f"expert placement for ep_size={args.ep_size} ({len(blocks)} calibration blocks of {args.block_size})")
+    print(
+        f"{'layer':>5} {'experts':>7} {'before':>8} {'after':>8}" + (f" {'replicas':>9}" if args.num_redundant else "")
+    )
+    for i, layer in enumerate(plan.layer_ids):
+        before, after = _fmt(plan.balancedness_before[i]), _fmt(plan.balancedness_after[i])
+        row = f"{layer:>5} {plan.num_experts[i]:>7} {before} {after}"
+        if args.num_redundant:
+            row += f" {_fmt(plan.balancedness_replicated[i], 9)}"
+        print(row)
+    summary = plan.summary()
+    print(f"{'mean':>5} {'':>7} {_fmt(summary['mean_balancedness_before'])} {_fmt(summary['mean_balancedness_after'])}")
+    print(f"saved to {args.output_dir} (placement.json holds the plan and the measured loads)")
+    return 0

@@ -1,0 +1,43 @@
+"""Weight-only quantization that reaches the fused 3D expert tensors of transformers v5 MoE models.
+
+``quantize(model, scheme="int8" | "nf4" | "int4")`` packs experts, attention and dense projections
+(optionally the LM head) and keeps routers, embeddings, norms and biases in high precision. The
+quantized model saves with ``save_pretrained`` and reloads with ``from_pretrained`` after
+``import hf_moeprune`` (a registered transformers quantizer, ``quant_method="hf_moeprune"``).
+"""
+
+from hf_moeprune.quantization.config import DEFAULT_SKIP_PATTERNS, QUANT_METHOD, QuantizationConfig
+from hf_moeprune.quantization.hf_quantizer import MoEPruneHfQuantizer, register_with_transformers
+from hf_moeprune.quantization.quantizer import (
+    QuantizedWeight,
+    QuantTarget,
+    dequantize,
+    model_size_bytes,
+    quantize,
+    quantized_targets,
+    select_targets,
+    weight_files_size_bytes,
+)
+from hf_moeprune.quantization.schemes import SCHEMES, QuantScheme, get_scheme, register_scheme
+
+register_with_transformers()
+
+__all__ = [
+    "DEFAULT_SKIP_PATTERNS",
+    "QUANT_METHOD",
+    "SCHEMES",
+    "MoEPruneHfQuantizer",
+    "QuantScheme",
+    "QuantTarget",
+    "QuantizationConfig",
+    "QuantizedWeight",
+    "dequantize",
+    "get_scheme",
+    "model_size_bytes",
+    "quantize",
+    "quantized_targets",
+    "register_scheme",
+    "register_with_transformers",
+    "select_targets",
+    "weight_files_size_bytes",
+]

@@ -1,0 +1,272 @@
+"""Quantize a model's weights in place, fused 3D expert tensors included, and measure its real size.
+
+Each selected tensor becomes a ``torch.nn.utils.parametrize`` parametrization: the packed tensors are
+stored as ``<module>.parametrizations.<name>.original0`` (codes) and ``original1`` (scales/absmax),
+and reading ``module.<name>`` dequantizes on the fly. That is what lets every consumer keep working
+unchanged: ``nn.Linear.forward`` and all of transformers' expert kernels (eager, grouped_mm,
+batched_mm in ``integrations/moe.py``) read ``self.weight`` / ``self.gate_up_proj`` as plain tensors.
+
+Memory/speed trade-off: weights rest packed (that is the saving), and each forward re-creates one
+full-precision copy of a tensor while its module runs, then frees it; peak extra memory is about the
+largest single tensor (one layer's experts), and every forward pays one dequantization per tensor
+(elementwise, cheap next to the matmul for batched prompts, noticeable for one-token decoding). Expert
+modules read their weights once per forward under grouped_mm/batched_mm, but once per selected
+expert under ``eager``; a cache scoped to the experts module's forward (below) makes that once too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.utils.parametrize as parametrize
+from torch import nn
+from tqdm.auto import tqdm
+
+from hf_moeprune.quantization.config import QuantizationConfig
+from hf_moeprune.quantization.schemes import get_scheme
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class QuantizedWeight(nn.Module):
+    """Parametrization that holds nothing but metadata; the packed tensors are its ``original0..n``."""
+
+    def __init__(self, scheme: str, group_size: int, shape: torch.Size, dtype: torch.dtype):
+        super().__init__()
+        self.scheme = scheme
+        self.group_size = group_size
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return get_scheme(self.scheme).quantize(weight, self.group_size)
+
+    @torch.no_grad()
+    def forward(self, *packed: torch.Tensor) -> torch.Tensor:
+        return get_scheme(self.scheme).dequantize(packed, self.shape, self.dtype, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, group_size={self.group_size}, shape={tuple(self.shape)}, dtype={self.dtype}"
+
+
+@dataclass(frozen=True)
+class QuantTarget:
+    """One tensor to quantize: ``module_name`` (dotted, relative to the model) and its ``tensor_name``."""
+
+    module_name: str
+    tensor_name: str
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.module_name}.{self.tensor_name}" if self.module_name else self.tensor_name
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share their tensor with another name (e.g. a tied LM head)."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.update((name, seen[id(param)]))
+        else:
+            seen[id(param)] = name
+    return tied
+
+
+def select_targets(model: nn.Module, config: QuantizationConfig) -> list[QuantTarget]:
+    """The tensors ``config`` quantizes in ``model``, in module order.
+
+    Candidates are floating-point parameters of rank >= 2 not named ``*bias`` (so norms, biases, GPT-OSS
+    expert biases and buffers such as DeepSeek's ``e_score_correction_bias`` never are); of those, the
+    ones matching a skip pattern stay. Tied parameters are skipped with a warning: quantizing a tied LM
+    head would quantize the embedding too.
+    """
+    tied = _tied_parameter_names(model)
+    targets = []
+    for module_name, module in model.named_modules():
+        if "parametrizations" in module_name.split("."):
+            continue  # the packed tensors of an already quantized tensor
+        for tensor_name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            if param.ndim < 2 or not param.is_floating_point() or tensor_name.endswith("bias"):
+                continue
+            if config.is_skipped(full):
+                continue
+            if full in tied:
+                logger.warning("not quantizing %s: it is tied to another parameter", full)
+                continue
+            targets.append(QuantTarget(module_name, tensor_name))
+    return targets
+
+
+def quantized_targets(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """Full name -> parametrization, for every tensor of ``model`` quantized by hf_moeprune."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, chain in module.parametrizations.items():
+            for p in chain:
+                if isinstance(p, QuantizedWeight):
+                    found[f"{module_name}.{tensor_name}" if module_name else tensor_name] = p
+    return found
+
+
+def _enable_cache(module: nn.Module, args: Any) -> None:
+    parametrize._cache_enabled += 1
+
+
+def _disable_cache(module: nn.Module, args: Any, output: Any) -> None:
+    # always_call=True runs this even when forward raised, possibly before _enable_cache; never go below 0
+    # (a negative count is truthy and would keep every dequantized tensor alive forever).
+    parametrize._cache_enabled = max(0, parametrize._cache_enabled - 1)
+    if not parametrize._cache_enabled:
+        parametrize._cache = {}
+
+
+def _install_cache_hooks(module: nn.Module) -> None:
+    if getattr(module, "_moeprune_cache_hooks", None):
+        return
+    module._moeprune_cache_hooks = (
+        module.register_forward_pre_hook(_enable_cache),
+        module.register_forward_hook(_disable_cache, always_call=True),
+    )
+
+
+def _remove_cache_hooks(module: nn.Module) -> None:
+    for handle in getattr(module, "_moeprune_cache_hooks", None) or ():
+        handle.remove()
+    module.__dict__.pop("_moeprune_cache_hooks", None)
+
+
+def apply_quantization(
+    model: nn.Module, config: QuantizationConfig, targets: Iterable[QuantTarget] | None = None
+) -> list[QuantTarget]:
+    """Replace each target tensor by its packed form (on meta tensors this only builds the skeleton)."""
+    scheme = get_scheme(config.scheme)
+    problem = scheme.is_available()
+    if problem:
+        raise RuntimeError(problem)
+    targets = list(select_targets(model, config) if targets is None else targets)
+    on_meta = any(getattr(model.get_submodule(t.module_name), t.tensor_name).is_meta for t in targets)
+    for target in tqdm(targets, desc=f"quantize {config.scheme}", disable=on_meta or len(targets) < 8):
+        module = model.get_submodule(target.module_name)
+        param = getattr(module, target.tensor_name)
+        # packed integer tensors cannot require grad; this is weight-only inference quantization
+        param.requires_grad_(False)
+        parametrization = QuantizedWeight(config.scheme, config.group_size, param.shape, param.dtype)
+        # unsafe=True skips torch's check that forward(right_inverse(w)) has w's shape/dtype, which would
+        # dequantize every tensor once more; schemes are tested for that property instead.
+        parametrize.register_parametrization(module, target.tensor_name, parametrization, unsafe=True)
+        if param.ndim >= 3:
+            _install_cache_hooks(module)
+    return targets
+
+
+def _attach(model: nn.Module, config: QuantizationConfig) -> None:
+    """Make ``model`` look like transformers' own quantized models, so save_pretrained writes the config."""
+    from hf_moeprune.quantization.hf_quantizer import MoEPruneHfQuantizer
+
+    model.hf_quantizer = MoEPruneHfQuantizer(config, pre_quantized=False)
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if hasattr(model, "config"):
+        model.config.quantization_config = config
+
+
+def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **config_fields: Any) -> nn.Module:
+    """Quantize ``model``'s weights in place (experts, attention, dense MLPs; optionally the LM head).
+
+    ``scheme`` is a scheme name (``config_fields`` then fill the rest of a ``QuantizationConfig``, e.g.
+    ``group_size=64, include_lm_head=True``) or a ready ``QuantizationConfig``. Routers, embeddings,
+    norms and biases stay in their dtype. Returns the model, which saves with ``save_pretrained`` and
+    reloads with ``AutoModelForCausalLM.from_pretrained`` once ``hf_moeprune`` is imported.
+    """
+    if isinstance(scheme, QuantizationConfig):
+        if config_fields:
+            raise ValueError(
+                f"pass either a QuantizationConfig or config fields, not both (got {sorted(config_fields)})"
+            )
+        config = scheme
+    else:
+        config = QuantizationConfig(scheme=scheme, **config_fields)
+    existing = quantized_targets(model)
+    if existing or getattr(model, "is_quantized", False):
+        method = getattr(getattr(model, "config", None), "quantization_config", None)
+        raise ValueError(
+            f"model is already quantized ({len(existing)} hf_moeprune tensors, quantization_config={method!r}); "
+            "quantize the full-precision model instead"
+        )
+    before = model_size_bytes(model)
+    targets = apply_quantization(model, config)
+    if not targets:
+        raise ValueError(
+            f"nothing to quantize: no parameter of rank >= 2 escapes skip patterns {config.effective_skip_patterns()}"
+        )
+    _attach(model, config)
+    logger.info(
+        "quantized %d tensors with %s (group %d): %d -> %d bytes",
+        len(targets),
+        config.scheme,
+        config.group_size,
+        before,
+        model_size_bytes(model),
+    )
+    return model
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Undo ``quantize`` in place: every packed tensor becomes a plain parameter of its dequantized value."""
+    for full_name in quantized_targets(model):
+        module_name, _, tensor_name = full_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        # torch leaves a tensor that does not require grad behind as a buffer: make it a parameter again
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+        value = getattr(module, tensor_name).detach()
+        delattr(module, tensor_name)
+        module.register_parameter(tensor_name, nn.Parameter(value))
+        if not parametrize.is_parametrized(module):
+            _remove_cache_hooks(module)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    model.is_quantized = False
+    if hasattr(getattr(model, "config", None), "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters and buffers take as stored (packed codes, scales, absmax included).
+
+    Tied weights (one tensor under two names) count once; dequantized copies that exist only while a
+    module runs do not count.
+    """
+    seen: set[tuple] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        # views of one mmapped file share a storage, so identify a tensor by its own data pointer and extent
+        key = (tensor.device, tensor.data_ptr(), tensor.numel(), tensor.dtype)
+        if tensor.is_meta or key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def weight_files_size_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the weight files (safetensors shards, or .bin) of a saved model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder")
+    files = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_FILE_SUFFIXES)]
+    if not files:
+        raise FileNotFoundError(f"no weight files ({', '.join(WEIGHT_FILE_SUFFIXES)}) in {str(folder)!r}")
+    return sum(p.stat().st_size for p in files)
