@@ -111,13 +111,17 @@ class RoutingInstrumentation:
 
     def _experts_forward(self, layer: int, experts: nn.Module, original_forward):
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
-            if not self.recording:
+            # The path depends on the module's mode, not on `recording`: activation checkpointing recomputes
+            # the forward during backward (recording off) and must see the same operations.
+            if not experts.training:
                 return original_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             num_tokens, top_k = top_k_index.shape
             pairs = hidden_states.repeat_interleave(top_k, dim=0)
             unit = torch.ones(num_tokens * top_k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
             per_pair = original_forward(pairs, top_k_index.reshape(-1, 1), unit, *args, **kwargs)
             combined = (per_pair.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)).sum(dim=1)
+            if not self.recording:
+                return combined.to(hidden_states.dtype)
             with torch.no_grad():
                 norms = per_pair.detach().float().norm(dim=-1) * top_k_weights.detach().float().reshape(-1)
                 token_weights = self._token_weights(num_tokens, norms.device)

@@ -1,0 +1,64 @@
+"""Run under `torchrun --nproc_per_node 2`: prune while training with DDP on CPU (gloo); each rank writes
+what it saw to OUT/rank<r>.json for tests/test_multiprocess.py to compare."""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+
+from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+
+
+def main(out: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, 100, (64, 1), generator=g)
+    ids = ((start + torch.arange(16)) % 128).tolist()
+    dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = MoEPruneArguments(
+        output_dir=str(Path(out) / "run"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=2e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        prune_target=0.5,
+        prune_schedule="gradual",
+        prune_start_step=2,
+        prune_end_step=5,
+        prune_allocation="global",
+        disable_tqdm=True,
+        logging_steps=100,
+    )
+    trainer = MoEPruneTrainer(model=tiny_model("mixtral"), args=args, train_dataset=dataset)
+    local_tokens = {}
+
+    trainer.train()
+    rank = trainer.args.process_index
+    for layer, stats in trainer.statistics.snapshot().items():
+        local_tokens[layer] = stats.tokens.tolist()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trainer.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    record = {
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "rewrapped": trainer._rewrapped,
+        "global_step": trainer.state.global_step,
+        "kept_expert_ids": trainer.model.config.kept_expert_ids,
+        "events": [(e.step, e.layer, e.original_ids) for e in trainer.controller.events],
+        "local_tokens": local_tokens,
+        "weights_sha256": digest.hexdigest(),
+    }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
