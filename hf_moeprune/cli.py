@@ -35,6 +35,9 @@ def register_command(name: str, help: str, target: str) -> None:
     COMMANDS[name] = Command(name, help, target)
 
 
+register_command(
+    "demo", "run the whole pipeline on the built-in default (no downloads)", "hf_moeprune.demo.pipeline:demo_main"
+)
 register_command("train", "fine-tune while pruning experts (MoEPruneTrainer)", "hf_moeprune.training.cli:train_main")
 register_command(
     "balance", "reorder experts so expert-parallel ranks get equal load", "hf_moeprune.balancing.cli:balance_main"
@@ -45,6 +48,7 @@ register_command(
 register_command(
     "distill", "distil the unpruned teacher into a pruned student", "hf_moeprune.distillation:distill_main"
 )
+register_command("generate", "batched generation from a JSONL file of prompts", "hf_moeprune.inference:generate_main")
 register_command("prune", "prune experts of a model one-shot and save it", "hf_moeprune.cli:prune_main")
 register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
 
