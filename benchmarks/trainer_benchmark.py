@@ -1,0 +1,153 @@
+"""Cost of dynamic pruning in MoEPruneTrainer, on the demo MoE pretrained on Python stdlib text.
+
+Measures, on the prose domain of the demo corpus:
+1. statistics overhead: median step time of MoEPruneTrainer with pruning off (statistics, REAP recording
+   and router hooks on) versus plain transformers.Trainer, same model, data and seed;
+2. step time and memory before vs after removing 50% of the routed experts (oneshot at the middle step).
+
+Memory on CPU: peak RSS cannot isolate a small model from the interpreter, so the benchmark reports the
+exact bytes of what training holds: parameters + gradients + optimizer state + activations saved for
+backward (summed with saved-tensor hooks over one training step). On CUDA it also records
+torch.cuda.max_memory_allocated per phase.
+
+    python benchmarks/trainer_benchmark.py            # writes benchmarks/results/trainer.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from benchmarks_common import StepTimer, TrainingMemory
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import hf_moeprune  # noqa: F401
+from hf_moeprune.demo import build_corpus, load_or_train_base_model, tokenize_and_pack
+from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(trainer_cls, args_cls, model_dir, data, steps, **prune):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as out:
+        args = args_cls(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=16,
+            learning_rate=1e-3,
+            warmup_steps=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=10_000,
+            disable_tqdm=True,
+            seed=0,
+            use_cpu=not torch.cuda.is_available(),
+            **prune,
+        )
+        trainer = trainer_cls(model=model, args=args, train_dataset=data)
+        timer, memory = StepTimer(), TrainingMemory(trainer)
+        trainer.add_callback(timer)
+        trainer.add_callback(memory)
+        trainer.train()
+        return timer.times, memory.per_step, trainer
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model folder (default: the demo base model)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per configuration (medians are pooled)")
+    parser.add_argument("--out", default=str(RESULTS / "trainer"), help="results path without extension")
+    opts = parser.parse_args()
+
+    model_dir = opts.model or str(load_or_train_base_model())
+    corpus = build_corpus()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data = tokenize_and_pack(corpus.prose, tokenizer, 128)["train"]
+    warm = 3
+
+    plain_times, moe_times = [], []
+    for _ in range(opts.repeats):  # interleaved so machine noise hits both alike
+        t, _, _ = run(Trainer, TrainingArguments, model_dir, data, opts.steps)
+        plain_times += t[warm:]
+        t, _, _ = run(MoEPruneTrainer, MoEPruneArguments, model_dir, data, opts.steps, prune_target=0.0)
+        moe_times += t[warm:]
+
+    half = opts.steps // 2
+    before_t, after_t, before_m, after_m = [], [], [], []
+    trainer = None
+    for _ in range(opts.repeats):
+        t, mem, trainer = run(
+            MoEPruneTrainer, MoEPruneArguments, model_dir, data, opts.steps,
+            prune_target=0.5, prune_schedule="oneshot", prune_start_step=half, prune_layer_adaptive=True,
+        )  # fmt: skip
+        before_t += t[warm:half]
+        after_t += t[half + warm :]
+        before_m.append(mem[half - 2])
+        after_m.append(mem[-1])
+
+    experts = trainer.model.config.experts_per_layer
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "model": model_dir,
+        "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "steps": opts.steps,
+        "repeats": opts.repeats,
+        "batch": "16 x 128 tokens",
+        "plain_trainer_step_s": median(plain_times),
+        "moeprune_no_pruning_step_s": median(moe_times),
+        "statistics_overhead": median(moe_times) / median(plain_times) - 1,
+        "step_s_before_pruning": median(before_t),
+        "step_s_after_pruning": median(after_t),
+        "step_time_reduction": 1 - median(after_t) / median(before_t),
+        "memory_before_bytes": before_m[-1],
+        "memory_after_bytes": after_m[-1],
+        "memory_reduction": 1 - after_m[-1]["total"] / before_m[-1]["total"],
+        "experts_per_layer_after": experts,
+    }
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    mb = 1 / 2**20
+    lines = [
+        "# MoEPruneTrainer cost",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Model: demo Mixtral (`{model_dir}`), prose domain, {result['batch']}, {result['device']}, "
+        f"{opts.steps} steps x {opts.repeats} runs, medians after {warm} warm-up steps.",
+        "",
+        "| measure | value | goal |",
+        "|---|---|---|",
+        f"| plain Trainer step | {result['plain_trainer_step_s'] * 1000:.0f} ms | |",
+        f"| MoEPruneTrainer step, pruning off | {result['moeprune_no_pruning_step_s'] * 1000:.0f} ms | |",
+        f"| statistics overhead | {result['statistics_overhead'] * 100:+.1f}% | < 3% |",
+        f"| step before pruning | {result['step_s_before_pruning'] * 1000:.0f} ms | |",
+        f"| step after removing 50% of experts | {result['step_s_after_pruning'] * 1000:.0f} ms | |",
+        f"| step time reduction | {result['step_time_reduction'] * 100:.1f}% | >= 25% |",
+        f"| training memory before (params+grads+Adam+saved activations) | {before_m[-1]['total'] * mb:.1f} MiB | |",
+        f"| training memory after | {after_m[-1]['total'] * mb:.1f} MiB | |",
+        f"| memory reduction | {result['memory_reduction'] * 100:.1f}% | >= 35% |",
+        "",
+        f"Experts per layer after pruning: {experts}.",
+        "",
+        "Memory breakdown (MiB): "
+        + ", ".join(f"{k} {before_m[-1][k] * mb:.1f} -> {after_m[-1][k] * mb:.1f}" for k in before_m[-1]),
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
