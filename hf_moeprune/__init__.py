@@ -7,6 +7,7 @@ with ``AutoModelForCausalLM.from_pretrained``. Heavier parts (trainer, compressi
 from importlib import import_module
 
 from hf_moeprune.adapters import ADAPTERS, MoEAdapter, get_adapter, register_adapter
+from hf_moeprune.balancing import PlacementPlan, plan_placement
 from hf_moeprune.format import PrunedConfigError, is_pruned, register_auto_classes
 from hf_moeprune.quantization import (  # registers the quantizer, so quantized checkpoints load too
     QuantizationConfig,
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 __all__ = [
     "ADAPTERS",
     "MoEAdapter",
+    "PlacementPlan",
     "PrunedConfigError",
     "QuantizationConfig",
     "__version__",
@@ -52,6 +54,7 @@ __all__ = [
     "is_pruned",
     "model_size_bytes",
     "permute_experts",
+    "plan_placement",
     "prune_experts",
     "quantize",
     "register_adapter",

@@ -65,8 +65,9 @@ def balance_main(argv: Sequence[str]) -> int:
     with atomic_output_dir(args.output_dir) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)
         tokenizer.save_pretrained(tmp)
-        record = plan.to_dict()
-        record["loads"] = {layer: load.tolist() for layer, load in loads.items()}
+        # replica maps renumbered to the saved (permuted) expert order, which is what an engine reads
+        record = plan.for_permuted_checkpoint().to_dict()
+        record["loads"] = {layer: load.tolist() for layer, load in loads.items()}  # in the original numbering
         (tmp / "placement.json").write_text(json.dumps(record, indent=1))
     print(f"expert placement for ep_size={args.ep_size} ({len(blocks)} calibration blocks of {args.block_size})")
     print(
