@@ -339,3 +339,15 @@ def test_aux_loss_is_applied_and_bias_balancing_evens_loads(tmp_path):
     logs = [h for h in trainer.state.log_history if "moe/maxvio/mean" in h]
     assert logs[-1]["moe/maxvio/mean"] < logs[0]["moe/maxvio/mean"]
     assert all(layer in trainer.instrumentation.selection_bias for layer in range(3))
+
+
+def test_rearranges_experts_for_expert_parallel_after_pruning(tmp_path):
+    trainer = _train(tmp_path, prune_target=0.5, balance_ep_size=2, max_steps=5, prune_start_step=2,
+                     prune_allocation="global", logging_steps=1)  # fmt: skip
+    counts = trainer.model.config.experts_per_layer
+    assert all(c % 2 == 0 for c in counts) and sum(counts) == 12
+    logs = [h for h in trainer.state.log_history if "moe/balancedness_after" in h]
+    assert logs and logs[0]["moe/balancedness_after"] >= logs[0]["moe/balancedness_before"]
+    # the controller followed the permutation: its original ids agree with the model's config
+    for layer, ids in trainer.controller.original_ids.items():
+        assert trainer.model.config.kept_expert_ids[layer] == ids

@@ -78,6 +78,13 @@ class MoEPruneArguments(TrainingArguments):
             "period exceeds the mean before masking by more than this relative amount."
         },
     )
+    balance_ep_size: int = field(
+        default=0,
+        metadata={
+            "help": "Expert-parallel size to serve with: per-layer counts stay divisible by it and, after each "
+            "removal, experts are reordered so each rank's contiguous block gets equal measured load (0 = off)."
+        },
+    )
     prune_export_stock: bool = field(
         default=True,
         metadata={"help": "save_model writes the stock architecture when every layer keeps the same expert count."},
@@ -123,6 +130,8 @@ class MoEPruneArguments(TrainingArguments):
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.balance_ep_size < 0:
+            raise ValueError(f"balance_ep_size={self.balance_ep_size} must be >= 0")
         if self.prune_min_experts is not None and self.prune_min_experts < 1:
             raise ValueError(f"prune_min_experts={self.prune_min_experts} must be >= 1")
         if self.prune_stats_window < 0:

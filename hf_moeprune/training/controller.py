@@ -186,6 +186,10 @@ class PruningController:
         self._commit(grace.plan)
         return Decision(remove=grace.plan, unmask=grace.masked)
 
+    def follow(self, plan: dict[int, list[int]]) -> None:
+        """Track surgery decided elsewhere (e.g. a permutation for expert parallelism)."""
+        self._commit(plan)
+
     def _commit(self, plan: dict[int, list[int]]) -> None:
         for layer, kept in plan.items():
             self.original_ids[layer] = [self.original_ids[layer][p] for p in kept]

@@ -14,12 +14,13 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from hf_moeprune.adapters import get_adapter
+from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
 from hf_moeprune.format import mark_pruned
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
 from hf_moeprune.pruning.schedules import ScheduleSpec
 from hf_moeprune.pruning.statistics import ExpertStatistics
-from hf_moeprune.surgery import prune_experts, unwrap_model
+from hf_moeprune.surgery import permute_experts, prune_experts, unwrap_model
 from hf_moeprune.training.arguments import MoEPruneArguments
 from hf_moeprune.training.controller import Decision, PruningController
 from hf_moeprune.training.instrumentation import RoutingInstrumentation
@@ -111,7 +112,7 @@ class MoEPruneTrainer(Trainer):
             # group-limited routing: every group keeps >= 2 experts and the chosen groups hold >= top_k
             topk_group = int(getattr(config, self.adapter.topk_group_field) or groups)
             floor = max(floor, 2 * groups, math.ceil(top_k / topk_group) * groups)
-        multiple = math.lcm(args.prune_multiple_of, groups)
+        multiple = math.lcm(args.prune_multiple_of, groups, max(args.balance_ep_size, 1))
         layers = self.adapter.decoder_layers(model)
         original = config.original_num_experts if hasattr(config, "original_num_experts") else None
         budgets = {}
@@ -274,8 +275,28 @@ class MoEPruneTrainer(Trainer):
         prune_experts(self.model, plan, on_tensor_replaced=slicer)
         for layer, kept in plan.items():
             self.instrumentation.select(layer, torch.tensor(kept))
+        if self.args.balance_ep_size > 1:
+            self._rearrange_for_expert_parallel(slicer)
         self._rewrap_distributed()
         logger.info("experts per layer now %s", self.model.config.experts_per_layer)
+
+    def _rearrange_for_expert_parallel(self, slicer: OptimizerStateSlicer) -> None:
+        """Reorder experts so each expert-parallel rank's block gets equal load; the loads are the reduced
+        statistics, so every process computes the same plan. Outputs do not change."""
+        loads = {layer: stats.tokens for layer, stats in self.statistics.snapshot(self._reduce_sum).items()}
+        plan = plan_placement(loads, self.args.balance_ep_size, num_groups=self.adapter.num_groups(self.model.config))
+        orders = plan.orders_by_layer()
+        if not orders:
+            return
+        permute_experts(self.model, orders, on_tensor_replaced=slicer)
+        for layer, order in orders.items():
+            self.instrumentation.select(layer, torch.tensor(order))
+        self.controller.follow(orders)
+        summary = plan.summary()
+        self.log({
+            "moe/balancedness_before": summary["mean_balancedness_before"],
+            "moe/balancedness_after": summary["mean_balancedness_after"],
+        })  # fmt: skip
 
     def _event_logs(self) -> dict[str, float]:
         logs = {f"prune/experts/layer_{layer}": float(b.current) for layer, b in self.controller.budgets.items()}
