@@ -26,8 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 class RoutingInstrumentation:
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, statistics: ExpertStatistics):
+    def __init__(self, model: nn.Module, adapter: MoEAdapter, statistics: ExpertStatistics, record_reap: bool = True):
         self.model = model
+        # REAP needs each expert's own output; without it the experts keep their stock (cheaper) path
+        self.record_reap = record_reap
         self.adapter = adapter
         self.statistics = statistics
         self.recording = False
@@ -49,8 +51,9 @@ class RoutingInstrumentation:
             router = self.adapter.router(layers[idx])
             experts = self.adapter.experts(layers[idx])
             self._handles.append(router.register_forward_hook(self._router_hook(idx)))
-            experts.forward = self._experts_forward(idx, experts, experts.forward)
-            self._wrapped.append(experts)
+            if self.record_reap:
+                experts.forward = self._experts_forward(idx, experts, experts.forward)
+                self._wrapped.append(experts)
 
     def detach(self) -> None:
         for handle in self._handles:

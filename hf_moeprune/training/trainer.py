@@ -30,6 +30,8 @@ from hf_moeprune.training.report import write_report
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "moeprune_state.pt"
+# criteria that read the router-weighted expert output norms (the only statistic that needs per-expert outputs)
+REAP_CRITERIA = ("reap", "reap_frequency")
 
 
 class _PruningCallback(TrainerCallback):
@@ -86,7 +88,9 @@ class MoEPruneTrainer(Trainer):
             window=args.prune_stats_window,
             decay=args.prune_stats_decay,
         )
-        self.instrumentation = RoutingInstrumentation(self.model, self.adapter, self.statistics)
+        self.instrumentation = RoutingInstrumentation(
+            self.model, self.adapter, self.statistics, record_reap=args.prune_criterion in REAP_CRITERIA
+        )
         self.instrumentation.attach()
         self.controller: PruningController | None = None
         self._pending_controller_state: dict | None = None
