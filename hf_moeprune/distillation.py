@@ -677,7 +677,9 @@ class MoEDistillTrainer(Trainer):
 class DistillCLIArguments:
     student: str = field(metadata={"help": "the pruned student: model path or Hub id"})
     teacher: str = field(metadata={"help": "the teacher (unpruned model or any checkpoint with the same vocabulary)"})
-    data: str = field(metadata={"help": "training text: a .jsonl file (one object per line) or a plain text file"})
+    data: str = field(
+        metadata={"help": "training text: a saved `datasets` dataset, a .jsonl file, a text file or a folder of them"}
+    )
     eval_data: str | None = field(default=None, metadata={"help": "held-out text in the same format, for evaluate()"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer path (default: the student path)"})
     teacher_tokenizer: str | None = field(
