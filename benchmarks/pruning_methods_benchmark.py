@@ -28,13 +28,11 @@ from pathlib import Path
 
 import torch
 from benchmarks_common import StepTimer, TrainingMemory
-from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_moeprune
-from hf_moeprune.data import tokenize_and_pack
 from hf_moeprune.demo import build_corpus, load_or_train_base_model
-from hf_moeprune.demo.pipeline import held_out_loss
+from hf_moeprune.demo.pipeline import domain_blocks, held_out_loss
 from hf_moeprune.oneshot import collect_statistics, plan_oneshot
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
@@ -90,12 +88,7 @@ def main() -> None:
     model_dir = opts.model or str(load_or_train_base_model())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     corpus = build_corpus()
-    prose = tokenize_and_pack(corpus.prose, tokenizer, 128)
-    code = tokenize_and_pack(DatasetDict(validation=corpus.code["validation"]), tokenizer, 128)
-    held_out = {
-        "prose": prose["validation"].select(range(min(opts.eval_blocks, len(prose["validation"])))),
-        "code": code["validation"].select(range(min(opts.eval_blocks, len(code["validation"])))),
-    }
+    prose, held_out = domain_blocks(corpus, tokenizer, opts.eval_blocks)
     calibration_ids = torch.tensor(prose["train"].select(range(opts.calibration_blocks))["input_ids"])
     calibration = [{"input_ids": calibration_ids[i : i + 16]} for i in range(0, len(calibration_ids), 16)]
     sparsities = [float(s) for s in opts.sparsities.split(",")]

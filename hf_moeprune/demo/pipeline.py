@@ -70,6 +70,21 @@ def held_out_loss(model, blocks, batch_size: int = 16) -> float:
     return total / max(count, 1)
 
 
+def domain_blocks(corpus, tokenizer, eval_blocks: int, block_size: int = 128):
+    """Packed prose (train + validation) and the held-out blocks per domain: prose = target, code = forgetting."""
+    from datasets import DatasetDict
+
+    from hf_moeprune.data import tokenize_and_pack
+
+    prose = tokenize_and_pack(corpus.prose, tokenizer, block_size)
+    code = tokenize_and_pack(DatasetDict(validation=corpus.code["validation"]), tokenizer, block_size)
+    held_out = {
+        domain: blocks["validation"].select(range(min(eval_blocks, len(blocks["validation"]))))
+        for domain, blocks in (("prose", prose), ("code", code))
+    }
+    return prose, held_out
+
+
 def _routed_experts(model) -> int:
     from hf_moeprune.adapters import get_adapter
 
@@ -116,12 +131,10 @@ def _table(rows: list[dict]) -> str:
 
 
 def run_demo(args: DemoArguments, work: Path) -> dict:
-    from datasets import DatasetDict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_moeprune
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
-    from hf_moeprune.data import tokenize_and_pack
     from hf_moeprune.demo import build_corpus, load_or_train_base_model
     from hf_moeprune.distillation import MoEDistillArguments, MoEDistillTrainer
     from hf_moeprune.hub import CardInfo, DistillationInfo, EvalFigure, QuantizationInfo, push_to_hub, write_model_card
@@ -134,12 +147,7 @@ def run_demo(args: DemoArguments, work: Path) -> dict:
     base_dir = load_or_train_base_model()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     corpus = build_corpus()
-    prose = tokenize_and_pack(corpus.prose, tokenizer, 128)
-    code_val = tokenize_and_pack(DatasetDict(validation=corpus.code["validation"]), tokenizer, 128)
-    held_out = {
-        "prose": prose["validation"].select(range(min(args.eval_blocks, len(prose["validation"])))),
-        "code": code_val["validation"].select(range(min(args.eval_blocks, len(code_val["validation"])))),
-    }
+    prose, held_out = domain_blocks(corpus, tokenizer, args.eval_blocks)
     stages = _Stages(held_out, args.batch_size)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     stages.record("base model", base, time.perf_counter() - t)
