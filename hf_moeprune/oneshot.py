@@ -8,7 +8,6 @@ The same statistics, criteria and allocation as ``MoEPruneTrainer``, without tra
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
@@ -16,7 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_moeprune.adapters import get_adapter
-from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget, allocate, select_experts
+from hf_moeprune.pruning.allocation import AllocationSpec, allocate, select_experts
+from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.criteria import get_criterion
 from hf_moeprune.pruning.statistics import ExpertStatistics, LayerStats
 from hf_moeprune.surgery import prune_experts, unwrap_model
@@ -71,22 +71,15 @@ def plan_oneshot(
     criterion, e.g. random scores for a baseline)."""
     model = unwrap_model(model)
     adapter = get_adapter(model)
-    config = model.config
-    top_k, groups = adapter.top_k(config), adapter.num_groups(config)
-    floor = max(min_experts or top_k, top_k)
-    original = getattr(config, "original_num_experts", None)
     budgets = {
-        layer: LayerBudget(
-            max(original or len(s.tokens), len(s.tokens)), len(s.tokens), floor, math.lcm(multiple_of, groups), groups
-        )  # fmt: skip
-        for layer, s in stats.items()
+        layer: b for layer, b in layer_budgets(model, adapter, min_experts, multiple_of).items() if layer in stats
     }
     if scores is None:
         scores = {layer: get_criterion(criterion)(s) for layer, s in stats.items()}
     loads = {layer: s.tokens for layer, s in stats.items()}
     counts = allocate(budgets, target, AllocationSpec(allocation), scores, loads)
     return {
-        layer: select_experts(scores[layer], count, groups)
+        layer: select_experts(scores[layer], count, budgets[layer].groups)
         for layer, count in counts.items()
         if count < budgets[layer].current
     }

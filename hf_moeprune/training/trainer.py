@@ -18,6 +18,7 @@ from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
 from hf_moeprune.format import mark_pruned
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
+from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.schedules import ScheduleSpec
 from hf_moeprune.pruning.statistics import ExpertStatistics
 from hf_moeprune.surgery import permute_experts, prune_experts, unwrap_model
@@ -81,7 +82,7 @@ class MoEPruneTrainer(Trainer):
                 f"(looked for {self.adapter.block_attr}.{self.adapter.router_attr} in every decoder layer)"
             )
         mark_pruned(base, self.adapter)  # the pruned class from the start: checkpoints keep one format
-        self._budgets = self._make_budgets(base, args, moe_layers)
+        self._budgets = self._make_budgets(base, args)
         super().__init__(base, args, *pargs, **kwargs)
         self.statistics = ExpertStatistics(
             {layer: b.current for layer, b in self._budgets.items()},
@@ -107,22 +108,10 @@ class MoEPruneTrainer(Trainer):
         self.add_callback(_PruningCallback(self))
 
     # -- set-up ------------------------------------------------------------------------------
-    def _make_budgets(self, model, args: MoEPruneArguments, moe_layers) -> dict[int, LayerBudget]:
-        config = model.config
-        top_k = self.adapter.top_k(config)
-        groups = self.adapter.num_groups(config)
-        floor = max(args.prune_min_experts or top_k, top_k)
-        if groups > 1:
-            # group-limited routing: every group keeps >= 2 experts and the chosen groups hold >= top_k
-            topk_group = int(getattr(config, self.adapter.topk_group_field) or groups)
-            floor = max(floor, 2 * groups, math.ceil(top_k / topk_group) * groups)
-        multiple = math.lcm(args.prune_multiple_of, groups, max(args.balance_ep_size, 1))
-        layers = self.adapter.decoder_layers(model)
-        original = config.original_num_experts if hasattr(config, "original_num_experts") else None
-        budgets = {}
-        for idx in moe_layers:
-            current = self.adapter.num_experts(layers[idx])
-            budgets[idx] = LayerBudget(max(original or current, current), current, floor, multiple, groups)
+    def _make_budgets(self, model, args: MoEPruneArguments) -> dict[int, LayerBudget]:
+        top_k = self.adapter.top_k(model.config)
+        multiple = math.lcm(args.prune_multiple_of, max(args.balance_ep_size, 1))
+        budgets = layer_budgets(model, self.adapter, args.prune_min_experts, multiple)
         total = sum(b.original for b in budgets.values())
         removable = sum(b.current - b.lowest for b in budgets.values()) + sum(
             b.original - b.current for b in budgets.values()
