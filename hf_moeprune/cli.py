@@ -49,6 +49,9 @@ register_command(
     "distill", "distil the unpruned teacher into a pruned student", "hf_moeprune.distillation:distill_main"
 )
 register_command("generate", "batched generation from a JSONL file of prompts", "hf_moeprune.inference:generate_main")
+register_command(
+    "compress", "distill, quantize, write the card and push, from a YAML recipe", "hf_moeprune.compress:compress_main"
+)
 register_command("prune", "prune experts of a model one-shot and save it", "hf_moeprune.cli:prune_main")
 register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
 
