@@ -64,7 +64,7 @@ def main() -> None:
 
     rows = [{"model": "teacher (unpruned)", "sparsity": 0.0, **losses(teacher)}]
     for sparsity in [float(s) for s in opts.sparsities.split(",")]:
-        pruned = copy.deepcopy(teacher)
+        pruned = copy.deepcopy(teacher).requires_grad_(True)  # the distiller froze the teacher in place
         hf_moeprune.prune_experts(pruned, plan_oneshot(pruned, stats, "reap", sparsity))
         rows.append({"model": "pruned (REAP one-shot)", "sparsity": sparsity, **losses(pruned)})
         for distill in (True, False):
