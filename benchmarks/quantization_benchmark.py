@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_moeprune
 from hf_moeprune.quantization import DEFAULT_SKIP_PATTERNS, model_size_bytes, quantize, weight_files_size_bytes
+from hf_moeprune.tiny_models import tiny_model
 
 logger = logging.getLogger("quantization_benchmark")
 
@@ -61,23 +62,11 @@ class Row:
 
 
 def local_model(seed: int = 0) -> transformers.PreTrainedModel:
-    config = transformers.MixtralConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_local_experts=16,
-        num_experts_per_tok=2,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).eval()
+    """An expert-dominated random-init Mixtral (the experts hold ~95% of the bytes)."""
+    return tiny_model(
+        "mixtral", seed, vocab_size=4096, hidden_size=256, intermediate_size=1024, num_local_experts=16,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+    )  # fmt: skip
 
 
 def text_blocks(model_path: str, eval_text: Path, seq_len: int, num_blocks: int) -> torch.Tensor:
