@@ -1,6 +1,6 @@
 """Record routing counts [layers, experts] of the demo MoE on held-out prose + code (for placement_benchmark.py).
 
-    python benchmarks/record_routing_loads.py benchmarks/results/demo_routing_loads.pt
+python benchmarks/record_routing_loads.py benchmarks/results/demo_routing_loads.pt
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Prune a tiny Mixtral with different expert counts per layer, save it, reload it, compare logits.
 
-    python examples/prune_roundtrip.py [--out /tmp/pruned-mixtral]
+python examples/prune_roundtrip.py [--out /tmp/pruned-mixtral]
 """
 
 import argparse
