@@ -338,7 +338,21 @@ def test_aux_loss_is_applied_and_bias_balancing_evens_loads(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "moe/maxvio/mean" in h]
     assert logs[-1]["moe/maxvio/mean"] < logs[0]["moe/maxvio/mean"]
-    assert all(layer in trainer.instrumentation.selection_bias for layer in range(3))
+    biases = [layer.mlp.gate.selection_bias.clone() for layer in trainer.model.model.layers]
+    assert all(b[0] < 0 for b in biases)  # the overloaded expert was pushed down in every layer
+    # the learned bias is part of the saved model: it reloads and routes exactly as in training
+    ids = torch.arange(3, 35).reshape(2, 16)
+    with torch.no_grad():
+        expected = trainer.model(ids).logits
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    for layer, bias in zip(reloaded.model.layers, biases):
+        assert torch.equal(layer.mlp.gate.selection_bias, bias)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
+        for layer in reloaded.model.layers:
+            layer.mlp.gate.selection_bias.zero_()
+        assert not torch.allclose(reloaded(ids).logits, expected)
 
 
 def test_rearranges_experts_for_expert_parallel_after_pruning(tmp_path):

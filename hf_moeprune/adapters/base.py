@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters.routing import get_route_function
-from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX
+from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX, SELECTION_BIAS
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
@@ -89,8 +89,9 @@ class MoEAdapter:
 
     @property
     def tensor_names(self) -> list[str]:
-        """Per-expert tensors, relative to the decoder layer."""
-        router = [f"{self.block_attr}.{self.router_attr}.{n}" for n in self.router_tensors]
+        """Per-expert tensors, relative to the decoder layer (the router's learned ``selection_bias`` buffer
+        is listed too; names a layer does not have are skipped by surgery)."""
+        router = [f"{self.block_attr}.{self.router_attr}.{n}" for n in (*self.router_tensors, SELECTION_BIAS)]
         experts = [f"{self.block_attr}.{self.experts_attr}.{n}" for n in self.expert_tensors]
         return router + experts
 
@@ -102,6 +103,17 @@ class MoEAdapter:
             f"{self.block_attr}.{self.experts_attr}.num_experts",
             f"{self.block_attr}.num_experts",
         ]
+
+    @property
+    def router_path(self) -> str:
+        """The router's path inside a decoder layer, e.g. ``"mlp.gate"``."""
+        return f"{self.block_attr}.{self.router_attr}"
+
+    @property
+    def has_native_selection_bias(self) -> bool:
+        """True when the family's router already selects on score + a per-expert bias that is saved with the
+        model (DeepSeek-V3's ``e_score_correction_bias``)."""
+        return "e_score_correction_bias" in self.router_tensors
 
     # -- routing semantics -------------------------------------------------------------------
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:

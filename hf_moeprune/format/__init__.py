@@ -16,6 +16,7 @@ from hf_moeprune.format.modeling_moeprune import (
     PRUNING_FIELDS,
     PrunedConfigError,
     PrunedMoEMixin,
+    attach_selection_bias,
     check_pruned_config,
     heterogeneous_load_balancing_loss,
     resize_expert_tensors,
@@ -28,6 +29,7 @@ __all__ = [
     "PrunedConfigError",
     "PrunedMoEMixin",
     "check_pruned_config",
+    "enable_selection_bias",
     "expert_counts",
     "heterogeneous_load_balancing_loss",
     "is_pruned",
@@ -90,3 +92,19 @@ def mark_pruned(model, adapter) -> None:
     model.__dict__.pop("_weight_conversions", None)
     model.__class__ = model_cls
     check_pruned_config(config)
+
+
+def enable_selection_bias(model, adapter) -> None:
+    """Give the model's routers a learned per-expert selection bias that is saved and reloaded with the model.
+
+    Each MoE router gets a ``selection_bias`` buffer (zeros, so outputs do not change until it is trained) and
+    a hook that chooses experts on score + bias while weighting them with the raw score (DeepSeek-V3's
+    aux-loss-free rule, for every family). The config records where the routers are and which routing rule
+    they follow, so ``from_pretrained`` (and ``trust_remote_code`` without hf_moeprune) rebuilds both; the
+    buffer follows expert surgery like any per-expert tensor. Idempotent.
+    """
+    mark_pruned(model, adapter)
+    config = model.config
+    config.selection_bias_router = adapter.router_path
+    config.selection_bias_routing = adapter.routing
+    attach_selection_bias(model, config)

@@ -43,6 +43,114 @@ PRUNING_FIELDS = (
 )
 
 
+# -- routing rules ----------------------------------------------------------------------------------
+# Each family's router as a pure function of (router module, router logits, selection bias). They reproduce
+# the stock routers exactly (tests check bit equality) and add a per-expert ``selection_bias`` to the scores
+# used to *choose* experts but not to the combine weights. That one mechanism serves aux-loss-free load
+# balancing (DeepSeek-V3's rule: select on score + b, weight with the raw score), which pruned models keep
+# as a buffer and apply at inference, and soft masking before removal (-inf: never select the expert).
+# They live here, not in hf_moeprune.adapters, because a model loaded with trust_remote_code needs them.
+
+
+def _select(scores: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None) -> torch.Tensor:
+    choice = scores if selection_bias is None else scores + selection_bias.to(scores.dtype)
+    return torch.topk(choice, top_k, dim=-1).indices
+
+
+def softmax_topk_renorm(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Mixtral: softmax over all experts, top-k, renormalise over the chosen k (weights stay fp32)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    indices = _select(probs, router.top_k, selection_bias)
+    weights = probs.gather(-1, indices)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def softmax_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Qwen2/3-MoE, OLMoE: softmax over all experts, top-k, renormalise only with ``norm_topk_prob``."""
+    probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+    indices = _select(probs, router.top_k, selection_bias)
+    weights = probs.gather(-1, indices)
+    if router.norm_topk_prob:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), indices
+
+
+def topk_softmax(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """GPT-OSS: top-k on the (biased) logits, softmax over the chosen k only."""
+    indices = _select(logits, router.top_k, selection_bias)
+    values = logits.gather(-1, indices)
+    return torch.softmax(values, dim=1, dtype=values.dtype), indices
+
+
+def sigmoid_group_limited(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """DeepSeek-V3: sigmoid scores + e_score_correction_bias, best ``topk_group`` groups, top-k inside them."""
+    scores = logits.sigmoid()
+    choice = scores + router.e_score_correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    groups, num_experts = router.num_group, router.num_experts
+    group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if router.norm_topk_prob:
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * router.routed_scaling_factor, indices
+
+
+ROUTE_FUNCTIONS = {
+    "softmax_topk_renorm": softmax_topk_renorm,
+    "softmax_topk": softmax_topk,
+    "topk_softmax": topk_softmax,
+    "sigmoid_group_limited": sigmoid_group_limited,
+}
+
+# -- router selection bias (aux-loss-free balancing kept with the model) ----------------------------------
+SELECTION_BIAS = "selection_bias"  # buffer name on each MoE router
+SELECTION_BIAS_FIELDS = ("selection_bias_router", "selection_bias_routing")
+
+
+def _route_with_selection_bias(router: nn.Module, args, output):
+    """Forward hook on a router: choose experts on score + ``router.selection_bias``, weight with the raw score."""
+    logits = output[0]
+    route = ROUTE_FUNCTIONS[router._moeprune_routing]
+    weights, indices = route(router, logits, getattr(router, SELECTION_BIAS))
+    return (logits, weights.to(output[1].dtype), indices, *output[3:])
+
+
+def attach_selection_bias(model: nn.Module, config) -> None:
+    """Give every MoE router of ``model`` a persistent ``selection_bias`` buffer (zeros until set or loaded)
+    and the hook that applies it. Driven by ``config.selection_bias_router`` (the router's path inside a
+    decoder layer) and ``config.selection_bias_routing`` (a ``ROUTE_FUNCTIONS`` key)."""
+    router_path, routing = (getattr(config, f, None) for f in SELECTION_BIAS_FIELDS)
+    if routing not in ROUTE_FUNCTIONS:
+        raise PrunedConfigError(f"selection_bias_routing={routing!r} is not one of {sorted(ROUTE_FUNCTIONS)}")
+    name = f"{router_path}.{SELECTION_BIAS}"
+    if name not in config.expert_tensor_names:
+        config.expert_tensor_names = [*config.expert_tensor_names, name]
+    layers = model.model.layers
+    for layer_idx, count in enumerate(config.experts_per_layer):
+        if count is None:
+            continue
+        try:
+            router = layers[layer_idx].get_submodule(router_path)
+        except AttributeError:
+            raise PrunedConfigError(
+                f"layer {layer_idx}: selection_bias_router={router_path!r} names no module of the decoder layer"
+            ) from None
+        if getattr(router, SELECTION_BIAS, None) is None:
+            device = next(router.parameters()).device
+            router.register_buffer(SELECTION_BIAS, torch.zeros(count, dtype=torch.float32, device=device))
+        router._moeprune_routing = routing
+        if not getattr(router, "_moeprune_bias_hooked", False):
+            router.register_forward_hook(_route_with_selection_bias)
+            router._moeprune_bias_hooked = True
+
+
 class PrunedConfigError(ValueError):
     """A pruned-model config is inconsistent with itself or with the weights."""
 
@@ -228,10 +336,17 @@ class PrunedMoEMixin:
         When every MoE layer keeps the same number of experts and ``export_stock`` is True (the default),
         the stock architecture is written (e.g. ``model_type: mixtral`` with a smaller expert count), so
         plain transformers and vLLM load it; the pruning provenance goes under ``moeprune_provenance``.
-        Otherwise the pruned format is written together with this file and an ``auto_map``.
+        Otherwise, and always when the routers carry a learned selection bias (which stock routers cannot
+        apply), the pruned format is written together with this file and an ``auto_map``.
         """
         counts = {c for c in self.config.experts_per_layer if c is not None}
-        if not (export_stock and len(counts) == 1):
+        biased = getattr(self.config, "selection_bias_routing", None) is not None
+        if export_stock and len(counts) == 1 and biased:
+            logger.info(
+                "saving in the hf_moeprune format, not as stock %s: the stock router cannot apply the learned "
+                "selection bias", self.config.base_model_type,
+            )  # fmt: skip
+        if not (export_stock and len(counts) == 1) or biased:
             return super().save_pretrained(save_directory, *args, **kwargs)
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
@@ -304,6 +419,8 @@ def _make_init(stock_model_cls, count_field: str):
         if hasattr(self, "num_experts"):
             self.num_experts = declared
         self._resize_to_config(config)
+        if getattr(config, "selection_bias_routing", None) is not None:
+            attach_selection_bias(self, config)
 
     return __init__
 

@@ -1,8 +1,8 @@
 """Hooks that observe and steer routing during training, for every supported family.
 
-- Router forward hooks re-route with a per-expert selection bias when one is set (soft masks before removal,
-  aux-loss-free balancing), record token counts and router probability mass, and keep the router logits of
-  the current forward for the auxiliary and z losses.
+- Router forward hooks re-route when experts are soft-masked before removal (on top of the router's own
+  learned ``selection_bias`` buffer, if the model has one), record token counts and router probability mass,
+  and keep the router logits of the current forward for the auxiliary and z losses.
 - An instance-level wrapper around each experts module records the REAP statistic (gate weight x ||expert
   output||). It calls the module's own forward (eager, grouped_mm, ...) with one row per (token, expert)
   pair and unit weights, so the per-pair outputs come out at no extra expert compute; the weighted sum is
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters import MoEAdapter
+from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.pruning.statistics import ExpertStatistics
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ class RoutingInstrumentation:
         self.token_mask: torch.Tensor | None = None
         self.router_logits: dict[int, torch.Tensor] = {}
         self.step_loads: dict[int, torch.Tensor] = {}  # tokens per expert in the current optimizer step
-        self.selection_bias: dict[int, torch.Tensor] = {}  # balancing bias, added to the selection scores
         self.masked: dict[int, torch.Tensor] = {}  # bool [experts]: soft-masked (never selected)
         self._handles = []
         self._wrapped: list[nn.Module] = []
@@ -64,7 +64,7 @@ class RoutingInstrumentation:
 
     def select(self, layer: int, index: torch.Tensor) -> None:
         """Follow expert surgery in one layer."""
-        for store in (self.selection_bias, self.masked, self.step_loads):
+        for store in (self.masked, self.step_loads):
             if layer in store:
                 store[layer] = store[layer].index_select(0, index.to(store[layer].device))
 
@@ -75,19 +75,21 @@ class RoutingInstrumentation:
             return None
         return mask.reshape(-1).to(device=device, dtype=torch.float32)
 
-    def _bias(self, layer: int, logits: torch.Tensor) -> torch.Tensor | None:
-        bias = self.selection_bias.get(layer)
+    def _mask_bias(self, layer: int, router: nn.Module, logits: torch.Tensor) -> torch.Tensor | None:
+        """-inf for soft-masked experts, plus the router's learned selection bias (whose own hook has already
+        routed the unmasked case); None when nothing is masked."""
         masked = self.masked.get(layer)
-        if masked is not None and bool(masked.any()):
-            neg = torch.zeros(masked.shape, dtype=torch.float32, device=logits.device)
-            neg[masked.to(logits.device)] = float("-inf")
-            bias = neg if bias is None else bias.to(logits.device) + neg
-        return bias
+        if masked is None or not bool(masked.any()):
+            return None
+        bias = torch.zeros(masked.shape, dtype=torch.float32, device=logits.device)
+        bias[masked.to(logits.device)] = float("-inf")
+        learned = getattr(router, SELECTION_BIAS, None)
+        return bias if learned is None else bias + learned.to(logits.device)
 
     def _router_hook(self, layer: int):
         def hook(module, args, output):
             logits, weights, indices = output[0], output[1], output[2]
-            bias = self._bias(layer, logits)
+            bias = self._mask_bias(layer, module, logits)
             if bias is not None:
                 weights, indices = self.adapter.route(module, logits, bias)
                 output = (logits, weights, indices, *output[3:])

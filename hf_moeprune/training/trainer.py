@@ -16,7 +16,8 @@ from transformers import Trainer, TrainerCallback
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
-from hf_moeprune.format import mark_pruned
+from hf_moeprune.format import enable_selection_bias, mark_pruned
+from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
 from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.schedules import ScheduleSpec
@@ -82,6 +83,9 @@ class MoEPruneTrainer(Trainer):
                 f"(looked for {self.adapter.block_attr}.{self.adapter.router_attr} in every decoder layer)"
             )
         mark_pruned(base, self.adapter)  # the pruned class from the start: checkpoints keep one format
+        if args.router_bias_update_rate > 0 and not self.adapter.has_native_selection_bias:
+            # the balancing bias lives in the model (a router buffer), so checkpoints and the saved model keep it
+            enable_selection_bias(base, self.adapter)
         self._budgets = self._make_budgets(base, args)
         super().__init__(base, args, *pargs, **kwargs)
         self.statistics = ExpertStatistics(
@@ -149,7 +153,7 @@ class MoEPruneTrainer(Trainer):
         )
         if self._pending_controller_state is not None:
             self.controller.load_state_dict(self._pending_controller_state)
-            self._restore_masks_and_bias(self._pending_controller_state)
+            self._restore_masks(self._pending_controller_state)
             self._pending_controller_state = None
         logger.info(
             "expert pruning: criterion=%s schedule=%s target=%.2f steps %d..%d, %d MoE layers",
@@ -233,13 +237,11 @@ class MoEPruneTrainer(Trainer):
         layers = self.adapter.decoder_layers(self.model)
         for layer, load in loads.items():
             router = self.adapter.router(layers[layer])
-            native = getattr(router, "e_score_correction_bias", None)
-            if native is not None:  # DeepSeek-V3 keeps this bias itself (and saves it with the model)
-                with torch.no_grad():
-                    native.copy_(bias_update(native, load, rate))
-            else:
-                bias = self.instrumentation.selection_bias.get(layer, torch.zeros(load.numel()))
-                self.instrumentation.selection_bias[layer] = bias_update(bias, load, rate)
+            # DeepSeek-V3's native e_score_correction_bias, or the selection_bias buffer given to other families
+            name = "e_score_correction_bias" if self.adapter.has_native_selection_bias else SELECTION_BIAS
+            bias = getattr(router, name)
+            with torch.no_grad():
+                bias.copy_(bias_update(bias, load.to(bias.device), rate))
 
     def _log_balance(self, loads: dict[int, torch.Tensor]) -> None:
         logs = {f"moe/maxvio/layer_{layer}": max_violation(load) for layer, load in loads.items()}
@@ -324,13 +326,11 @@ class MoEPruneTrainer(Trainer):
             return
         folder = Path(self._get_output_dir(None)) / f"checkpoint-{step}"
         if folder.is_dir():
-            state = self.controller.state_dict()
-            state["selection_bias"] = self.instrumentation.selection_bias
+            state = self.controller.state_dict()  # the balancing bias is a model buffer, saved with the weights
             state["masked"] = self.instrumentation.masked
             torch.save(state, folder / STATE_FILE)
 
-    def _restore_masks_and_bias(self, state: dict) -> None:
-        self.instrumentation.selection_bias = dict(state.get("selection_bias", {}))
+    def _restore_masks(self, state: dict) -> None:
         self.instrumentation.masked = dict(state.get("masked", {}))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
