@@ -95,3 +95,15 @@ def tokenize_and_pack(dataset_dict: DatasetDict, tokenizer, block_size: int = 12
     if empty:
         raise ValueError(f"split(s) {empty} hold fewer than block_size={block_size} tokens after tokenization")
     return packed
+
+
+def calibration_blocks(path: str, tokenizer, text_field: str = "text", block_size: int = 128, max_blocks: int = 256):
+    """The first ``max_blocks`` packed ``block_size`` token blocks of ``path``'s train split, as an int64
+    tensor ``[blocks, block_size]`` (full blocks: no padding, no attention mask needed)."""
+    import torch
+
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks={max_blocks} must be >= 1")
+    blocks = tokenize_and_pack(load_text_dataset(path, text_field), tokenizer, block_size)["train"]
+    blocks = blocks.select(range(min(max_blocks, len(blocks))))
+    return torch.tensor(blocks["input_ids"], dtype=torch.long)

@@ -64,3 +64,39 @@ def test_balance_cli(workspace, capsys):
         main(["balance", str(workspace / "model"), "--output_dir", str(workspace / "b3"), "--data",
               str(workspace / "data.jsonl"), "--text_field", "body", "--ep_size", "3", "--block_size", "16"])  # fmt: skip
     assert not (workspace / "b3").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_rank_expert_load_counts_what_the_experts_compute(family):
+    """Without expert parallelism the kernel-level meter sees every routed pair: the router-level loads."""
+    from hf_moeprune.balancing.expert_parallel import RankExpertLoad
+
+    model = tiny_model(family)
+    ids = torch.cat([b["input_ids"] for b in _batches()])
+    loads = measure_expert_loads(model, [{"input_ids": ids}], progress=False)
+    config = model.config
+    implementation = config._experts_implementation
+    with RankExpertLoad(model) as meter, torch.no_grad():
+        out = model(ids).logits
+    assert config._experts_implementation == implementation  # restored
+    assert sorted(meter.counts) == sorted(loads)
+    for layer, counts in meter.counts.items():
+        assert torch.equal(counts.double(), loads[layer])
+    assert meter.gather().tolist() == [[int(loads[layer].sum()) for layer in meter.layers]]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, out)  # the meter only counts
+
+
+def test_expert_parallel_checks_name_the_bad_values(monkeypatch):
+    from hf_moeprune.balancing.expert_parallel import check_expert_parallel_counts, expert_parallel_config
+
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] have \[6, 3\] experts"):
+        check_expert_parallel_counts([6, 8, 3, None], ep_size=4)
+    check_expert_parallel_counts([8, None, 4], ep_size=4)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="ep_size=3 must divide the number of processes"):
+        expert_parallel_config(3)
+    with pytest.raises(ValueError, match="ep_size=1"):
+        expert_parallel_config(1)
+    config = expert_parallel_config()
+    assert (config.ep_size, config.fsdp_size) == (4, 4)

@@ -33,3 +33,42 @@ def test_two_processes_remove_the_same_experts(tmp_path):
     # DDP kept working after the shapes changed: training ran to the end with synchronised weights
     assert a["global_step"] == b["global_step"] == 8
     assert a["weights_sha256"] == b["weights_sha256"]
+
+
+@pytest.mark.multiprocess
+def test_rebalanced_model_under_transformers_expert_parallelism(workspace, tmp_path):
+    """`hf-moeprune balance`, then the real transformers EP engine (DistributedConfig(ep_size=2), gloo): every
+    rank's experts compute exactly the token count the plan predicted, and outputs do not change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_moeprune import prune_experts
+    from hf_moeprune.cli import main
+
+    # a pruned model whose layers keep different counts (8, 6, 4): EP shards each layer on its own
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    prune_experts(model, {0: list(range(6)), 2: [1, 3, 5, 7]})
+    model.save_pretrained(tmp_path / "pruned")
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(tmp_path / "pruned")
+    assert main(["balance", str(tmp_path / "pruned"), "--output_dir", str(tmp_path / "rebalanced"), "--data",
+                 str(workspace / "data.jsonl"), "--text_field", "body", "--block_size", "32"]) == 0  # fmt: skip
+    placement = json.loads((tmp_path / "rebalanced" / "placement.json").read_text())
+
+    example = os.path.join(os.path.dirname(SCRIPTS), "..", "examples", "expert_parallel.py")
+    result = torchrun(example, "--original", str(tmp_path / "pruned"), "--rebalanced", str(tmp_path / "rebalanced"),
+                      "--report", str(tmp_path / "report.json"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == report["ep_size"] == 2
+    tokens = placement["calibration"]["blocks"] * placement["calibration"]["block_size"]
+    assert [row["layer"] for row in report["layers"]] == [0, 1, 2]
+    for row in report["layers"]:
+        # measured inside the engine, per rank, equals the plan's device loads (token counts, exactly)
+        assert row["measured_before"] == [int(v) for v in row["planned_before"]]
+        assert row["measured_after"] == [int(v) for v in row["planned_after"]]
+        assert sum(row["measured_after"]) == sum(row["measured_before"]) == 2 * tokens  # top-2
+        assert max(row["measured_after"]) <= max(row["measured_before"])
+    assert [r["planned_after"] for r in report["layers"]] == placement["device_loads_after"]
+    assert any(r["balancedness_after"] > r["balancedness_before"] + 0.05 for r in report["layers"])
+    # rebalanced under EP == original under EP == original in one process (float tolerance: EP sums differently)
+    assert report["max_abs_logit_diff_rebalanced_vs_original_ep"] < 1e-5
+    assert report["max_abs_logit_diff_rebalanced_ep_vs_original_single_process"] < 1e-5

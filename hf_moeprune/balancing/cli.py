@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +47,16 @@ def _fmt(value: float | None, width: int = 8) -> str:
 
 
 def balance_main(argv: Sequence[str]) -> int:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
-    from hf_moeprune.data import load_text_dataset, tokenize_and_pack
+    from hf_moeprune.data import calibration_blocks
     from hf_moeprune.utils import atomic_output_dir, parse_args
 
     (args,) = parse_args((BalanceArguments,), _positional(argv), prog="hf-moeprune balance")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    blocks = tokenize_and_pack(load_text_dataset(args.data, args.text_field), tokenizer, args.block_size)["train"]
-    blocks = blocks.select(range(min(args.max_blocks, len(blocks))))
-    ids = torch.tensor(blocks["input_ids"])
+    ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
     batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
     loads = measure_expert_loads(model, batches)
     plan = rebalance_for_expert_parallel(model, loads, args.ep_size, args.num_redundant)
@@ -68,8 +66,13 @@ def balance_main(argv: Sequence[str]) -> int:
         # replica maps renumbered to the saved (permuted) expert order, which is what an engine reads
         record = plan.for_permuted_checkpoint().to_dict()
         record["loads"] = {layer: load.tolist() for layer, load in loads.items()}  # in the original numbering
+        # what the loads were measured on, so that a check under expert parallelism can route the same tokens
+        record["calibration"] = {
+            "data": str(Path(args.data).resolve()), "text_field": args.text_field,
+            "block_size": args.block_size, "blocks": len(ids),
+        }  # fmt: skip
         (tmp / "placement.json").write_text(json.dumps(record, indent=1))
-    print(f"expert placement for ep_size={args.ep_size} ({len(blocks)} calibration blocks of {args.block_size})")
+    print(f"expert placement for ep_size={args.ep_size} ({len(ids)} calibration blocks of {args.block_size})")
     print(
         f"{'layer':>5} {'experts':>7} {'before':>8} {'after':>8}" + (f" {'replicas':>9}" if args.num_redundant else "")
     )
