@@ -210,6 +210,13 @@ def test_bad_input_errors_name_the_values():
     with pytest.raises(ValueError, match=r"needs replicas"):
         _ = plan_placement(w, 2).physical_to_logical_map
     assert sorted(PLACEMENT_METHODS) == ["full", "greedy"]
+    with pytest.raises(ValueError, match=r"loads of type str"):
+        plan_placement("0 1 2 3", 2)
+
+
+def test_numpy_loads_plan_like_tensors():
+    w = torch.rand(3, 8, generator=torch.Generator().manual_seed(0))
+    assert plan_placement(w.numpy(), 4).order == plan_placement(w, 4).order
 
 
 def test_plan_is_deterministic_and_json_serialisable():

@@ -605,6 +605,8 @@ class PlacementPlan:
 def _layer_loads(
     loads: torch.Tensor | Sequence[torch.Tensor] | Mapping[int, torch.Tensor],
 ) -> tuple[list[int], list[np.ndarray]]:
+    if isinstance(loads, np.ndarray):
+        loads = torch.from_numpy(np.asarray(loads, dtype=np.float64))
     if isinstance(loads, Mapping):
         layer_ids = [int(k) for k in loads]
         rows = list(loads.values())
@@ -619,7 +621,7 @@ def _layer_loads(
         layer_ids, rows = list(range(len(loads))), list(loads)
     else:
         raise ValueError(
-            f"loads of type {type(loads).__name__}; expected a [layers, experts] tensor, "
+            f"loads of type {type(loads).__name__}; expected a [layers, experts] tensor or array, "
             "a list of 1-D tensors or a dict {layer: 1-D tensor}"
         )
     if not rows:
