@@ -30,7 +30,8 @@ from huggingface_hub.utils import validate_repo_id
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pruned_moe.md"
+# hf_moeprune/model_cards is a link to the repository's model_cards/ folder; wheels ship its files as package data
+DEFAULT_TEMPLATE = Path(__file__).parent / "model_cards" / "pruned_moe.md"
 PLOT_FILENAME = "expert_counts.png"
 CARD_FILENAME = "README.md"
 DEFAULT_COMMIT_MESSAGE = "Upload pruned MoE model (hf_moeprune)"

@@ -356,3 +356,29 @@ def test_push_cli_errors_are_one_line_without_token(hub, pruned_dir):
     paths = [r.path for r in hub.requests]
     assert paths[0] == "/api/repos/create" and not any(p.endswith(("/preupload/main", "/commit/main")) for p in paths)
     assert REPO not in hub.repos
+
+
+def test_wheel_ships_the_model_card_template(tmp_path):
+    """A pip-installed hf_moeprune (not only an editable checkout) finds its default model card template."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    from hf_moeprune.hub import DEFAULT_TEMPLATE
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # build from a copy: pip builds in the tree and would leave build/ in the checkout
+    shutil.copytree(root, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", "tests", "benchmarks", "examples"))  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = tmp_path.glob("hf_moeprune-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("hf_moeprune/model_cards/pruned_moe.md")
+    assert shipped == (root / "model_cards" / "pruned_moe.md").read_bytes()
+    assert DEFAULT_TEMPLATE.read_bytes() == shipped
