@@ -33,6 +33,11 @@ def test_two_processes_remove_the_same_experts(tmp_path):
     # DDP kept working after the shapes changed: training ran to the end with synchronised weights
     assert a["global_step"] == b["global_step"] == 8
     assert a["weights_sha256"] == b["weights_sha256"]
+    # after the rebuild, gradient accumulation still skips the all-reduce on non-final micro-steps ...
+    assert a["allreduce_on_sync_step"] and all(a["allreduce_on_sync_step"])
+    # ... and the replaced full-size expert tensors are freed during training (no stale wrapper keeps them)
+    for rank in (a, b):
+        assert rank["original_experts_alive_after_removal"] and not any(rank["original_experts_alive_after_removal"])
 
 
 @pytest.mark.multiprocess

@@ -194,12 +194,6 @@ class MoEPruneTrainer(Trainer):
                     loss = loss + scale * self.args.router_z_loss_coef * router_z_loss(logits, mask).to(loss.device)
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        # After surgery the DDP wrapper is rebuilt; the training loop still holds the old one.
-        if self._rewrapped and model is not self.model_wrapped:
-            model = self.model_wrapped
-        return super().training_step(model, inputs, num_items_in_batch)
-
     # -- per-step pruning ----------------------------------------------------------------------
     def _reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.accelerator.num_processes > 1:
@@ -303,8 +297,12 @@ class MoEPruneTrainer(Trainer):
         wrapped = self.model_wrapped
         if not isinstance(wrapped, nn.parallel.DistributedDataParallel):
             return
-        # DDP's reducer holds the old parameters; a new wrapper registers the new ones (identical on all ranks).
-        rewrapped = nn.parallel.DistributedDataParallel(
+        # DDP's reducer holds the replaced parameters. Rebuild the wrapper *in place*: the training loop, the
+        # accelerator and `model_wrapped` all hold this object (the loop asks it for `no_sync` during gradient
+        # accumulation), and the old reducer with its references to the full-size tensors is released.
+        # The new parameters are identical on all ranks, so the initial broadcast changes nothing.
+        nn.parallel.DistributedDataParallel.__init__(
+            wrapped,
             self.model,
             device_ids=wrapped.device_ids,
             output_device=wrapped.output_device,
@@ -312,12 +310,8 @@ class MoEPruneTrainer(Trainer):
             find_unused_parameters=wrapped.find_unused_parameters,
             gradient_as_bucket_view=wrapped.gradient_as_bucket_view,
             static_graph=wrapped.static_graph,
+            bucket_cap_mb=wrapped.bucket_bytes_cap / (1024 * 1024),
         )
-        models = self.accelerator._models
-        for i, m in enumerate(models):
-            if m is wrapped:
-                models[i] = rewrapped
-        self.model_wrapped = rewrapped
         self._rewrapped = True
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -1,16 +1,46 @@
 """Run under `torchrun --nproc_per_node 2`: prune while training with DDP on CPU (gloo); each rank writes
 what it saw to OUT/rank<r>.json for tests/test_multiprocess.py to compare."""
 
+import gc
 import hashlib
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
 from datasets import Dataset
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from transformers import TrainerCallback
 
 from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+
+
+class SyncRecorder(TrainerCallback):
+    """After the first removal, record for every gradient all-reduce of the (rebuilt) DDP wrapper whether the
+    training loop meant this micro-step to synchronise (the last of a gradient-accumulation window)."""
+
+    def __init__(self, trainer, original):
+        self.trainer = trainer
+        self.original = original
+        self.flags: list[bool] = []
+        self.alive_after_removal: list[bool] = []
+        self.hooked = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        wrapper = self.trainer.model_wrapped
+        if self.trainer._rewrapped:
+            # while training goes on (the loop still holds its wrapper), the replaced tensor must be gone
+            gc.collect()
+            self.alive_after_removal.append(self.original() is not None)
+        if self.trainer._rewrapped and self.hooked is not wrapper.reducer:
+            self.hooked = wrapper.reducer
+            wrapper.register_comm_hook(None, self.hook)
+
+    def hook(self, process_group, bucket):
+        self.flags.append(bool(self.trainer.accelerator.sync_gradients))
+        return default_hooks.allreduce_hook(process_group, bucket)
 
 
 def main(out: str) -> None:
@@ -34,8 +64,14 @@ def main(out: str) -> None:
         prune_allocation="global",
         disable_tqdm=True,
         logging_steps=100,
+        gradient_accumulation_steps=2,
     )
-    trainer = MoEPruneTrainer(model=tiny_model("mixtral"), args=args, train_dataset=dataset)
+    model = tiny_model("mixtral")
+    # the original full-size expert tensor: once experts are removed nothing may keep it alive
+    original_experts = weakref.ref(model.model.layers[0].mlp.experts.gate_up_proj)
+    trainer = MoEPruneTrainer(model=model, args=args, train_dataset=dataset)
+    syncs = SyncRecorder(trainer, original_experts)
+    trainer.add_callback(syncs)
     local_tokens = {}
 
     trainer.train()
@@ -56,6 +92,9 @@ def main(out: str) -> None:
         "events": [(e.step, e.layer, e.original_ids) for e in trainer.controller.events],
         "local_tokens": local_tokens,
         "weights_sha256": digest.hexdigest(),
+        "original_experts_alive_after_removal": syncs.alive_after_removal,
+        # one entry per gradient all-reduce after the first removal: was it a micro-step meant to sync?
+        "allreduce_on_sync_step": syncs.flags,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
