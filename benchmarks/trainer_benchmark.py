@@ -78,17 +78,22 @@ def main() -> None:
     data = tokenize_and_pack(corpus.prose, tokenizer, 128)["train"]
     warm = 3
 
-    plain_times, moe_times, moe_freq_times = [], [], []
-    for _ in range(opts.repeats):  # interleaved so machine noise hits all alike
-        t, _, _ = run(Trainer, TrainingArguments, model_dir, data, opts.steps)
-        plain_times += t[warm:]
-        t, _, _ = run(MoEPruneTrainer, MoEPruneArguments, model_dir, data, opts.steps, prune_target=0.0)
-        moe_times += t[warm:]
-        t, _, _ = run(
-            MoEPruneTrainer, MoEPruneArguments, model_dir, data, opts.steps, prune_target=0.0,
-            prune_criterion="frequency",
-        )  # fmt: skip
-        moe_freq_times += t[warm:]
+    configs = {
+        "plain": (Trainer, TrainingArguments, {}),
+        "reap": (MoEPruneTrainer, MoEPruneArguments, {"prune_target": 0.0}),
+        "frequency": (MoEPruneTrainer, MoEPruneArguments, {"prune_target": 0.0, "prune_criterion": "frequency"}),
+    }
+    times = {name: [] for name in configs}
+    run_medians = {name: [] for name in configs}
+    names = list(configs)
+    for repeat in range(opts.repeats):
+        # interleaved, and the order rotates each repeat, so machine noise and drift hit every configuration alike
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            trainer_cls, args_cls, extra = configs[name]
+            t, _, _ = run(trainer_cls, args_cls, model_dir, data, opts.steps, **extra)
+            times[name] += t[warm:]
+            run_medians[name].append(median(t[warm:]))
+    plain_times, moe_times, moe_freq_times = times["plain"], times["reap"], times["frequency"]
 
     half = opts.steps // 2
     before_t, after_t, before_m, after_m = [], [], [], []
@@ -116,6 +121,7 @@ def main() -> None:
         "statistics_overhead": median(moe_times) / median(plain_times) - 1,
         "moeprune_frequency_step_s": median(moe_freq_times),
         "statistics_overhead_frequency": median(moe_freq_times) / median(plain_times) - 1,
+        "per_run_median_step_s": run_medians,
         "step_s_before_pruning": median(before_t),
         "step_s_after_pruning": median(after_t),
         "step_time_reduction": 1 - median(after_t) / median(before_t),
@@ -152,6 +158,10 @@ def main() -> None:
         f"| training memory before (params+grads+Adam+saved activations) | {before_m[-1]['total'] * mb:.1f} MiB | |",
         f"| training memory after | {after_m[-1]['total'] * mb:.1f} MiB | |",
         f"| memory reduction | {result['memory_reduction'] * 100:.1f}% | >= 35% |",
+        "",
+        "Per-run median step (ms), to judge the noise: "
+        + "; ".join(f"{k} {', '.join(f'{v * 1000:.0f}' for v in vs)}" for k, vs in run_medians.items())
+        + ".",
         "",
         f"Experts per layer after pruning: {experts}.",
         "",

@@ -62,7 +62,11 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
 
     placement = json.loads((Path(args.rebalanced) / "placement.json").read_text())
-    calibration, ep_size = placement["calibration"], placement["ep_size"]
+    calibration, ep_size = placement.get("calibration"), placement["ep_size"]
+    if calibration is None:
+        raise SystemExit(f"{args.rebalanced}/placement.json records no calibration data; rerun `hf-moeprune balance`")
+    if world != ep_size:
+        raise SystemExit(f"{args.rebalanced} was balanced for ep_size={ep_size}; run with --nproc_per_node {ep_size}")
     tokenizer = AutoTokenizer.from_pretrained(args.rebalanced)
     blocks = calibration_blocks(
         calibration["data"], tokenizer, calibration["text_field"], calibration["block_size"], calibration["blocks"]

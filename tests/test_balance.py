@@ -100,3 +100,17 @@ def test_expert_parallel_checks_name_the_bad_values(monkeypatch):
         expert_parallel_config(1)
     config = expert_parallel_config()
     assert (config.ep_size, config.fsdp_size) == (4, 4)
+
+
+def test_load_expert_parallel_refuses_counts_that_do_not_divide(tmp_path, monkeypatch):
+    from hf_moeprune.balancing.expert_parallel import load_expert_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    tiny_model("mixtral", num_local_experts=6).save_pretrained(tmp_path / "stock")
+    with pytest.raises(ValueError, match="ep_size=4 must divide the expert count, but .* has num_local_experts=6"):
+        load_expert_parallel(str(tmp_path / "stock"))
+    pruned = tiny_model("mixtral")
+    hf_moeprune.prune_experts(pruned, {1: [0, 1, 2, 3, 4, 5]})
+    pruned.save_pretrained(tmp_path / "pruned")
+    with pytest.raises(ValueError, match=r"layers \[1\] have \[6\] experts"):
+        load_expert_parallel(str(tmp_path / "pruned"))

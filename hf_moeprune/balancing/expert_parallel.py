@@ -79,10 +79,15 @@ def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.
     config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
     distributed_config = expert_parallel_config(ep_size)
     counts = getattr(config, "experts_per_layer", None)
-    if counts is None:
-        adapter = get_adapter(config)
-        counts = [int(getattr(config, adapter.num_experts_field))]
-    check_expert_parallel_counts(counts, distributed_config.ep_size)
+    if counts is not None:
+        check_expert_parallel_counts(counts, distributed_config.ep_size)
+    else:  # a stock checkpoint: one count for every layer
+        field = get_adapter(config).num_experts_field
+        if int(getattr(config, field)) % distributed_config.ep_size:
+            raise ValueError(
+                f"ep_size={distributed_config.ep_size} must divide the expert count, but {path} has "
+                f"{field}={getattr(config, field)}"
+            )
     return AutoModelForCausalLM.from_pretrained(path, distributed_config=distributed_config, **kwargs)
 
 
