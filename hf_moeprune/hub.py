@@ -189,6 +189,12 @@ class ExpertLayout:
     original_num_experts: int
     experts_per_layer: tuple[int | None, ...]
     kept_expert_ids: tuple[tuple[int, ...] | None, ...]
+    selection_bias: bool = False  # routers carry a learned load-balancing bias (aux-loss-free balancing)
+
+    @property
+    def uniform(self) -> bool:
+        """Every MoE layer keeps the same number of experts."""
+        return len({c for c in self.experts_per_layer if c is not None}) == 1
 
     @property
     def moe_layers(self) -> list[int]:
@@ -243,6 +249,7 @@ def expert_layout(config: dict[str, Any]) -> ExpertLayout:
         original_num_experts=int(fields["original_num_experts"]),
         experts_per_layer=tuple(counts),
         kept_expert_ids=tuple(tuple(ids) if ids is not None else None for ids in kept),
+        selection_bias=bool(config.get("selection_bias_routing")),
     )
 
 

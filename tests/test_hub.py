@@ -9,7 +9,7 @@ from conftest import run_without_package
 from hub_server import FakeHub, point_hub_client_at
 from huggingface_hub import ModelCard
 
-from hf_moeprune import prune_experts
+from hf_moeprune import get_adapter, prune_experts
 from hf_moeprune.hub import (
     PLOT_FILENAME,
     CardInfo,
@@ -382,3 +382,21 @@ def test_wheel_ships_the_model_card_template(tmp_path):
         shipped = archive.read("hf_moeprune/model_cards/pruned_moe.md")
     assert shipped == (root / "model_cards" / "pruned_moe.md").read_bytes()
     assert DEFAULT_TEMPLATE.read_bytes() == shipped
+
+
+def test_card_of_uniform_model_with_learned_bias_explains_the_format(tmp_path):
+    from hf_moeprune.format import enable_selection_bias
+    from hf_moeprune.hub import expert_layout
+
+    model = tiny_model("mixtral")
+    prune_experts(model, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [0, 2, 4, 6]})
+    enable_selection_bias(model, get_adapter(model))
+    model.save_pretrained(tmp_path)
+    layout = expert_layout(json.loads((tmp_path / "config.json").read_text()))
+    assert layout.uniform and layout.selection_bias and not layout.stock_export
+    text = build_model_card(tmp_path, CardInfo(base_model="mistralai/Mixtral-8x7B-v0.1"), repo_id=REPO).content
+    assert "the same expert count in every layer, learned router selection bias" in text
+    assert "which the stock `mixtral` router cannot apply" in text
+    assert "keep different numbers of experts" not in text
+    # the remote-code snippet is offered, as for any hf_moeprune-format checkpoint
+    assert any("trust_remote_code=True" in block for block in _python_blocks(text))
