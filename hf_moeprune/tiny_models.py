@@ -10,6 +10,8 @@ from typing import Any
 import torch
 import transformers
 
+from hf_moeprune.adapters import get_adapter
+
 _COMMON: dict[str, Any] = dict(
     vocab_size=128,
     hidden_size=32,
@@ -71,6 +73,65 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         ),
     ),
+    "minimax": (
+        "MiniMaxConfig",
+        dict(
+            intermediate_size=48,
+            num_local_experts=8,
+            head_dim=8,
+            block_size=16,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+        ),
+    ),
+    "flex_olmo": ("FlexOlmoConfig", dict(intermediate_size=24, num_experts=8, norm_topk_prob=True)),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            num_experts=8,
+            norm_topk_prob=True,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            head_dim=8,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+        ),
+    ),
+    "dots1": (
+        "Dots1Config",
+        dict(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            head_dim=8,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+        ),
+    ),
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=48, num_local_experts=8)),
 }
 
 
@@ -94,7 +155,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
             for name, param in model.named_parameters():
                 if name.endswith("bias") and ".mlp." in name:
                     param.normal_(0.0, 0.5)
-    if model_type == "deepseek_v3":
+    if get_adapter(config).has_native_selection_bias:
+        # DeepSeek-V3-style correction biases initialise to zero; random ones exercise the biased choice.
         with torch.no_grad():
             for name, buf in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):

@@ -13,7 +13,9 @@ from hf_moeprune.tiny_models import tiny_model
 
 def _batches(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, 128, (4, 16), generator=g)} for _ in range(n)]
+    # no pad token (id 0): its zero embedding gives all-equal router logits in models that start with linear
+    # attention, and such ties may go to a different expert once experts are reordered (outputs do not change)
+    return [{"input_ids": torch.randint(3, 128, (4, 16), generator=g)} for _ in range(n)]
 
 
 def test_measured_loads_count_every_routed_token():
@@ -29,7 +31,7 @@ def test_measured_loads_count_every_routed_token():
     assert all(load.sum().item() == 11 * 2 for load in masked.values())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "qwen3_next", "minimax"])
 def test_rebalanced_model_keeps_outputs_and_balances_devices(family):
     model = tiny_model(family)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -66,7 +68,7 @@ def test_balance_cli(workspace, capsys):
     assert not (workspace / "b3").exists()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "granitemoe", "glm4_moe"])
 def test_rank_expert_load_counts_what_the_experts_compute(family):
     """Without expert parallelism the kernel-level meter sees every routed pair: the router-level loads."""
     from hf_moeprune.balancing.expert_parallel import RankExpertLoad

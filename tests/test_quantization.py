@@ -150,7 +150,7 @@ def test_quantize_every_family(family):
     layers = adapter.moe_layer_indices(model)
     for layer in layers:
         for tensor in ("gate_up_proj", "down_proj"):
-            name = f"model.layers.{layer}.mlp.experts.{tensor}"
+            name = f"model.layers.{layer}.{adapter.block_attr}.{adapter.experts_attr}.{tensor}"
             assert name in quantized and original[name].ndim == 3
             assert getattr(model.get_submodule(name.rpartition(".")[0]), tensor).shape == original[name].shape
     assert any(".self_attn." in name for name in quantized)
@@ -161,7 +161,7 @@ def test_quantize_every_family(family):
             continue
         assert name in kept and torch.equal(kept[name], value), name
         assert not name.endswith((".experts.gate_up_proj", ".experts.down_proj", "q_proj.weight")), name
-    assert any(n.endswith(("mlp.gate.weight", "mlp.router.weight")) for n in kept)
+    assert any(n.endswith(f".{adapter.router_path}.weight") for n in kept)
     assert "model.embed_tokens.weight" in kept and "lm_head.weight" in kept
     for name, value in buffers.items():  # e.g. DeepSeek's e_score_correction_bias
         assert torch.equal(dict(model.named_buffers())[name], value), name

@@ -2,12 +2,17 @@ import pytest
 import torch
 
 import hf_moeprune
-from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
+from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
 
+FAMILIES = sorted(TINY_CONFIGS)
 CASES = (
-    [(family, {}) for family in sorted(TINY_CONFIGS)]
-    + [(family, {"norm_topk_prob": False}) for family in ("qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")]
-    + [("deepseek_v3", {"n_group": 2, "topk_group": 1})]
+    [(family, {}) for family in FAMILIES]
+    + [(family, {"norm_topk_prob": False}) for family in FAMILIES if hasattr(tiny_config(family), "norm_topk_prob")]
+    + [
+        (family, {"n_group": 2, "topk_group": 1})
+        for family in FAMILIES
+        if hf_moeprune.get_adapter(tiny_config(family)).group_field is not None
+    ]
 )
 
 

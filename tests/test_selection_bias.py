@@ -35,8 +35,20 @@ def _biased(family):
     return model, adapter
 
 
-def test_deepseek_keeps_its_native_bias_and_others_get_a_buffer():
-    assert sorted(set(FAMILIES) - {"deepseek_v3"}) == BIASED_FAMILIES
+def test_native_bias_families_keep_their_bias_and_others_get_a_buffer():
+    """Exactly the families whose routers carry DeepSeek-V3's ``e_score_correction_bias`` keep it."""
+    native = set()
+    for family in FAMILIES:
+        model = tiny_model(family)
+        adapter = hf_moeprune.get_adapter(model)
+        routers = [adapter.router(adapter.decoder_layers(model)[i]) for i in adapter.moe_layer_indices(model)]
+        assert routers, family
+        if all(hasattr(router, "e_score_correction_bias") for router in routers):
+            native.add(family)
+        else:
+            assert not any(hasattr(router, "e_score_correction_bias") for router in routers), family
+    assert {"deepseek_v3", "glm4_moe", "dots1"} <= native
+    assert sorted(set(FAMILIES) - native) == BIASED_FAMILIES
 
 
 @pytest.mark.parametrize("family", BIASED_FAMILIES)

@@ -29,6 +29,12 @@ PRUNABLE_BASES: dict[str, tuple[str, str, str]] = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "num_experts"),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts"),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "num_local_experts"),
+    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", "num_local_experts"),
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", "num_experts"),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", "num_experts"),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", "n_routed_experts"),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", "n_routed_experts"),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", "num_local_experts"),
 }
 
 # Config fields that make a config "pruned". They are plain JSON values so that the stock export can
