@@ -306,6 +306,8 @@ class MoEPruneTrainer(Trainer):
             self.model,
             device_ids=wrapped.device_ids,
             output_device=wrapped.output_device,
+            process_group=wrapped.process_group,
+            mixed_precision=wrapped.mixed_precision,
             broadcast_buffers=wrapped.broadcast_buffers,
             find_unused_parameters=wrapped.find_unused_parameters,
             gradient_as_bucket_view=wrapped.gradient_as_bucket_view,
