@@ -52,40 +52,100 @@ register_command("generate", "batched generation from a JSONL file of prompts", 
 register_command(
     "compress", "distill, quantize, write the card and push, from a YAML recipe", "hf_moeprune.compress:compress_main"
 )
-register_command("prune", "prune experts of a model one-shot and save it", "hf_moeprune.cli:prune_main")
+register_command("prune", "one-shot pruning: REAP etc. on calibration data, or a plan", "hf_moeprune.cli:prune_main")
 register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
 
 
 @dataclass
 class PruneCLIArguments:
     model: str = field(metadata={"help": "model path or Hub id"})
-    output_dir: str = field(metadata={"help": "where to save the pruned model"})
-    keep: str = field(
-        metadata={"help": "JSON object mapping layer index to the expert indices to keep, e.g. '{\"0\": [0, 2, 5]}'"}
+    output_dir: str = field(metadata={"help": "where to save the pruned model (must be new or empty)"})
+    keep: str | None = field(
+        default=None,
+        metadata={"help": "explicit plan: JSON object mapping layer index to the expert indices to keep, "
+                  "e.g. '{\"0\": [0, 2, 5]}'; give either --keep or --data"},
+    )  # fmt: skip
+    data: str | None = field(
+        default=None,
+        metadata={"help": "one-shot pruning from statistics on this calibration text (a saved dataset, .jsonl, "
+                  "a text file or a folder); give either --keep or --data"},
+    )  # fmt: skip
+    criterion: str = field(
+        default="reap", metadata={"help": "expert score: reap | reap_frequency | frequency | prob_mass | saliency"}
     )
+    target: float = field(default=0.5, metadata={"help": "fraction of all routed experts to remove"})
+    allocation: str = field(
+        default="uniform", metadata={"help": "how removals spread over layers: uniform | global | laep"}
+    )
+    min_experts: int | None = field(default=None, metadata={"help": "floor per layer (default: top-k)"})
+    multiple_of: int = field(default=1, metadata={"help": "keep per-layer counts divisible by this (e.g. ep_size)"})
+    text_field: str = field(default="text", metadata={"help": "column holding the text"})
+    block_size: int = field(default=128, metadata={"help": "tokens per calibration block"})
+    max_blocks: int = field(default=256, metadata={"help": "calibration blocks to route (at most)"})
+    batch_size: int = field(default=8, metadata={"help": "blocks per forward pass"})
     export_stock: bool = field(
         default=True, metadata={"help": "write the stock architecture when every layer keeps the same count"}
     )
+
+    def __post_init__(self):
+        from hf_moeprune.pruning.allocation import AllocationSpec
+        from hf_moeprune.pruning.criteria import get_criterion
+
+        if (self.keep is None) == (self.data is None):
+            raise ValueError(
+                f"give exactly one of --keep (an explicit plan) or --data (one-shot from statistics); "
+                f"got keep={self.keep!r}, data={self.data!r}"
+            )
+        get_criterion(self.criterion)  # names the known criteria
+        AllocationSpec(self.allocation)
+        if not 0.0 <= self.target < 1.0:
+            raise ValueError(f"target={self.target} must be in [0, 1)")
+        for name in ("multiple_of", "block_size", "max_blocks", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.min_experts is not None and self.min_experts < 1:
+            raise ValueError(f"min_experts={self.min_experts} must be >= 1")
 
 
 def prune_main(argv: Sequence[str]) -> int:
     import json
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_moeprune.surgery import prune_experts
-    from hf_moeprune.utils import atomic_output_dir, parse_args
+    from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
 
+    argv = positionals_to_flags(argv, ("--model",))
     (args,) = parse_args((PruneCLIArguments,), argv, prog="hf-moeprune prune")
-    try:
-        keep = {int(k): v for k, v in json.loads(args.keep).items()}
-    except (json.JSONDecodeError, AttributeError, ValueError) as exc:
-        raise SystemExit(f"--keep {args.keep!r} is not a JSON object of layer -> expert list: {exc}") from None
+    keep = None
+    if args.keep is not None:
+        try:
+            keep = {int(k): v for k, v in json.loads(args.keep).items()}
+        except (json.JSONDecodeError, AttributeError, ValueError) as exc:
+            raise SystemExit(f"--keep {args.keep!r} is not a JSON object of layer -> expert list: {exc}") from None
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    prune_experts(model, keep)
+    tokenizer = None
+    if keep is None:
+        from hf_moeprune.data import calibration_blocks
+        from hf_moeprune.oneshot import collect_statistics, plan_oneshot
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
+        batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
+        stats = collect_statistics(model, batches, saliency=args.criterion == "saliency")
+        keep = plan_oneshot(model, stats, args.criterion, args.target, args.allocation,
+                            min_experts=args.min_experts, multiple_of=args.multiple_of)  # fmt: skip
+    if keep:
+        prune_experts(model, keep)
+    else:
+        logger.warning("nothing to remove: the model keeps all its experts")
+    counts = getattr(model.config, "experts_per_layer", None)
     with atomic_output_dir(args.output_dir) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)
-    logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, model.config.experts_per_layer)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, counts)
+    print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
     return 0
 
 

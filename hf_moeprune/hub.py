@@ -588,16 +588,10 @@ class PushCLIArguments:
 
 
 def _positionals_to_flags(argv: Sequence[str]) -> list[str]:
-    """``PATH REPO_ID`` -> ``--path PATH --repo_id REPO_ID`` (HfArgumentParser has no positionals)."""
-    argv = list(argv)
-    head = []
-    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
-        head, argv = [argv[0]], argv[1:]
-    names = ["--path", "--repo_id"]
-    out = []
-    while argv and names and not argv[0].startswith("-"):
-        out += [names.pop(0), argv.pop(0)]
-    return head + out + argv
+    """``PATH REPO_ID`` -> ``--path PATH --repo_id REPO_ID``."""
+    from hf_moeprune.utils import positionals_to_flags
+
+    return positionals_to_flags(argv, ("--path", "--repo_id"))
 
 
 def push_main(argv: Sequence[str]) -> int:

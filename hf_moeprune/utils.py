@@ -13,6 +13,21 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+def positionals_to_flags(argv: Sequence[str], names: Sequence[str]) -> list[str]:
+    """Map leading positional arguments to flags (HfArgumentParser only knows flags): with
+    ``names=("--model", "--output_dir")``, ``MODEL OUT --x 1`` becomes ``--model MODEL --output_dir OUT --x 1``.
+    A leading YAML recipe stays first; flags given as flags are left alone."""
+    argv = list(argv)
+    head = []
+    if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
+        head, argv = [argv[0]], argv[1:]
+    names = list(names)
+    mapped = []
+    while argv and names and not argv[0].startswith("-"):
+        mapped += [names.pop(0), argv.pop(0)]
+    return head + mapped + argv
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: Sequence[str], prog: str):
     """Parse ``argv`` into ``dataclass_types`` with ``HfArgumentParser``.
 

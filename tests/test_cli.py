@@ -5,6 +5,7 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
+from hf_moeprune import prune_experts
 from hf_moeprune.cli import COMMANDS, main
 
 
@@ -80,3 +81,51 @@ def test_prune_subcommand_writes_atomically(workspace):
     with pytest.raises(FileExistsError, match="is not empty"):
         main(["prune", "--model", str(workspace / "model"), "--output_dir", str(out), "--keep", '{"0": [0, 1]}'])
     assert AutoModelForCausalLM.from_pretrained(out).config.experts_per_layer == [3, 8, 2], "existing output kept"
+
+
+def test_prune_subcommand_one_shot_from_calibration_data(workspace, capsys):
+    """`prune --data`: REAP one-shot on calibration text, the same plan the Python API makes."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from hf_moeprune.data import calibration_blocks
+    from hf_moeprune.oneshot import collect_statistics, plan_oneshot
+
+    out = workspace / "oneshot"
+    argv = ["prune", str(workspace / "model"), "--output_dir", str(out), "--data", str(workspace / "data.jsonl"),
+            "--text_field", "body", "--block_size", "32", "--target", "0.5", "--allocation", "global"]  # fmt: skip
+    assert main(["prune", "--model", *argv[1:]]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    counts = [layer.mlp.experts.num_experts for layer in saved.model.layers]
+    assert summary["experts_per_layer"] == counts and sum(counts) == 12
+    config = json.loads((out / "config.json").read_text())
+    fields = config.get("moeprune_provenance", config)  # stock export when the counts came out uniform
+    assert (out / "tokenizer.json").exists()
+    # the same statistics and plan in Python
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    ids = calibration_blocks(
+        str(workspace / "data.jsonl"), AutoTokenizer.from_pretrained(workspace / "model"), "body", 32
+    )
+    stats = collect_statistics(model, [{"input_ids": ids[i : i + 8]} for i in range(0, len(ids), 8)], progress=False)
+    plan = plan_oneshot(model, stats, "reap", 0.5, "global")
+    prune_experts(model, plan)
+    assert fields["kept_expert_ids"] == model.config.kept_expert_ids
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "give exactly one of --keep .* or --data"),
+        (["--keep", '{"0": [0, 1]}', "--data", "x.jsonl"], "give exactly one of --keep"),
+        (["--data", "x.jsonl", "--criterion", "magic"], "unknown .*'magic'"),
+        (["--data", "x.jsonl", "--allocation", "even"], "allocation mode 'even'"),
+        (["--data", "x.jsonl", "--target", "1.0"], r"target=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_prune_subcommand_bad_arguments_name_the_value(workspace, extra, message):
+    out = workspace / "never"
+    with pytest.raises((ValueError, SystemExit), match=message):
+        main(["prune", str(workspace / "model"), "--output_dir", str(out), *extra])
+    assert not out.exists()

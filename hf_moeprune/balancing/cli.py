@@ -34,14 +34,6 @@ class BalanceArguments:
             raise ValueError(f"num_redundant={self.num_redundant} must be >= 0")
 
 
-def _positional(argv: Sequence[str]) -> list[str]:
-    """Accept `balance MODEL ...` as well as `balance --model MODEL ...`."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-") and not argv[0].endswith((".yaml", ".yml")):
-        argv = ["--model", argv[0], *argv[1:]]
-    return argv
-
-
 def _fmt(value: float | None, width: int = 8) -> str:
     return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
 
@@ -51,9 +43,9 @@ def balance_main(argv: Sequence[str]) -> int:
 
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
     from hf_moeprune.data import calibration_blocks
-    from hf_moeprune.utils import atomic_output_dir, parse_args
+    from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
 
-    (args,) = parse_args((BalanceArguments,), _positional(argv), prog="hf-moeprune balance")
+    (args,) = parse_args((BalanceArguments,), positionals_to_flags(argv, ("--model",)), prog="hf-moeprune balance")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)

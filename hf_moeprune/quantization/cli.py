@@ -24,27 +24,16 @@ class QuantizeCLIArguments:
         get_scheme(self.scheme)  # ValueError naming the scheme and the known ones, before anything is loaded
 
 
-def _positional_to_flags(argv: Sequence[str]) -> list[str]:
-    """Accept ``MODEL OUTPUT_DIR`` positionally (HfArgumentParser only knows flags)."""
-    argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        return argv
-    positional = []
-    while argv and len(positional) < 2 and not argv[0].startswith("-"):
-        positional.append(argv.pop(0))
-    flags = [item for name, value in zip(("--model", "--output_dir"), positional) for item in (name, value)]
-    return flags + argv
-
-
 def quantize_main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM
 
     from hf_moeprune.quantization.config import QuantizationConfig
     from hf_moeprune.quantization.quantizer import model_size_bytes, quantize, weight_files_size_bytes
-    from hf_moeprune.utils import atomic_output_dir, parse_args
+    from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
 
     try:
-        (args,) = parse_args((QuantizeCLIArguments,), _positional_to_flags(argv), prog="hf-moeprune quantize")
+        argv = positionals_to_flags(argv, ("--model", "--output_dir"))
+        (args,) = parse_args((QuantizeCLIArguments,), argv, prog="hf-moeprune quantize")
         config = QuantizationConfig(
             scheme=args.scheme, group_size=args.group_size, include_lm_head=args.include_lm_head
         )
