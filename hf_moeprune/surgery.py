@@ -45,8 +45,9 @@ def _check_layer_indices(adapter: MoEAdapter, model: nn.Module, layer_ids) -> li
 def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts: int, positions: list[int]) -> None:
     """Group-limited routing scores contiguous blocks of experts as groups; keep that structure intact.
 
-    Each new block must come from a single old group, all groups survive, and every group keeps at
-    least 2 experts (the router sums each group's top-2) with enough experts in the chosen groups.
+    Each new block must come from a single old group, all groups survive, and every group keeps at least
+    the experts its group score is made of (DeepSeek-V3 sums each group's top-2, DeepSeek-V2 takes the
+    maximum) with enough experts in the chosen groups.
     """
     groups = adapter.num_groups(config)
     if groups == 1:
@@ -73,10 +74,12 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
         raise ValueError(f"layer {layer}: old groups {origin} appear twice; every group must keep {new_size} experts")
     top_k = adapter.top_k(config)
     topk_group = int(getattr(config, adapter.topk_group_field) or groups)
-    if new_size < 2 or topk_group * new_size < top_k:
+    per_group = adapter.group_score_experts
+    if new_size < per_group or topk_group * new_size < top_k:
         raise ValueError(
             f"layer {layer}: {new_size} experts per group is too few for group-limited routing "
-            f"(needs >= 2 per group and {adapter.topk_group_field}={topk_group} groups x {new_size} >= top-k {top_k})"
+            f"(needs >= {per_group} per group and {adapter.topk_group_field}={topk_group} groups x {new_size} "
+            f">= top-k {top_k})"
         )
 
 

@@ -26,6 +26,21 @@ _COMMON: dict[str, Any] = dict(
     eos_token_id=2,
 )
 
+# GLM-4-MoE and dots1 share DeepSeek-V3's MoE block (sigmoid router with correction bias, shared experts,
+# dense first layer) with standard attention.
+_SIGMOID_ROUTED: dict[str, Any] = dict(
+    intermediate_size=64,
+    moe_intermediate_size=24,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    head_dim=8,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.0,
+)
+
 # model_type -> (config class, extra fields). Expert counts use each family's own field name.
 TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=48, num_local_experts=8)),
@@ -103,35 +118,46 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "glm4_moe": (
         "Glm4MoeConfig",
-        dict(
-            intermediate_size=64,
-            moe_intermediate_size=24,
-            n_routed_experts=8,
-            n_shared_experts=1,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            head_dim=8,
-            norm_topk_prob=True,
-            routed_scaling_factor=1.0,
-        ),
+        dict(_SIGMOID_ROUTED),
     ),
     "dots1": (
         "Dots1Config",
+        dict(_SIGMOID_ROUTED),
+    ),
+    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=48, num_local_experts=8)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
         dict(
             intermediate_size=64,
             moe_intermediate_size=24,
             n_routed_experts=8,
             n_shared_experts=1,
-            n_group=1,
-            topk_group=1,
             first_k_dense_replace=1,
-            head_dim=8,
-            norm_topk_prob=True,
-            routed_scaling_factor=1.0,
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
         ),
     ),
-    "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=48, num_local_experts=8)),
+    # MoE feed-forward in layers 0 and 2 (layer 1 is dense); attention in layer 2, Mamba (torch path) in 0 and 1
+    "jamba": (
+        "JambaConfig",
+        dict(
+            intermediate_size=48,
+            num_experts=8,
+            expert_layer_period=2,
+            expert_layer_offset=0,
+            attn_layer_period=3,
+            attn_layer_offset=2,
+            mamba_d_state=4,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+        ),
+    ),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", dict(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=8)),
 }
 
 

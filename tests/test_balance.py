@@ -31,7 +31,9 @@ def test_measured_loads_count_every_routed_token():
     assert all(load.sum().item() == 11 * 2 for load in masked.values())
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "qwen3_next", "minimax"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "deepseek_v3", "gpt_oss", "granitemoe", "qwen3_next", "minimax", "deepseek_v2", "jamba"]
+)
 def test_rebalanced_model_keeps_outputs_and_balances_devices(family):
     model = tiny_model(family)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))

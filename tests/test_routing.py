@@ -5,6 +5,7 @@ import hf_moeprune
 from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
+V2_GROUPED = {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}  # DeepSeek-V2/V2.5 routing
 CASES = (
     [(family, {}) for family in FAMILIES]
     + [(family, {"norm_topk_prob": False}) for family in FAMILIES if hasattr(tiny_config(family), "norm_topk_prob")]
@@ -12,6 +13,13 @@ CASES = (
         (family, {"n_group": 2, "topk_group": 1})
         for family in FAMILIES
         if hf_moeprune.get_adapter(tiny_config(family)).group_field is not None
+    ]
+    + [
+        # DeepSeek-V2/V2.5: groups scored by their best expert, unsorted top-k, scaled weights. With top-k <=
+        # topk_group the best-expert group scores always keep the greedy winners; top-k 3 makes the mask matter.
+        ("deepseek_v2", {**V2_GROUPED, "routed_scaling_factor": 16.0}),
+        ("deepseek_v2", {**V2_GROUPED, "num_experts_per_tok": 3}),
+        ("deepseek_v2", {"routed_scaling_factor": 2.5}),
     ]
 )
 
@@ -42,3 +50,16 @@ def test_selection_bias_changes_choice_not_weights():
     probs = torch.softmax(logits, -1)
     expected = probs.gather(-1, i)
     torch.testing.assert_close(w, expected / expected.sum(-1, keepdim=True))
+
+
+def test_deepseek_v2_group_limited_routing_differs_from_greedy():
+    """The group-limited case above is a real test of the group mask: it changes the choice of most tokens."""
+    model = tiny_model("deepseek_v2", **V2_GROUPED, num_experts_per_tok=3)
+    adapter = hf_moeprune.get_adapter(model)
+    assert adapter.num_groups(model.config) == 4 and adapter.num_groups(tiny_config("deepseek_v2", n_group=4)) == 1
+    router = adapter.router(adapter.decoder_layers(model)[adapter.moe_layer_indices(model)[0]])
+    logits = torch.randn(37, 8, generator=torch.Generator().manual_seed(0))
+    _, grouped = adapter.route(router, logits)
+    router.topk_method = "greedy"
+    _, greedy = adapter.route(router, logits)
+    assert (grouped.sort(-1).values != greedy.sort(-1).values).any(-1).sum() > 10

@@ -4,7 +4,7 @@ from conftest import FAMILIES, RoutingRecorder
 
 import hf_moeprune
 from hf_moeprune import permute_experts, prune_experts
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.tiny_models import tiny_config, tiny_model
 
 # One short sequence: 4 tokens x top-2 select at most 8 (expert, token) pairs, so most layers have
 # experts no token selects.
@@ -33,11 +33,32 @@ def _unused_keep(model, calls, extra_relevant=None):
     return keep
 
 
+def _unnormalised(family):
+    """Overrides that switch renormalisation off where the family's config has a switch for it."""
+    return {"norm_topk_prob": False} if hasattr(tiny_config(family), "norm_topk_prob") else {}
+
+
+# Families whose tiny model's logits do not change when unselected experts go ...
+INVARIANT_FAMILIES = [f for f in FAMILIES if hf_moeprune.ADAPTERS[f].output_invariant_under_removal(tiny_config(f))]
+# ... and softmax families whose combine weights (at least without renormalisation) are the probabilities over
+# all experts, so removing experts divides them by the kept probability mass.
+RESCALING_FAMILIES = [
+    f
+    for f in FAMILIES
+    if hf_moeprune.ADAPTERS[f].score_function == "softmax"
+    and not hf_moeprune.ADAPTERS[f].renormalizes(tiny_config(f, **_unnormalised(f)))
+]
+
+
 def test_every_family_is_supported():
     assert set(FAMILIES) <= set(hf_moeprune.ADAPTERS)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES])
+def test_every_family_has_a_removal_test():
+    assert set(FAMILIES) - set(INVARIANT_FAMILIES) <= set(RESCALING_FAMILIES)
+
+
+@pytest.mark.parametrize("family", INVARIANT_FAMILIES)
 def test_removing_unselected_experts_keeps_logits(family):
     model = tiny_model(family)
     adapter = hf_moeprune.get_adapter(model)
@@ -64,12 +85,13 @@ def test_removing_unselected_experts_keeps_logits(family):
     ]
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if hf_moeprune.ADAPTERS[f].routing == "softmax_topk"])
+@pytest.mark.parametrize("family", RESCALING_FAMILIES)
 def test_unnormalised_softmax_families_rescale_weights_by_kept_mass(family):
-    """Without norm_topk_prob the weights are softmax probabilities over all experts: removing experts
+    """Without renormalisation (Qwen/OLMoE without norm_topk_prob, Jamba, DeepSeek-V2) the weights are
+    softmax probabilities over all experts (DeepSeek-V2: times routed_scaling_factor): removing experts
     changes the denominator. What still holds: the same experts win, and each weight is divided by the
     probability mass the kept experts had."""
-    model = tiny_model(family, norm_topk_prob=False)
+    model = tiny_model(family, **_unnormalised(family))
     adapter = hf_moeprune.get_adapter(model)
     assert not adapter.output_invariant_under_removal(model.config)
     before, calls = _route(model)
@@ -80,9 +102,11 @@ def test_unnormalised_softmax_families_rescale_weights_by_kept_mass(family):
     logits_b, w_b, i_b = calls[layer]
     _, w_a, i_a = calls_after[layer]
     kept = torch.tensor(keep[layer])
-    assert torch.equal(kept[i_a], i_b)
+    # compared in original-id order: DeepSeek-V2's unsorted top-k may list the winners in another order
+    order_b, order_a = i_b.sort(-1), kept[i_a].sort(-1)
+    assert torch.equal(order_a.values, order_b.values)
     kept_mass = torch.softmax(logits_b.float(), -1)[:, kept].sum(-1, keepdim=True)
-    torch.testing.assert_close(w_a, w_b / kept_mass)
+    torch.testing.assert_close(w_a.gather(-1, order_a.indices), w_b.gather(-1, order_b.indices) / kept_mass)
     assert not torch.allclose(after, before, atol=1e-6), "logits should change when the denominator changes"
 
 
@@ -215,6 +239,19 @@ def test_deepseek_group_structure_errors(keep, message):
     model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
     with pytest.raises(ValueError, match=message):
         prune_experts(model, keep)
+
+
+def test_deepseek_v2_groups_count_only_when_group_limited():
+    """V2-Lite routes greedily (its n_group is ignored); V2/V2.5 score a group by its best expert, so one expert
+    per group is enough."""
+    greedy = tiny_model("deepseek_v2", n_group=4, topk_group=2)
+    prune_experts(greedy, {1: [0, 1, 5]})
+    assert greedy.config.experts_per_layer == [None, 3, 8]
+    grouped = tiny_model("deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        prune_experts(grouped, {1: [0, 1, 5]})
+    prune_experts(grouped, {1: [1, 2, 5, 6]})
+    assert grouped.config.kept_expert_ids[1] == [1, 2, 5, 6]
 
 
 def test_unsupported_model_type_lists_supported():

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters.routing import get_route_function
-from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX, SELECTION_BIAS
+from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX, SELECTION_BIAS, get_submodule_attr
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
@@ -29,12 +29,18 @@ class MoEAdapter:
         model_type: the stock ``config.model_type``.
         num_experts_field: config field holding the routed-expert count.
         block_attr / router_attr / experts_attr: attribute path decoder layer -> MoE block -> router/experts.
-        router_tensors / expert_tensors: per-expert tensors (expert index on dim 0) of router and experts.
+        router_tensors / expert_tensors: per-expert tensors (expert index on dim 0) of router and experts,
+            relative to the router / experts module and possibly dotted (HunYuan: ``"wg.weight"``); the first
+            router tensor is the router's weight ``[experts, hidden]``.
         score_function: how the router turns logits into per-expert scores (``softmax`` or ``sigmoid``).
         routing: name of the family's routing rule in ``adapters.routing.ROUTE_FUNCTIONS``.
         renormalizes: ``config -> bool``; True when the combine weights are renormalised over the chosen
             top-k (or the score is per-expert), so removing an expert no token chose leaves outputs unchanged.
         group_field / topk_group_field: config fields of group-limited routing (DeepSeek-V3), or None.
+        group_limited: ``config -> bool``; whether the config routes group-limited at all (DeepSeek-V2 only does
+            with ``topk_method="group_limited_greedy"``; its greedy configs ignore ``n_group``).
+        group_score_experts: how many of a group's best experts its group score is made of (DeepSeek-V3 sums
+            the top 2, DeepSeek-V2 takes the maximum), so surgery keeps at least that many per group.
     """
 
     model_type: str
@@ -48,6 +54,8 @@ class MoEAdapter:
     renormalizes: Callable[[object], bool] = field(default=lambda config: True)
     group_field: str | None = None
     topk_group_field: str | None = None
+    group_limited: Callable[[object], bool] = field(default=lambda config: True)
+    group_score_experts: int = 2
     top_k_field: str = "num_experts_per_tok"
     routing: str = "softmax_topk_renorm"
 
@@ -82,7 +90,8 @@ class MoEAdapter:
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
 
     def num_experts(self, layer: nn.Module) -> int:
-        return getattr(self.router(layer), self.router_tensors[0]).shape[0]
+        owner, attr = get_submodule_attr(self.router(layer), self.router_tensors[0])
+        return getattr(owner, attr).shape[0]
 
     def top_k(self, config) -> int:
         return int(getattr(config, self.top_k_field))
@@ -125,7 +134,7 @@ class MoEAdapter:
         return get_route_function(self.routing)(router, logits, selection_bias)
 
     def num_groups(self, config) -> int:
-        if self.group_field is None:
+        if self.group_field is None or not self.group_limited(config):
             return 1
         return int(getattr(config, self.group_field) or 1)
 

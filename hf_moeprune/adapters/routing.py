@@ -22,6 +22,7 @@ from hf_moeprune.format.modeling_moeprune import (
     sigmoid_group_limited,
     softmax_topk,
     softmax_topk_renorm,
+    softmax_topk_scaled,
     topk_softmax,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "sigmoid_group_limited",
     "softmax_topk",
     "softmax_topk_renorm",
+    "softmax_topk_scaled",
     "topk_softmax",
 ]
 

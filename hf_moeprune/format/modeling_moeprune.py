@@ -35,6 +35,9 @@ PRUNABLE_BASES: dict[str, tuple[str, str, str]] = {
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", "n_routed_experts"),
     "dots1": ("Dots1Config", "Dots1ForCausalLM", "n_routed_experts"),
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", "num_local_experts"),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", "n_routed_experts"),
+    "jamba": ("JambaConfig", "JambaForCausalLM", "num_experts"),
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "num_experts"),
 }
 
 # Config fields that make a config "pruned". They are plain JSON values so that the stock export can
@@ -73,11 +76,12 @@ def softmax_topk_renorm(router: nn.Module, logits: torch.Tensor, selection_bias:
 
 
 def softmax_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-    """Qwen2/3-MoE, OLMoE: softmax over all experts, top-k, renormalise only with ``norm_topk_prob``."""
+    """Qwen2/3-MoE, OLMoE, Jamba: softmax over all experts, top-k, renormalise only with ``norm_topk_prob``
+    (Jamba's router has no such attribute and never renormalises)."""
     probs = torch.softmax(logits, dtype=torch.float, dim=-1)
     indices = _select(probs, router.top_k, selection_bias)
     weights = probs.gather(-1, indices)
-    if router.norm_topk_prob:
+    if getattr(router, "norm_topk_prob", False):
         weights /= weights.sum(dim=-1, keepdim=True)
     return weights.to(logits.dtype), indices
 
@@ -108,11 +112,30 @@ def sigmoid_group_limited(router: nn.Module, logits: torch.Tensor, selection_bia
     return weights * router.routed_scaling_factor, indices
 
 
+def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """DeepSeek-V2: fp32 softmax over all experts, top-k (``greedy``, or ``group_limited_greedy``: the best
+    ``topk_group`` groups by their maximum score), unsorted, never renormalised, x ``routed_scaling_factor``."""
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    choice = scores if selection_bias is None else scores + selection_bias.to(scores.dtype)
+    if router.topk_method == "group_limited_greedy":
+        groups, num_experts = router.num_group, router.num_experts
+        group_scores = choice.view(-1, groups, num_experts // groups).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+        # the stock router fills 0.0 (probabilities are positive); a selection bias may be negative or -inf,
+        # so then only -inf keeps the masked groups out
+        choice = choice.masked_fill(~score_mask.bool(), 0.0 if selection_bias is None else float("-inf"))
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    return scores.gather(-1, indices) * router.routed_scaling_factor, indices
+
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
     "topk_softmax": topk_softmax,
     "sigmoid_group_limited": sigmoid_group_limited,
+    "softmax_topk_scaled": softmax_topk_scaled,
 }
 
 # -- router selection bias (aux-loss-free balancing kept with the model) ----------------------------------

@@ -14,15 +14,16 @@ def layer_budgets(
     model: nn.Module, adapter: MoEAdapter, min_experts: int | None = None, multiple_of: int = 1
 ) -> dict[int, LayerBudget]:
     """One ``LayerBudget`` per MoE layer. The floor is at least top-k; with group-limited routing every group
-    keeps >= 2 experts (the router sums each group's top-2) and the chosen groups hold >= top-k; counts stay a
-    multiple of ``multiple_of`` and of the group count."""
+    keeps the experts its group score is made of (``adapter.group_score_experts``: 2 for DeepSeek-V3, which sums
+    each group's top-2) and the chosen groups hold >= top-k; counts stay a multiple of ``multiple_of`` and of the
+    group count."""
     config = model.config
     top_k = adapter.top_k(config)
     groups = adapter.num_groups(config)
     floor = max(min_experts or top_k, top_k)
     if groups > 1:
         topk_group = int(getattr(config, adapter.topk_group_field) or groups)
-        floor = max(floor, 2 * groups, math.ceil(top_k / topk_group) * groups)
+        floor = max(floor, adapter.group_score_experts * groups, math.ceil(top_k / topk_group) * groups)
     multiple = math.lcm(multiple_of, groups)
     layers = adapter.decoder_layers(model)
     original = getattr(config, "original_num_experts", None)

@@ -22,10 +22,16 @@ QUANT_METHOD = "hf_moeprune"
 # bitsandbytes/torchao. Biases, norms and DeepSeek's e_score_correction_bias (a buffer) are never
 # candidates: only floating-point parameters of rank >= 2 whose name does not end in "bias" are.
 DEFAULT_SKIP_PATTERNS: tuple[str, ...] = (
-    r"(^|\.)gate\.",  # Mixtral/Qwen/OLMoE/DeepSeek router: mlp.gate.weight
-    r"(^|\.)router\.",  # GPT-OSS router: mlp.router.weight (+ bias)
+    r"(^|\.)gate\.",  # Mixtral/Qwen/OLMoE/DeepSeek router: mlp.gate.weight (HunYuan: mlp.gate.wg.weight)
+    r"(^|\.)router\.",  # GPT-OSS router: mlp.router.weight (+ bias); GraniteMoE, Jamba: <block>.router.weight
     r"(^|\.)shared_expert_gate\.",  # Qwen2-MoE: sigmoid gate of the shared expert
     r"(^|\.)embed_tokens\.",
+    # state-space / linear-attention internals (Jamba's Mamba, Qwen3-Next's gated DeltaNet): the decay
+    # parameters, the step-size projection and the short causal convolution are small and feed exponentials
+    # or recurrences, where a weight error compounds over the sequence; their in/out projections are quantized.
+    r"(^|\.)A_log$",
+    r"(^|\.)dt_proj\.",
+    r"(^|\.)conv1d\.",
 )
 LM_HEAD_PATTERN = r"(^|\.)lm_head\."
 

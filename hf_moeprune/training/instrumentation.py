@@ -92,7 +92,7 @@ class RoutingInstrumentation:
             bias = self._mask_bias(layer, module, logits)
             if bias is not None:
                 weights, indices = self.adapter.route(module, logits, bias)
-                output = (logits, weights, indices, *output[3:])
+                output = (logits, weights.to(output[1].dtype), indices, *output[3:])
             if self.capture_logits:
                 self.router_logits[layer] = logits
             if self.recording:
