@@ -635,6 +635,23 @@ def build_generation_config(model: nn.Module, tokenizer, options: GenerationOpti
     return GenerationConfig(**kwargs)
 
 
+@contextlib.contextmanager
+def _router_logits_off(model: nn.Module):
+    """Generate without router logits, whatever the config says (configs saved from training often carry
+    ``output_router_logits=True``). They only feed a training loss, cost memory at every step, and the stock
+    auxiliary loss fails under a padded KV-cache decode (the attention mask covers the cache, the logits only
+    the new tokens). The config's value is restored afterwards."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "output_router_logits", False):
+        yield
+        return
+    config.output_router_logits = False
+    try:
+        yield
+    finally:
+        config.output_router_logits = True
+
+
 class BatchGenerator:
     """Generates completions for many prompts with one model; see the module docstring for the rules."""
 
@@ -685,7 +702,7 @@ class BatchGenerator:
                 on_result(i, completion)
 
         start = time.perf_counter()
-        with PeakMemory(device) as memory:
+        with PeakMemory(device) as memory, _router_logits_off(self.model):
             if inputs:
                 ENGINES[self.engine](self.model, inputs, self.options, self.generation_config, done, self.tokenizer)
         seconds = time.perf_counter() - start

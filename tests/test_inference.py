@@ -357,3 +357,16 @@ def test_prompt_objects_keep_their_ids(pruned):
     assert [c.id for c in completions] == ["x", 42]
     assert stats.generated_tokens == 6 and stats.prompts == 2 and stats.peak_memory_bytes > 0
     assert stats.experts_implementation == "grouped_mm" and stats.engine == "padded"
+
+
+@pytest.mark.parametrize("engine", ["padded", "continuous"])
+def test_models_saved_with_router_logits_on_still_batch(tokenizer, engine):
+    """Configs saved from training often say output_router_logits=True; the stock aux loss then fails during a
+    padded KV-cache decode. Generation switches router logits off (and back on afterwards)."""
+    model = tiny_model("mixtral", vocab_size=VOCAB, max_position_embeddings=256, output_router_logits=True)
+    expected = _one_at_a_time(model, tokenizer, PROMPTS[:4], max_new_tokens=5) if engine == "padded" else None
+    completions = generate(model, tokenizer, PROMPTS[:4], max_new_tokens=5, batch_size=4, engine=engine)
+    assert all(c.tokens == 5 for c in completions)
+    if expected is not None:
+        assert [c.token_ids for c in completions] == expected
+    assert model.config.output_router_logits is True
