@@ -73,6 +73,24 @@ def test_statistics_are_meaningful(tmp_path):
         assert layer_stats.tokens.sum().item() == pytest.approx(expected)
         assert layer_stats.prob_mass.sum().item() == pytest.approx(expected / 2, rel=1e-5)
         assert (layer_stats.reap_sum > 0).sum() == (layer_stats.tokens > 0).sum()
+        assert torch.equal(layer_stats.reap_tokens, layer_stats.tokens)  # REAP recorded on every step
+
+
+def test_reap_interval_records_reap_on_every_nth_step_only(tmp_path):
+    trainer = _train(tmp_path, prune_target=0.0, max_steps=6, prune_criterion="reap", prune_reap_interval=3,
+                     prune_stats_decay=1.0)  # fmt: skip
+    from hf_moeprune.pruning.criteria import get_criterion
+
+    for layer_stats in trainer.statistics.snapshot().values():
+        assert layer_stats.tokens.sum().item() == 6 * 128  # router statistics: every step
+        assert layer_stats.reap_tokens.sum().item() == 2 * 128  # REAP: steps 0 and 3
+        routed = layer_stats.reap_tokens > 0
+        assert bool((layer_stats.reap_sum[routed] > 0).all()) and not bool(layer_stats.reap_sum[~routed].any())
+        # the mean per routed token uses the tokens of the recorded steps
+        score = get_criterion("reap")(layer_stats)
+        torch.testing.assert_close(score[routed], layer_stats.reap_sum[routed] / layer_stats.reap_tokens[routed])
+    with pytest.raises(ValueError, match="prune_reap_interval=0 must be >= 1"):
+        _args(tmp_path, prune_reap_interval=0)
 
 
 def test_gradual_schedule_removes_progressively(tmp_path):

@@ -49,13 +49,23 @@ def prob_mass(stats: LayerStats) -> torch.Tensor:
 @register_criterion("reap")
 def reap(stats: LayerStats) -> torch.Tensor:
     """REAP (arXiv 2510.13999): mean over routed tokens of gate weight x ||expert output||; 0 if never routed."""
-    return torch.where(stats.tokens > 0, stats.reap_sum / stats.tokens.clamp_min(1.0), torch.zeros_like(stats.tokens))
+    tokens = _reap_tokens(stats)
+    return torch.where(tokens > 0, stats.reap_sum / tokens.clamp_min(1.0), torch.zeros_like(tokens))
 
 
 @register_criterion("reap_frequency")
 def reap_frequency(stats: LayerStats) -> torch.Tensor:
     """Total router-weighted output norm: REAP's numerator, i.e. REAP x frequency (the expert's total contribution)."""
-    return stats.reap_sum.clone()
+    tokens = _reap_tokens(stats)
+    if torch.equal(tokens, stats.tokens):
+        return stats.reap_sum.clone()
+    # REAP recorded on some steps only: scale its mean by the tokens of every step
+    return torch.where(tokens > 0, stats.reap_sum / tokens.clamp_min(1.0), torch.zeros_like(tokens)) * stats.tokens
+
+
+def _reap_tokens(stats: LayerStats) -> torch.Tensor:
+    """Tokens counted on the steps where REAP was recorded (all steps unless ``prune_reap_interval`` > 1)."""
+    return stats.tokens if stats.reap_tokens is None else stats.reap_tokens
 
 
 @register_criterion("saliency")

@@ -4,7 +4,9 @@ Quantities (each a float tensor [experts] per MoE layer):
 - ``tokens``: tokens routed to the expert (routing frequency);
 - ``prob_mass``: router probability mass the expert received (softmax/sigmoid scores summed over tokens);
 - ``reap_sum``: sum over routed tokens of gate weight x L2 norm of the expert's output (REAP numerator);
-- ``saliency``: first-order Taylor importance |theta . grad| of the expert's parameters, per optimizer step.
+- ``saliency``: first-order Taylor importance |theta . grad| of the expert's parameters, per optimizer step;
+- ``reap_tokens``: tokens routed to the expert on the steps where ``reap_sum`` was recorded (REAP's denominator;
+  equal to ``tokens`` unless REAP is recorded on every N-th step only, ``prune_reap_interval``).
 
 Accumulation is either a sliding window of the last ``window`` steps or an exponential decay per step
 (``decay`` = 1 keeps a plain running sum). Everything here is linear in the per-step values, so the sum
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-STAT_NAMES = ("tokens", "prob_mass", "reap_sum", "saliency")
+STAT_NAMES = ("tokens", "prob_mass", "reap_sum", "saliency", "reap_tokens")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class LayerStats:
     prob_mass: torch.Tensor
     reap_sum: torch.Tensor
     saliency: torch.Tensor
+    reap_tokens: torch.Tensor | None = None  # None: REAP was recorded on every step (denominator = tokens)
 
     @property
     def num_experts(self) -> int:
@@ -124,3 +127,6 @@ class ExpertStatistics:
         self.window, self.decay, self.steps = state["window"], state["decay"], state["steps"]
         self._acc, self._step = state["acc"], state["step"]
         self._history = deque(state["history"], maxlen=self.window or None)
+        for store in [self._acc, self._step, *self._history]:  # states saved before reap_tokens existed
+            for stats in store.values():
+                stats.setdefault("reap_tokens", stats["tokens"].clone())

@@ -34,6 +34,7 @@ class RoutingInstrumentation:
         self.adapter = adapter
         self.statistics = statistics
         self.recording = False
+        self.reap_active = True  # REAP recorded in this optimizer step (prune_reap_interval samples steps)
         self.capture_logits = False
         self.token_mask: torch.Tensor | None = None
         self.router_logits: dict[int, torch.Tensor] = {}
@@ -118,7 +119,8 @@ class RoutingInstrumentation:
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             # The path depends on the module's mode, not on `recording`: activation checkpointing recomputes
             # the forward during backward (recording off) and must see the same operations.
-            if not experts.training:
+            # reap_active only changes between optimizer steps, so a recomputation sees the same path too
+            if not experts.training or not self.reap_active:
                 return original_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             num_tokens, top_k = top_k_index.shape
             pairs = hidden_states.repeat_interleave(top_k, dim=0)
@@ -134,6 +136,9 @@ class RoutingInstrumentation:
                     norms = norms * token_weights.repeat_interleave(top_k)
                 reap = torch.bincount(top_k_index.reshape(-1), weights=norms, minlength=experts.num_experts)
                 self.statistics.add(layer, "reap_sum", reap)
+                pair_weights = None if token_weights is None else token_weights.repeat_interleave(top_k)
+                counts = torch.bincount(top_k_index.reshape(-1), weights=pair_weights, minlength=experts.num_experts)
+                self.statistics.add(layer, "reap_tokens", counts)
             return combined.to(hidden_states.dtype)
 
         return forward

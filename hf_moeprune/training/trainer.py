@@ -45,6 +45,10 @@ class _PruningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._start_pruning(state.max_steps)
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        # fixed for the whole optimizer step (all micro-batches and any activation-checkpoint recomputation)
+        self.trainer.instrumentation.reap_active = state.global_step % args.prune_reap_interval == 0
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.trainer._needs_saliency:
             self.trainer.instrumentation.accumulate_saliency()
