@@ -136,6 +136,7 @@ def main() -> None:
         "plain": (Trainer, TrainingArguments, {}),
         "reap": (MoEPruneTrainer, MoEPruneArguments, {"prune_target": 0.0}),
         "frequency": (MoEPruneTrainer, MoEPruneArguments, {"prune_target": 0.0, "prune_criterion": "frequency"}),
+        "reap_every_4": (MoEPruneTrainer, MoEPruneArguments, {"prune_target": 0.0, "prune_reap_interval": 4}),
     }
     times = {name: [] for name in configs}
     run_medians = {name: [] for name in configs}
@@ -148,6 +149,7 @@ def main() -> None:
             times[name] += t[warm:]
             run_medians[name].append(median(t[warm:]))
     plain_times, moe_times, moe_freq_times = times["plain"], times["reap"], times["frequency"]
+    reap4_times = times["reap_every_4"]
 
     half = opts.steps // 2
     before_t, after_t, before_m, after_m = [], [], [], []
@@ -175,6 +177,8 @@ def main() -> None:
         "statistics_overhead": median(moe_times) / median(plain_times) - 1 if plain_times else None,
         "moeprune_frequency_step_s": median(moe_freq_times),
         "statistics_overhead_frequency": median(moe_freq_times) / median(plain_times) - 1 if plain_times else None,
+        "moeprune_reap_every_4_step_s": median(reap4_times),
+        "statistics_overhead_reap_every_4": median(reap4_times) / median(plain_times) - 1 if plain_times else None,
         "per_run_median_step_s": run_medians,
         "step_s_before_pruning": median(before_t),
         "step_s_after_pruning": median(after_t),
@@ -201,6 +205,10 @@ def main() -> None:
             f"{result['moeprune_frequency_step_s'] * 1000:.0f} ms | |",
             f"| statistics overhead, frequency (router hooks only) | "
             f"{result['statistics_overhead_frequency'] * 100:+.1f}% | < 3% |",
+            f"| MoEPruneTrainer step, pruning off, REAP on every 4th step (prune_reap_interval=4) | "
+            f"{result['moeprune_reap_every_4_step_s'] * 1000:.0f} ms | |",
+            f"| statistics overhead, REAP every 4th step | "
+            f"{result['statistics_overhead_reap_every_4'] * 100:+.1f}% | < 3% |",
         ]
     )
     lines = [
