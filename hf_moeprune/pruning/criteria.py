@@ -60,7 +60,7 @@ def reap_frequency(stats: LayerStats) -> torch.Tensor:
     if torch.equal(tokens, stats.tokens):
         return stats.reap_sum.clone()
     # REAP recorded on some steps only: scale its mean by the tokens of every step
-    return torch.where(tokens > 0, stats.reap_sum / tokens.clamp_min(1.0), torch.zeros_like(tokens)) * stats.tokens
+    return reap(stats) * stats.tokens
 
 
 def _reap_tokens(stats: LayerStats) -> torch.Tensor:
