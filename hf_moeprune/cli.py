@@ -154,6 +154,34 @@ def _resolve(target: str) -> Callable[[Sequence[str]], int]:
     return getattr(import_module(module), func)
 
 
+class UsageError(SystemExit):
+    """Ends a subcommand with exit code 2 after its one-line message was printed; ``str()`` is the message."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# Errors that mean "this input cannot be used" (a value, a path, a file's content): one line, exit code 2.
+# Anything else is a bug and keeps its traceback.
+USAGE_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,  # includes UnicodeDecodeError, json.JSONDecodeError, CheckpointError
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
+def _one_line(command: str, message: str) -> str:
+    message = " ".join(str(message).split())
+    return message if message.startswith("hf-moeprune") else f"hf-moeprune {command}: error: {message}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-moeprune",
@@ -164,11 +192,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n\nRun `hf-moeprune SUBCOMMAND --help` for its options.",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
     parser.add_argument("command", choices=sorted(COMMANDS), metavar="SUBCOMMAND", help=", ".join(COMMANDS))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the subcommand")
     ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(_resolve(COMMANDS[ns.command].target)(ns.args) or 0)
+    try:
+        return int(_resolve(COMMANDS[ns.command].target)(ns.args) or 0)
+    except UsageError:
+        raise
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # argparse (exit code 2, message already printed) or an exit code
+            raise
+        message = _one_line(ns.command, exc.code)
+    except USAGE_ERRORS as exc:
+        if ns.debug:
+            raise
+        message = _one_line(ns.command, exc)
+    print(message, file=sys.stderr)
+    raise UsageError(message)
 
 
 if __name__ == "__main__":

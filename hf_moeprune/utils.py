@@ -37,6 +37,8 @@ def parse_args(dataclass_types: tuple[type, ...], argv: Sequence[str], prog: str
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types, prog=prog)
+    # An argument error prints one line (prog: error: ...), not the usage of every TrainingArguments flag.
+    parser.print_usage = lambda file=None: None
     argv = list(argv)
     if argv and argv[0].endswith((".yaml", ".yml")) and not argv[0].startswith("-"):
         import yaml
@@ -60,6 +62,48 @@ def parse_args(dataclass_types: tuple[type, ...], argv: Sequence[str], prog: str
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the hidden ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` folders that runs killed while writing ``path``
+    left beside it (their process is gone); folders of a live process are left alone. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.glob(f".{path.name}.*"):
+        rest = candidate.name[len(path.name) + 2 :]
+        kind, _, tail = rest.partition("-")
+        pid = tail.split("-", 1)[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or not candidate.is_dir() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(candidate, ignore_errors=True)
+        logger.warning("removed %s left by an interrupted run (process %s)", candidate, pid)
+        removed.append(candidate)
+    return removed
+
+
+def without_secrets(args):
+    """A shallow copy of a ``TrainingArguments`` with every ``*_token`` field set to ``None``, to pickle into
+    ``training_args.bin`` (Trainer's ``to_dict`` redacts them for logs, but the pickle keeps the object)."""
+    import copy
+    import dataclasses
+
+    clean = copy.copy(args)
+    for f in dataclasses.fields(args):
+        if f.name.endswith("_token") and getattr(clean, f.name, None) is not None:
+            setattr(clean, f.name, None)
+    return clean
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` only if the block succeeds.
@@ -71,9 +115,12 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {str(path)!r} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(path)!r} is not empty; choose another or pass overwrite")
+        raise FileExistsError(
+            f"output folder {str(path)!r} is not empty; choose another or pass --overwrite (overwrite=True)"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
     except BaseException:
@@ -86,3 +133,62 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     os.replace(tmp, path)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+# Weight and index files of a saved model; an old one left beside a new model would be read with it.
+_MODEL_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+)
+
+
+def replace_model_files(staged: str | os.PathLike, folder: str | os.PathLike, marker: str = "config.json") -> None:
+    """Move the model saved in ``staged`` into ``folder``, which may hold an older model beside other things
+    (checkpoints, reports) that stay, so ``atomic_output_dir`` (which swaps the whole folder) does not fit.
+
+    ``marker`` (the file loaders read first) is removed first and put back last: a kill in between leaves a
+    folder that loaders refuse ("no config.json"), never a new config beside old weights or the reverse.
+    """
+    staged, folder = Path(staged), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    new = {p.name for p in staged.iterdir()}
+    if marker not in new:
+        raise FileNotFoundError(f"{str(staged)!r} holds no {marker}; nothing to move into {str(folder)!r}")
+    (folder / marker).unlink(missing_ok=True)
+    fault_point("replace_model_files.marker_removed")
+    stale = {p for pattern in _MODEL_FILE_PATTERNS for p in folder.glob(pattern) if p.name not in new}
+    for path in stale:
+        path.unlink()
+    for name in sorted(new - {marker}):
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(staged / name, target)
+    fault_point("replace_model_files.before_marker")
+    os.replace(staged / marker, folder / marker)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+FAULT_ENV = "HF_MOEPRUNE_FAULT"
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the crash-safety tests: ``HF_MOEPRUNE_FAULT=<name>`` kills this process with SIGKILL
+    when it reaches the point ``name`` (``<name>@N``: the N-th time). A no-op otherwise."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("@")
+    if point != name:
+        return
+    count = _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if count >= int(nth or 1):
+        import signal
+
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS: dict[str, int] = {}

@@ -65,7 +65,7 @@ def test_prune_subcommand_writes_atomically(workspace):
     )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.experts_per_layer == [3, 8, 2]
-    with pytest.raises(ValueError, match=r"layer 0: expert indices \[9\] out of range"):
+    with pytest.raises(SystemExit, match=r"layer 0: expert indices \[9\] out of range") as failed:
         main(
             [
                 "prune",
@@ -77,8 +77,9 @@ def test_prune_subcommand_writes_atomically(workspace):
                 '{"0": [0, 9]}',
             ]
         )
+    assert failed.value.code == 2
     assert not (workspace / "p2").exists(), "a failed prune must not leave an output folder"
-    with pytest.raises(FileExistsError, match="is not empty"):
+    with pytest.raises(SystemExit, match="is not empty"):
         main(["prune", "--model", str(workspace / "model"), "--output_dir", str(out), "--keep", '{"0": [0, 1]}'])
     assert AutoModelForCausalLM.from_pretrained(out).config.experts_per_layer == [3, 8, 2], "existing output kept"
 

@@ -196,7 +196,8 @@ def test_resume_after_pruning_matches_uninterrupted_run(tmp_path):
     full = _train(tmp_path / "a", **common)
     expected = _state(full.model)
     checkpoint = tmp_path / "a" / "run" / "checkpoint-5"
-    assert (checkpoint / "moeprune_state.pt").exists()
+    assert (checkpoint / "moeprune_state.json").exists() and (checkpoint / "moeprune_state.safetensors").exists()
+    assert not (checkpoint / "moeprune_state.pt").exists(), "no pickle in checkpoints"
     saved = json.loads((checkpoint / "config.json").read_text())
     assert saved["model_type"] == "moeprune_mixtral", "checkpoints keep the pruned format"
     assert sum(saved["experts_per_layer"]) < 24

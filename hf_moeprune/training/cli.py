@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +41,67 @@ class DataArguments:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
 
 
+@dataclass
+class OutputArguments:
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty output_dir: its old checkpoints are deleted at the start and its "
+                  "model is replaced (atomically) by the new one at the end."},
+    )  # fmt: skip
+
+
+RESUME_LAST = ("last", "true", "True")
+
+
+def _check_output_dir(args, overwrite: bool) -> str | bool | None:
+    """What to resume from (``resume_from_checkpoint`` resolved), after refusing a non-empty ``output_dir``
+    that the run would mix its checkpoints and model into. Runs before anything is loaded or written."""
+    from hf_moeprune.training.checkpoint import checkpoint_problem, last_complete_checkpoint
+
+    out = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    if resume is not None and overwrite:
+        raise ValueError("--resume_from_checkpoint and --overwrite exclude each other: resume continues output_dir")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {str(out)!r} exists and is not a folder")
+    if resume in RESUME_LAST:
+        found = last_complete_checkpoint(out)
+        if found is None:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint {resume}: no complete checkpoint-N folder in {str(out)!r}"
+            )
+        return str(found)
+    if resume is not None:
+        problem = checkpoint_problem(resume)
+        if problem is not None:
+            raise ValueError(f"--resume_from_checkpoint: {problem}")
+        return resume
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".final-model.tmp")):
+        if not overwrite:
+            raise FileExistsError(
+                f"output_dir {str(out)!r} is not empty; pass --resume_from_checkpoint last to continue its run, "
+                "--overwrite to replace it, or choose another output_dir"
+            )
+        for old in sorted(out.glob("checkpoint-*")):
+            if old.is_dir():
+                shutil.rmtree(old)
+                logger.warning("--overwrite: removed old checkpoint %s", old)
+    return None
+
+
 def train_main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_moeprune.data import load_text_dataset, tokenize_and_pack
     from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
-    from hf_moeprune.utils import parse_args
+    from hf_moeprune.utils import parse_args, replace_model_files
 
-    model_args, data_args, args = parse_args(
-        (ModelArguments, DataArguments, MoEPruneArguments), argv, prog="hf-moeprune train"
+    model_args, data_args, args, output = parse_args(
+        (ModelArguments, DataArguments, MoEPruneArguments, OutputArguments), argv, prog="hf-moeprune train"
     )
+    if not Path(data_args.data).exists():
+        raise FileNotFoundError(f"--data {data_args.data!r} does not exist")
+    resume = _check_output_dir(args, output.overwrite)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
@@ -66,8 +119,15 @@ def train_main(argv: Sequence[str]) -> int:
         eval_dataset=data.get("validation"),
         processing_class=tokenizer,
     )
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model()
+    result = trainer.train(resume_from_checkpoint=resume)
+    # The final model is saved beside the checkpoints, then moved in with config.json last, so a kill leaves
+    # the old model, no model, or the new one; never a new config beside old weights.
+    staged = Path(args.output_dir) / ".final-model.tmp"
+    if args.should_save and staged.exists():
+        shutil.rmtree(staged)
+    trainer.save_model(str(staged))
+    if args.should_save:
+        replace_model_files(staged, args.output_dir)
     summary = {
         "output_dir": args.output_dir,
         "train_loss": result.training_loss,

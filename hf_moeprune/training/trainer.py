@@ -24,14 +24,21 @@ from hf_moeprune.pruning.schedules import ScheduleSpec
 from hf_moeprune.pruning.statistics import ExpertStatistics
 from hf_moeprune.surgery import permute_experts, prune_experts, unwrap_model
 from hf_moeprune.training.arguments import MoEPruneArguments
+from hf_moeprune.training.checkpoint import (
+    CheckpointError,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    load_pruning_state,
+    save_pruning_state,
+)
 from hf_moeprune.training.controller import Decision, PruningController
 from hf_moeprune.training.instrumentation import RoutingInstrumentation
 from hf_moeprune.training.optim import OptimizerStateSlicer
 from hf_moeprune.training.report import write_report
+from hf_moeprune.utils import without_secrets
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "moeprune_state.pt"
 # criteria that read the router-weighted expert output norms (the only statistic that needs per-expert outputs)
 REAP_CRITERIA = ("reap", "reap_frequency")
 
@@ -55,9 +62,6 @@ class _PruningCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._after_optimizer_step(state.global_step)
-
-    def on_save(self, args, state, control, **kwargs):
-        self.trainer._save_pruning_state(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._finish_pruning()
@@ -321,14 +325,31 @@ class MoEPruneTrainer(Trainer):
         self._rewrapped = True
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _save_pruning_state(self, step: int) -> None:
-        if self.controller is None or not self.args.should_save:
-            return
-        folder = Path(self._get_output_dir(None)) / f"checkpoint-{step}"
-        if folder.is_dir():
+    def _save_checkpoint(self, model, trial) -> None:
+        # The pruning state goes in first: Trainer writes trainer_state.json last (after weights, optimizer and
+        # RNG; transformers 5.24), so a checkpoint with a readable trainer_state.json also has a complete
+        # pruning state, and one killed earlier is recognised as partial on resume (see checkpoint.py).
+        if self.controller is not None and self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
             state = self.controller.state_dict()  # the balancing bias is a model buffer, saved with the weights
             state["masked"] = self.instrumentation.masked
-            torch.save(state, folder / STATE_FILE)
+            save_pruning_state(folder, state)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the newest *complete* checkpoint (a partial
+        one left by a killed run is skipped with a warning), and an explicit partial checkpoint is refused with
+        a ``CheckpointError`` naming what is missing, before anything is loaded."""
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise CheckpointError(f"no complete checkpoint-N folder in output_dir {self.args.output_dir!r}")
+            resume_from_checkpoint = str(found)
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None:
+                raise CheckpointError(f"cannot resume: {problem}")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _restore_masks(self, state: dict) -> None:
         self.instrumentation.masked = dict(state.get("masked", {}))
@@ -357,11 +378,16 @@ class MoEPruneTrainer(Trainer):
                     for layer, kept in plan.items():
                         self.statistics.select(layer, torch.tensor(kept))
                     logger.info("resumed expert layout %s from %s", self.model.config.experts_per_layer, config_path)
-        state_path = Path(resume_from_checkpoint) / STATE_FILE
-        if state_path.is_file():
-            self._pending_controller_state = torch.load(state_path, weights_only=False)
-            for layer, b in self._pending_controller_state["budgets"].items():
-                self._budgets[int(layer)] = LayerBudget(**b)
+        self._pending_controller_state = load_pruning_state(resume_from_checkpoint)
+        for layer, b in self._pending_controller_state["budgets"].items():
+            budget = LayerBudget(**b)
+            have = len(self.model.config.kept_expert_ids[int(layer)])
+            if budget.current != have:
+                raise CheckpointError(
+                    f"checkpoint {str(resume_from_checkpoint)!r}: the pruning state has {budget.current} experts in "
+                    f"layer {layer} but its config.json keeps {have}; the two files come from different steps"
+                )
+            self._budgets[int(layer)] = budget
         super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -385,7 +411,8 @@ class MoEPruneTrainer(Trainer):
         )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        # the pickled arguments without the Hub token: the folder may be pushed or shared
+        torch.save(without_secrets(self.args), os.path.join(output_dir, "training_args.bin"))
 
     # -- end of training -----------------------------------------------------------------------------
     def _finish_pruning(self) -> None:
