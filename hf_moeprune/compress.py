@@ -68,7 +68,19 @@ def compress(args: CompressArguments) -> dict:
     from hf_moeprune.quantization import model_size_bytes, quantize
     from hf_moeprune.utils import atomic_output_dir
 
-    token = resolve_token(args.token) if args.push_repo_id else None  # fail before any work
+    token = None
+    if args.push_repo_id:  # everything the push needs is checked before any work
+        from huggingface_hub import constants
+
+        from hf_moeprune.hub import _check_repo_id
+
+        _check_repo_id(args.push_repo_id)
+        token = resolve_token(args.token)
+        if constants.is_offline_mode():
+            raise ValueError(
+                f"push_repo_id={args.push_repo_id!r} needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1); "
+                "unset it, or drop push_repo_id to compress without pushing"
+            )
     summary: dict = {"model": args.model, "steps": []}
     with atomic_output_dir(args.output_dir) as out:
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
+from hf_moeprune.utils import without_secrets
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+PROJECTOR_FILE = "distill_projector.safetensors"  # checkpointed learned hidden-state projection
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -525,6 +529,37 @@ class MoEDistillTrainer(Trainer):
                 logger.warning("a custom optimizer was given: the hidden-state projection will not be trained")
         return optimizer
 
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        # The learned hidden-state projection is not part of the student: it is checkpointed beside it (before
+        # trainer_state.json, the file Trainer writes last, so a complete checkpoint always has it).
+        if self.hidden_projector is not None and self.args.should_save:
+            from safetensors.torch import save_file
+
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projector.state_dict().items()}
+            save_file(state, folder / PROJECTOR_FILE)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.hidden_projector is not None:
+            from safetensors.torch import load_file
+
+            path = Path(resume_from_checkpoint) / PROJECTOR_FILE
+            if not path.is_file():
+                raise ValueError(f"checkpoint {str(resume_from_checkpoint)!r} has no {PROJECTOR_FILE} to resume from")
+            self.hidden_projector.load_state_dict(load_file(str(path)))
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        # Trainer pickles self.args into training_args.bin: without the Hub token, the folder may be shared
+        args, self.args = self.args, without_secrets(self.args)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            self.args = args
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.hidden_projector is not None and self.accelerator.num_processes > 1:
@@ -688,6 +723,11 @@ class DistillCLIArguments:
     )
     text_field: str = field(default="text", metadata={"help": "JSONL field holding the text"})
     block_size: int = field(default=512, metadata={"help": "tokens per packed training sequence (> 1)"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "distil into a non-empty output_dir: its old checkpoints are deleted at the start and "
+                  "its model is replaced (atomically) at the end"},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.block_size < 2:
@@ -715,40 +755,47 @@ def distill_main(argv: Sequence[str]) -> int:
     from transformers import AutoTokenizer
 
     from hf_moeprune.data import load_text_dataset, tokenize_and_pack
-    from hf_moeprune.utils import atomic_output_dir, parse_args
+    from hf_moeprune.training.cli import check_output_dir
+    from hf_moeprune.utils import parse_args, remove_stale_temporaries, replace_model_files
 
     cli, args = parse_args((DistillCLIArguments, MoEDistillArguments), argv, prog="hf-moeprune distill")
     final_dir = args.output_dir
-    # Entered first: an existing non-empty output folder is refused before any work, and checkpoints and
-    # TensorBoard logs (under args.output_dir) land in the temporary folder, so a failed run leaves nothing.
-    with atomic_output_dir(final_dir) as tmp:
-        args.output_dir = str(tmp)
-        tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer or cli.student)
-        teacher_tokenizer = _maybe_tokenizer(cli.teacher_tokenizer or cli.teacher)
-        # Fail on a vocabulary mismatch before reading data or weights.
-        student_config, teacher_config = (
-            AutoConfig.from_pretrained(cli.student),
-            AutoConfig.from_pretrained(cli.teacher),
-        )
-        check_same_vocabulary(student_config, teacher_config, tokenizer, teacher_tokenizer)
-        train = tokenize_and_pack(load_text_dataset(cli.data, cli.text_field), tokenizer, cli.block_size)["train"]
-        held_out = None
-        if cli.eval_data:
-            held_out = tokenize_and_pack(load_text_dataset(cli.eval_data, cli.text_field), tokenizer, cli.block_size)
-            held_out = held_out["train"]
-        trainer = MoEDistillTrainer(
-            model=cli.student,
-            args=args,
-            train_dataset=train,
-            eval_dataset=held_out,
-            processing_class=tokenizer,
-            teacher_model=cli.teacher,
-            teacher_processing_class=teacher_tokenizer,
-        )
-        before = trainer.evaluate() if held_out else {}
-        result = trainer.train()
-        after = trainer.evaluate() if held_out else {}
-        trainer.save_model(str(tmp))  # also writes the tokenizer (processing_class)
+    # Checked before any work: a non-empty output_dir is refused unless resuming its run or --overwrite.
+    # Checkpoints go to output_dir/checkpoint-N (visible, resumable); the final student is moved in at the end
+    # with config.json last, so a kill leaves the previous model, no model, or the new one.
+    resume = check_output_dir(args, cli.overwrite, needs_pruning_state=False)
+    remove_stale_temporaries(final_dir)  # hidden folders of runs killed under earlier versions
+    tokenizer = AutoTokenizer.from_pretrained(cli.tokenizer or cli.student)
+    teacher_tokenizer = _maybe_tokenizer(cli.teacher_tokenizer or cli.teacher)
+    # Fail on a vocabulary mismatch before reading data or weights.
+    student_config, teacher_config = (
+        AutoConfig.from_pretrained(cli.student),
+        AutoConfig.from_pretrained(cli.teacher),
+    )
+    check_same_vocabulary(student_config, teacher_config, tokenizer, teacher_tokenizer)
+    train = tokenize_and_pack(load_text_dataset(cli.data, cli.text_field), tokenizer, cli.block_size)["train"]
+    held_out = None
+    if cli.eval_data:
+        held_out = tokenize_and_pack(load_text_dataset(cli.eval_data, cli.text_field), tokenizer, cli.block_size)
+        held_out = held_out["train"]
+    trainer = MoEDistillTrainer(
+        model=cli.student,
+        args=args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        processing_class=tokenizer,
+        teacher_model=cli.teacher,
+        teacher_processing_class=teacher_tokenizer,
+    )
+    before = trainer.evaluate() if held_out else {}
+    result = trainer.train(resume_from_checkpoint=resume)
+    after = trainer.evaluate() if held_out else {}
+    staged = Path(final_dir) / ".final-model.tmp"
+    if args.should_save and staged.exists():
+        shutil.rmtree(staged)
+    trainer.save_model(str(staged))  # also writes the tokenizer (processing_class)
+    if args.should_save:
+        replace_model_files(staged, final_dir)
     logger.info("saved distilled student to %s", final_dir)
     rows = [("train_loss", result.training_loss)]
     for key in ("eval_ce", "eval_kl", "eval_teacher_ce"):

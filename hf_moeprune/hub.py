@@ -422,16 +422,19 @@ def write_model_card(
     repo_id: str | None = None,
     overwrite: bool = False,
     template_path: str | os.PathLike | None = None,
+    destination: str | os.PathLike | None = None,
 ) -> Path:
-    """Write ``README.md`` (and the per-layer plot, when matplotlib is importable) into ``model_dir``.
+    """Write ``README.md`` (and the per-layer plot, when matplotlib is importable) into ``model_dir``
+    (or into ``destination``, e.g. a staging folder, describing the model in ``model_dir``).
 
     An existing README.md or plot is left alone unless ``overwrite``; on failure neither file is left
     half-written. Returns the path of the card.
     """
     info = info if info is not None else CardInfo()
     folder = Path(model_dir)
-    card_path = folder / CARD_FILENAME
-    plot_path = folder / PLOT_FILENAME
+    out = Path(destination) if destination is not None else folder
+    card_path = out / CARD_FILENAME
+    plot_path = out / PLOT_FILENAME
     want_plot = info.plot and _matplotlib_available()
     if not overwrite:
         taken = [str(p) for p in (card_path, plot_path if want_plot else None) if p is not None and p.exists()]
@@ -447,7 +450,7 @@ def write_model_card(
     )
     if want_plot:
         layout = expert_layout(_load_config(folder)[0])
-        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_FILENAME}.tmp-", suffix=".png", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_FILENAME}.tmp-", suffix=".png", dir=out)
         os.close(fd)
         try:
             plot_expert_counts(layout, tmp)
@@ -493,12 +496,48 @@ def _check_model_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
-def _refuse_token_in_files(folder: Path, token: str) -> None:
-    """A token pasted into a config or notes file would be published with it: stop before that happens."""
-    needle = token.encode("utf-8")
+# Never uploaded: a pickle of the TrainingArguments (other people would have to unpickle it to read it, and
+# Trainer versions before issue 16 stored the Hub token in it).
+EXCLUDED_FROM_PUSH = ("training_args.bin",)
+
+
+def _files_to_push(folder: Path) -> dict[str, Path]:
+    """``path in repo -> local path`` for every file of ``folder``, without hidden files and folders (temporary
+    folders of interrupted runs, ``.cache``, ``.git``) and without ``EXCLUDED_FROM_PUSH``."""
+    files = {}
     for path in sorted(folder.rglob("*")):
-        scannable = path.is_file() and path.suffix.lower() in TEXT_SUFFIXES and path.stat().st_size <= MAX_SCANNED_BYTES
-        if scannable and needle in path.read_bytes():
+        rel = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        if rel.name in EXCLUDED_FROM_PUSH:
+            logger.warning("not uploading %s: a pickle of the training arguments, not part of the model", path)
+            continue
+        files[rel.as_posix()] = path
+    return files
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether ``needle`` occurs in ``path``: in a safetensors file, in its JSON header (the rest is tensor
+    data); in any other file (text, pickles, archives), anywhere, read in chunks."""
+    with path.open("rb") as f:
+        if path.suffix == ".safetensors":
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            return needle in f.read(min(size, MAX_SCANNED_BYTES))
+        tail = b""
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if needle in tail + chunk:
+                return True
+            tail = chunk[-(len(needle) - 1) :] if len(needle) > 1 else b""
+    return False
+
+
+def _refuse_token_in_files(files: dict[str, Path], token: str) -> None:
+    """A token pasted into a config or notes file, or pickled into a binary one, would be published with it:
+    stop before that happens."""
+    needle = token.encode("utf-8")
+    for path in files.values():
+        if _contains(path, needle):
             raise ValueError(
                 f"{str(path)!r} contains your Hugging Face access token; remove it before pushing (nothing was sent)"
             )
@@ -535,34 +574,47 @@ def push_to_hub(
     resolved = resolve_token(token)
     if constants.is_offline_mode():
         raise RuntimeError("offline mode is enabled (HF_HUB_OFFLINE=1); unset it to push to the Hub")
-    if not (path / CARD_FILENAME).exists():
-        # Only the plot can be replaced here (the card is absent): it is this module's own output file.
-        write_model_card(path, card_info, repo_id=repo_id, overwrite=True)
-    _refuse_token_in_files(path, resolved)
+    files = _files_to_push(path)
+    _refuse_token_in_files(files, resolved)
 
     from importlib.metadata import PackageNotFoundError, version
+
+    from huggingface_hub import CommitOperationAdd
 
     try:
         library_version = version("hf_moeprune")
     except PackageNotFoundError:
         library_version = "unknown"
-    api = HfApi(
-        endpoint=endpoint or constants.ENDPOINT,
-        token=resolved,
-        library_name="hf_moeprune",
-        library_version=library_version,
-    )
-    repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None and revision != constants.DEFAULT_REVISION:
-        # upload_folder needs the branch to exist.
-        api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        repo_id=repo_url.repo_id,
-        folder_path=path,
-        commit_message=commit_message,
-        revision=revision,
-        repo_type="model",
-    )
+    with tempfile.TemporaryDirectory(prefix="hf_moeprune-card-") as staging:
+        generated = {}
+        if not (path / CARD_FILENAME).exists():
+            # Rendered outside the model folder and copied in only after the upload succeeded: a failed push
+            # leaves the folder exactly as it was.
+            write_model_card(path, card_info, repo_id=repo_id, overwrite=True, destination=staging)
+            generated = {p.name: p for p in Path(staging).iterdir() if not p.name.startswith(".")}
+        api = HfApi(
+            endpoint=endpoint or constants.ENDPOINT,
+            token=resolved,
+            library_name="hf_moeprune",
+            library_version=library_version,
+        )
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None and revision != constants.DEFAULT_REVISION:
+            # the commit needs the branch to exist.
+            api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True, repo_type="model")
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local))
+            for name, local in {**files, **generated}.items()
+        ]
+        commit = api.create_commit(
+            repo_id=repo_url.repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            revision=revision,
+            repo_type="model",
+        )
+        for name, staged in generated.items():
+            _atomic_write_bytes(path / name, staged.read_bytes())
     logger.info("pushed %s to %s (commit %s)", path, repo_url, commit.oid)
     return str(repo_url)
 

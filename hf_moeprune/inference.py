@@ -38,6 +38,7 @@ import logging
 import os
 import resource
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -48,6 +49,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from hf_moeprune.utils import fault_point, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +204,12 @@ def read_prompts(path: str | os.PathLike) -> tuple[list[Prompt], list[BadLine]]:
     return prompts, bad
 
 
-def completed_ids(out_path: str | os.PathLike) -> set[str]:
+def completed_ids(out_path: str | os.PathLike, truncate_partial: bool = True) -> set[str]:
     """Ids (as ``_id_key``) already in an output file, for ``resume``.
 
-    A last line cut short by an interrupted write is removed from the file (it is this tool's own
-    partial write); any other unreadable line means the file is not ours and is refused.
+    A last line cut short by an interrupted write is removed from the file when ``truncate_partial`` (it is
+    this tool's own partial write; ``generate_file`` passes whether the file carries its writer marker);
+    any other unreadable line means the file is not ours and is refused.
     """
     path = Path(out_path)
     if not path.exists():
@@ -223,6 +227,12 @@ def completed_ids(out_path: str | os.PathLike) -> set[str]:
             record = json.loads(raw)
             done.add(_id_key(record["id"]))
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            if is_last and not truncate_partial:
+                raise ValueError(
+                    f"cannot resume: {str(path)!r} line {number} is not an output record ({exc}) and the file was "
+                    f"not written by hf-moeprune generate (no {writer_marker(path).name} beside it); nothing was "
+                    "changed: choose another --out, or --overwrite"
+                ) from None
             if is_last:
                 logger.warning("%s:%d: dropping a partial last line left by an interrupted run", path, number)
                 with path.open("r+b") as f:
@@ -234,6 +244,42 @@ def completed_ids(out_path: str | os.PathLike) -> set[str]:
             ) from None
         good_end += len(raw) + (0 if is_last else 1)
     return done
+
+
+def writer_marker(out_path: str | os.PathLike) -> Path:
+    """The hidden file beside an output that says this tool writes it (``.NAME.hf-moeprune``)."""
+    out = Path(out_path)
+    return out.with_name(f".{out.name}.hf-moeprune")
+
+
+def mark_as_ours(out_path: str | os.PathLike) -> None:
+    marker = writer_marker(out_path)
+    if not marker.exists():
+        marker.write_text(json.dumps({"writer": "hf-moeprune generate", "output": Path(out_path).name}) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_output(out_path: str | os.PathLike) -> Iterator[None]:
+    """Holds an advisory lock on ``out_path`` (``.NAME.lock`` beside it) for the block; a second writer of the
+    same output is refused with ``FileExistsError`` instead of interleaving its lines. The kernel drops the
+    lock when its process dies, so a killed run never blocks the next one."""
+    import fcntl
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.with_name(f".{out.name}.lock")
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(
+                f"--out {str(out)!r} is being written by another process (lock {str(lock_path)!r} is held); "
+                "wait for it or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class OrderedWriter:
@@ -259,13 +305,17 @@ class OrderedWriter:
 
 
 @contextlib.contextmanager
-def jsonl_appender(path: str | os.PathLike) -> Iterator[Callable[[dict], None]]:
-    """Yields ``write(record)``: one line per record, flushed at once so an interruption keeps it."""
+def jsonl_appender(path: str | os.PathLike, mark: bool = True) -> Iterator[Callable[[dict], None]]:
+    """Yields ``write(record)``: one line per record, flushed at once so an interruption keeps it. With
+    ``mark``, the file gets its writer marker first (``writer_marker``), so ``resume`` knows it may repair it."""
+    if mark:
+        mark_as_ours(path)
     with Path(path).open("a", encoding="utf-8") as f:
 
         def write(record: dict) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
+            fault_point("generate.record")
 
         yield write
 
@@ -761,20 +811,34 @@ def generate_file(
         raise FileExistsError(
             f"--out {str(out)!r} already has results; pass --resume to skip them and continue, or --overwrite"
         )
-    prompts, bad = read_prompts(prompts_path)
-    done = completed_ids(out) if resume else set()
-    todo = [p for p in prompts if _id_key(p.id) not in done]
-    if done:
-        logger.info("resume: %d id(s) already in %s, %d prompt(s) to go", len(prompts) - len(todo), out, len(todo))
-    if not prompts:
-        raise ValueError(f"no valid prompt in {str(prompts_path)!r} ({len(bad)} malformed line(s))")
-    generator = BatchGenerator(model, tokenizer, options)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite and out.exists():
-        out.write_text("")
-    with jsonl_appender(out) as write:
-        writer = OrderedWriter(write, len(todo))
-        _, stats = generator.run(todo, on_result=lambda i, c: writer.add(i, c.to_record()), progress=progress)
+    with exclusive_output(out):
+        prompts, bad = read_prompts(prompts_path)
+        if not prompts:
+            raise ValueError(f"no valid prompt in {str(prompts_path)!r} ({len(bad)} malformed line(s))")
+        done = completed_ids(out, truncate_partial=writer_marker(out).exists()) if resume else set()
+        todo = [p for p in prompts if _id_key(p.id) not in done]
+        if done:
+            logger.info("resume: %d id(s) already in %s, %d prompt(s) to go", len(prompts) - len(todo), out, len(todo))
+        generator = BatchGenerator(model, tokenizer, options)
+        remove_stale_temporaries(out)
+        if overwrite and has_content:
+            # The old results stay in place until the new file is complete, then the new one replaces them.
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent)
+            os.close(fd)
+            try:
+                with jsonl_appender(tmp, mark=False) as write:
+                    writer = OrderedWriter(write, len(todo))
+                    _, stats = generator.run(
+                        todo, on_result=lambda i, c: writer.add(i, c.to_record()), progress=progress
+                    )
+                os.replace(tmp, out)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            mark_as_ours(out)
+        else:
+            with jsonl_appender(out) as write:
+                writer = OrderedWriter(write, len(todo))
+                _, stats = generator.run(todo, on_result=lambda i, c: writer.add(i, c.to_record()), progress=progress)
     stats.skipped_bad_lines = len(bad)
     stats.skipped_already_done = len(prompts) - len(todo)
     return stats
@@ -791,7 +855,9 @@ class GenerateArguments:
     out: str = field(metadata={"help": "JSONL file the results are appended to, one line per prompt, in order"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or id (default: the model's)"})
     resume: bool = field(default=False, metadata={"help": "skip prompts whose id is already in --out"})
-    overwrite: bool = field(default=False, metadata={"help": "empty an existing --out first"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace an existing --out (kept until the new results are complete)"}
+    )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu) | cpu | cuda | cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (as saved) | float32 | bfloat16 | float16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the checkpoint's own modeling code"})
@@ -843,6 +909,13 @@ def generate_main(argv: Sequence[str]) -> int:
         raise SystemExit(f"--out {args.out!r} already has results; pass --resume to continue it, or --overwrite")
     if not Path(args.prompts).is_file():
         raise SystemExit(f"--prompts {args.prompts!r} does not exist")
+    prompts, _ = read_prompts(args.prompts)  # a file without one valid prompt fails before the model loads
+    if not prompts:
+        raise SystemExit(f"hf-moeprune generate: --prompts {args.prompts!r} holds no valid prompt")
+    if args.resume and out.is_file() and not writer_marker(out).exists():
+        completed_ids(out, truncate_partial=False)  # a file this tool did not write is refused, not repaired
+    with exclusive_output(out):  # fail fast when another process writes --out; generate_file locks again
+        pass
     model, tokenizer = load_model_and_tokenizer(args)
     try:
         stats = generate_file(

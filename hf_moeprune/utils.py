@@ -73,8 +73,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the hidden ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` folders that runs killed while writing ``path``
-    left beside it (their process is gone); folders of a live process are left alone. Returns what was removed."""
+    """Delete the hidden ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` folders (or files) that runs killed while writing
+    ``path`` left beside it (their process is gone); those of a live process are left alone. Returns them."""
     path = Path(path)
     removed = []
     if not path.parent.is_dir():
@@ -83,9 +83,12 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         rest = candidate.name[len(path.name) + 2 :]
         kind, _, tail = rest.partition("-")
         pid = tail.split("-", 1)[0]
-        if kind not in ("tmp", "old") or not pid.isdigit() or not candidate.is_dir() or _pid_alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        shutil.rmtree(candidate, ignore_errors=True)
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
         logger.warning("removed %s left by an interrupted run (process %s)", candidate, pid)
         removed.append(candidate)
     return removed

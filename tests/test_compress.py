@@ -77,7 +77,8 @@ def test_compress_bad_input_fails_before_writing(workspace, tmp_path, monkeypatc
     with FakeHub() as hub:
         point_hub_client_at(monkeypatch, hub, tmp_path)
         recipe = _recipe(workspace, tmp_path, **extra)
-        with pytest.raises(error, match=message):
+        with pytest.raises(SystemExit, match=message) as failed:  # one line on stderr, exit code 2
             main(["compress", str(recipe)])
+        assert failed.value.code == 2 and issubclass(error, ValueError)
         assert not hub.requests
     assert not (tmp_path / "out").exists()

@@ -53,7 +53,7 @@ class OutputArguments:
 RESUME_LAST = ("last", "true", "True")
 
 
-def _check_output_dir(args, overwrite: bool) -> str | bool | None:
+def check_output_dir(args, overwrite: bool, needs_pruning_state: bool = True) -> str | bool | None:
     """What to resume from (``resume_from_checkpoint`` resolved), after refusing a non-empty ``output_dir``
     that the run would mix its checkpoints and model into. Runs before anything is loaded or written."""
     from hf_moeprune.training.checkpoint import checkpoint_problem, last_complete_checkpoint
@@ -65,14 +65,14 @@ def _check_output_dir(args, overwrite: bool) -> str | bool | None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {str(out)!r} exists and is not a folder")
     if resume in RESUME_LAST:
-        found = last_complete_checkpoint(out)
+        found = last_complete_checkpoint(out, needs_pruning_state)
         if found is None:
             raise FileNotFoundError(
                 f"--resume_from_checkpoint {resume}: no complete checkpoint-N folder in {str(out)!r}"
             )
         return str(found)
     if resume is not None:
-        problem = checkpoint_problem(resume)
+        problem = checkpoint_problem(resume, needs_pruning_state)
         if problem is not None:
             raise ValueError(f"--resume_from_checkpoint: {problem}")
         return resume
@@ -101,7 +101,7 @@ def train_main(argv: Sequence[str]) -> int:
     )
     if not Path(data_args.data).exists():
         raise FileNotFoundError(f"--data {data_args.data!r} does not exist")
-    resume = _check_output_dir(args, output.overwrite)
+    resume = check_output_dir(args, output.overwrite)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
