@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
+from pathlib import Path
 
 logger = logging.getLogger("hf_moeprune")
 
@@ -86,6 +87,9 @@ class PruneCLIArguments:
     export_stock: bool = field(
         default=True, metadata={"help": "write the stock architecture when every layer keeps the same count"}
     )
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a non-empty output_dir (once the new one is complete)"}
+    )
 
     def __post_init__(self):
         from hf_moeprune.pruning.allocation import AllocationSpec
@@ -105,6 +109,50 @@ class PruneCLIArguments:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.min_experts is not None and self.min_experts < 1:
             raise ValueError(f"min_experts={self.min_experts} must be >= 1")
+        self.plan = parse_keep(self.keep) if self.keep is not None else None
+
+
+def parse_keep(text: str) -> dict[int, list[int]]:
+    """``--keep`` as ``{layer: [expert, ...]}``; anything but a JSON object of integer layer keys to non-empty lists
+    of distinct integers is refused, naming the offending part (0.5 is not expert 0)."""
+    import json
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--keep {text!r} is not JSON ({exc})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"--keep {text!r} must be a non-empty JSON object of layer -> expert indices")
+    plan = {}
+    for key, experts in raw.items():
+        if not key.strip().isdigit():
+            raise ValueError(f"--keep: layer key {key!r} is not a layer index (a non-negative integer)")
+        bad = [e for e in experts if isinstance(e, bool) or not isinstance(e, int)] if isinstance(experts, list) else 1
+        if bad or not experts:
+            raise ValueError(
+                f"--keep: layer {key} needs a non-empty list of integer expert indices, got {experts!r}"
+                + (f" ({bad} not integers)" if isinstance(bad, list) else "")
+            )
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"--keep: layer {key} lists an expert twice: {experts}")
+        plan[int(key)] = experts
+    return plan
+
+
+def check_top_k_fits(model) -> None:
+    """A model whose top-k exceeds a layer's expert count cannot route; say so now, not at generation."""
+    from hf_moeprune.adapters import get_adapter
+
+    adapter = get_adapter(model)
+    top_k = adapter.top_k(model.config)
+    layers = adapter.decoder_layers(model)
+    for index in adapter.moe_layer_indices(model):
+        count = adapter.num_experts(layers[index])
+        if top_k > count:
+            raise ValueError(
+                f"num_experts_per_tok (top-k)={top_k} is larger than the {count} experts of layer {index}; "
+                "fix the model's config.json"
+            )
 
 
 def prune_main(argv: Sequence[str]) -> int:
@@ -113,17 +161,16 @@ def prune_main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_moeprune.surgery import prune_experts
-    from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
+    from hf_moeprune.utils import atomic_output_dir, check_output_folder, parse_args, positionals_to_flags
 
     argv = positionals_to_flags(argv, ("--model",))
     (args,) = parse_args((PruneCLIArguments,), argv, prog="hf-moeprune prune")
-    keep = None
-    if args.keep is not None:
-        try:
-            keep = {int(k): v for k, v in json.loads(args.keep).items()}
-        except (json.JSONDecodeError, AttributeError, ValueError) as exc:
-            raise SystemExit(f"--keep {args.keep!r} is not a JSON object of layer -> expert list: {exc}") from None
+    check_output_folder(args.output_dir, args.overwrite)  # before the model is read
+    if args.data is not None and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data!r} does not exist")
+    keep = args.plan
     model = AutoModelForCausalLM.from_pretrained(args.model)
+    check_top_k_fits(model)
     tokenizer = None
     if keep is None:
         from hf_moeprune.data import calibration_blocks
@@ -140,7 +187,7 @@ def prune_main(argv: Sequence[str]) -> int:
     else:
         logger.warning("nothing to remove: the model keeps all its experts")
     counts = getattr(model.config, "experts_per_layer", None)
-    with atomic_output_dir(args.output_dir) as tmp:
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -23,6 +23,7 @@ def load_text_dataset(path: str, text_field: str = "text", validation_fraction: 
     source = Path(path)
     if not source.exists():
         raise FileNotFoundError(f"data path {path!r} does not exist")
+    check_text_files(source)
     if source.is_dir() and ((source / "dataset_dict.json").exists() or (source / "dataset_info.json").exists()):
         loaded = load_from_disk(str(source))
     elif source.suffix in (".jsonl", ".json"):
@@ -51,6 +52,39 @@ def load_text_dataset(path: str, text_field: str = "text", validation_fraction: 
         loaded = DatasetDict({"train": split["train"], "validation": split["test"]})
     logger.info("loaded %s: %s", path, {split: len(ds) for split, ds in loaded.items()})
     return loaded
+
+
+def check_text_files(source: Path) -> None:
+    """Fail with the file and line of the first line that is not UTF-8 (and, in a ``.jsonl`` file, not a JSON
+    object), and on a data file without any record, before ``datasets`` reads it (its errors name neither)."""
+    import json
+
+    if source.is_dir():
+        if (source / "dataset_dict.json").exists() or (source / "dataset_info.json").exists():
+            return  # a saved dataset (Arrow), not text
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    else:
+        files = [source]
+    for path in files:
+        records = 0
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+                if not line.strip():
+                    continue
+                records += 1
+                if path.suffix == ".jsonl":
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not an object")
+        if records == 0 and not source.is_dir():
+            raise ValueError(f"data file {str(path)!r} is empty (no records)")
 
 
 def pack_token_ids(sequences: Iterable[list[int]], separator: int, block_size: int) -> list[list[int]]:
@@ -104,6 +138,44 @@ def calibration_blocks(path: str, tokenizer, text_field: str = "text", block_siz
 
     if max_blocks < 1:
         raise ValueError(f"max_blocks={max_blocks} must be >= 1")
-    blocks = tokenize_and_pack(load_text_dataset(path, text_field), tokenizer, block_size)["train"]
-    blocks = blocks.select(range(min(max_blocks, len(blocks))))
-    return torch.tensor(blocks["input_ids"], dtype=torch.long)
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size} must be >= 2 (a token and the one it predicts)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token to separate documents")
+    # Streamed: tokenize row by row and stop once max_blocks blocks are full, so a large file (or one huge line)
+    # costs what the blocks need, not the whole corpus. Same blocks as packing everything and taking the first.
+    needed = max_blocks * block_size
+    stream: list[int] = []
+    for row in load_text_dataset(path, text_field)["train"]:
+        for piece in _pieces(row["text"]):
+            stream += tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(stream) >= needed:
+                break
+        else:
+            stream.append(tokenizer.eos_token_id)
+        if len(stream) >= needed:
+            break
+    usable = min(len(stream), needed)
+    usable -= usable % block_size
+    if usable == 0:
+        raise ValueError(f"data {path!r} holds fewer than block_size={block_size} tokens after tokenization")
+    return torch.tensor(stream[:usable], dtype=torch.long).view(-1, block_size)
+
+
+LONG_TEXT_CHARS = 1 << 20  # rows longer than this are tokenized in pieces (only as many as the blocks need)
+
+
+def _pieces(text: str):
+    """``text`` whole when short; a long one in ``LONG_TEXT_CHARS`` pieces cut at whitespace, so tokenizing stops
+    early. (A piece boundary at whitespace tokenizes like the whole for whitespace-split tokenizers.)"""
+    if len(text) <= LONG_TEXT_CHARS:
+        yield text
+        return
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + LONG_TEXT_CHARS)
+        if end < len(text):
+            space = text.rfind(" ", start, end)
+            end = space if space > start else end
+        yield text[start:end]
+        start = end

@@ -7,6 +7,7 @@ the checkpoint's expert ids). ``config.kept_expert_ids`` always tracks the origi
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -83,12 +84,19 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
         )
 
 
+def _expert_index(value) -> int:
+    # operator.index, not int(): 0.5 or "1" is not an expert index (int() would make 0.5 expert 0)
+    if isinstance(value, bool):
+        raise TypeError(f"{value!r} is not an expert index")
+    return operator.index(value)
+
+
 def _validate_positions(
     adapter: MoEAdapter, model: nn.Module, layer: int, positions: Sequence[int], what: str
 ) -> list[int]:
     num_experts = adapter.num_experts(adapter.decoder_layers(model)[layer])
     try:
-        positions = [int(p) for p in positions]
+        positions = [_expert_index(p) for p in positions]
     except (TypeError, ValueError):
         raise ValueError(
             f"layer {layer}: {what} must be a sequence of integer expert indices, got {positions!r}"

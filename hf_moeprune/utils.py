@@ -107,13 +107,9 @@ def without_secrets(args):
     return clean
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``path`` only if the block succeeds.
-
-    A failure leaves ``path`` exactly as it was. An existing non-empty ``path`` is refused unless
-    ``overwrite`` is set, and even then it is only replaced once the new content is complete.
-    """
+def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output path that is a file, or a non-empty folder without ``overwrite``; the CLIs call it before
+    loading anything, ``atomic_output_dir`` again when it starts."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {str(path)!r} exists and is not a folder")
@@ -121,6 +117,17 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise FileExistsError(
             f"output folder {str(path)!r} is not empty; choose another or pass --overwrite (overwrite=True)"
         )
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``path`` only if the block succeeds.
+
+    A failure leaves ``path`` exactly as it was. An existing non-empty ``path`` is refused unless
+    ``overwrite`` is set, and even then it is only replaced once the new content is complete.
+    """
+    path = check_output_folder(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))

@@ -25,6 +25,9 @@ class BalanceArguments:
     max_blocks: int = field(default=256, metadata={"help": "Calibration blocks to route (at most)."})
     batch_size: int = field(default=8, metadata={"help": "Blocks per forward pass."})
     export_stock: bool = field(default=True, metadata={"help": "Stock architecture when counts are uniform."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir (once the new one is complete)."}
+    )
 
     def __post_init__(self):
         for name in ("ep_size", "block_size", "max_blocks", "batch_size"):
@@ -43,16 +46,19 @@ def balance_main(argv: Sequence[str]) -> int:
 
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
     from hf_moeprune.data import calibration_blocks
-    from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
+    from hf_moeprune.utils import atomic_output_dir, check_output_folder, parse_args, positionals_to_flags
 
     (args,) = parse_args((BalanceArguments,), positionals_to_flags(argv, ("--model",)), prog="hf-moeprune balance")
+    check_output_folder(args.output_dir, args.overwrite)  # before anything is read
+    if not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
     batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
     loads = measure_expert_loads(model, batches)
     plan = rebalance_for_expert_parallel(model, loads, args.ep_size, args.num_redundant)
-    with atomic_output_dir(args.output_dir) as tmp:
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)
         tokenizer.save_pretrained(tmp)
         # replica maps renumbered to the saved (permuted) expert order, which is what an engine reads
