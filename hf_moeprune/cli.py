@@ -169,15 +169,17 @@ def prune_main(argv: Sequence[str]) -> int:
     if args.data is not None and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data!r} does not exist")
     keep = args.plan
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    check_top_k_fits(model)
-    tokenizer = None
-    if keep is None:
+    tokenizer = ids = None
+    if keep is None:  # the calibration data is read (and checked) before the model
         from hf_moeprune.data import calibration_blocks
-        from hf_moeprune.oneshot import collect_statistics, plan_oneshot
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    check_top_k_fits(model)
+    if keep is None:
+        from hf_moeprune.oneshot import collect_statistics, plan_oneshot
+
         batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
         stats = collect_statistics(model, batches, saliency=args.criterion == "saliency")
         keep = plan_oneshot(model, stats, args.criterion, args.target, args.allocation,
@@ -215,18 +217,16 @@ class UsageError(SystemExit):
 # Errors that mean "this input cannot be used" (a value, a path, a file's content): one line, exit code 2.
 # Anything else is a bug and keeps its traceback.
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,  # includes UnicodeDecodeError, json.JSONDecodeError, CheckpointError
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
+    ValueError,  # includes UnicodeDecodeError, json.JSONDecodeError, CheckpointError, huggingface_hub's validation
+    OSError,  # a missing or unreadable path, a model folder transformers cannot load, a full disk
 )
 
 
 def _one_line(command: str, message: str) -> str:
     message = " ".join(str(message).split())
-    return message if message.startswith("hf-moeprune") else f"hf-moeprune {command}: error: {message}"
+    for prefix in (f"hf-moeprune {command}: error: ", f"hf-moeprune {command}: "):
+        message = message.removeprefix(prefix)
+    return f"hf-moeprune {command}: error: {message}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

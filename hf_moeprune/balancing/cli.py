@@ -53,8 +53,8 @@ def balance_main(argv: Sequence[str]) -> int:
     if not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
     ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
     batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
     loads = measure_expert_loads(model, batches)
     plan = rebalance_for_expert_parallel(model, loads, args.ep_size, args.num_redundant)

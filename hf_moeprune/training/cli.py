@@ -105,13 +105,13 @@ def train_main(argv: Sequence[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name or model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
+    raw = load_text_dataset(data_args.data, data_args.text_field, data_args.validation_fraction, args.seed)
+    data = tokenize_and_pack(raw, tokenizer, data_args.block_size)  # bad data fails before the model is read
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,
         experts_implementation=model_args.experts_implementation,
     )
-    raw = load_text_dataset(data_args.data, data_args.text_field, data_args.validation_fraction, args.seed)
-    data = tokenize_and_pack(raw, tokenizer, data_args.block_size)
     trainer = MoEPruneTrainer(
         model=model,
         args=args,
