@@ -22,8 +22,10 @@ Usage (the lead's benchmark: held-out CE of the pruned student against the teach
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
+import os
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
-from hf_moeprune.utils import without_secrets
+from hf_moeprune.utils import fault_point, without_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -541,6 +543,7 @@ class MoEDistillTrainer(Trainer):
             state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projector.state_dict().items()}
             save_file(state, folder / PROJECTOR_FILE)
         super()._save_checkpoint(model, trial)
+        fault_point("distill.checkpoint_saved")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -552,11 +555,33 @@ class MoEDistillTrainer(Trainer):
                 raise ValueError(f"checkpoint {str(resume_from_checkpoint)!r} has no {PROJECTOR_FILE} to resume from")
             self.hidden_projector.load_state_dict(load_file(str(path)))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        self._saving_checkpoint = _internal_call
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            self._saving_checkpoint = False
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         # Trainer pickles self.args into training_args.bin: without the Hub token, the folder may be shared
         args, self.args = self.args, without_secrets(self.args)
         try:
-            super()._save(output_dir, state_dict)
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if not (getattr(self, "_saving_checkpoint", False) and isinstance(model, PreTrainedModel)):
+                return super()._save(output_dir, state_dict)
+            # Trainer resumes with a plain load_state_dict of the checkpoint file (transformers 5.24), so a
+            # checkpoint keeps the in-memory parameter names: not the original-format names save_pretrained
+            # converts fused experts back to by default (Mixtral's experts.N.w1...), and for a pruned student
+            # not the stock export. Otherwise a resume would silently keep the freshly loaded weights.
+            extra = {"save_original_format": False}
+            if "export_stock" in inspect.signature(model.save_pretrained).parameters:
+                extra["export_stock"] = False
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(output_dir, exist_ok=True)
+            model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save, **extra)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
         finally:
             self.args = args
 

@@ -85,6 +85,11 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         pid = tail.split("-", 1)[0]
         if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
             continue
+        if kind == "old" and not path.exists():
+            # killed between moving the old output aside and moving the new one in: the old one comes back
+            os.replace(candidate, path)
+            logger.warning("restored %s from %s left by an interrupted run (process %s)", path, candidate, pid)
+            continue
         if candidate.is_dir() and not candidate.is_symlink():
             shutil.rmtree(candidate, ignore_errors=True)
         else:
@@ -136,10 +141,12 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fault_point("atomic_output_dir.before_swap")
     backup = None
     if path.exists():
         backup = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, backup)
+        fault_point("atomic_output_dir.old_moved")
     os.replace(tmp, path)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)

@@ -35,7 +35,7 @@ from hf_moeprune.training.controller import Decision, PruningController
 from hf_moeprune.training.instrumentation import RoutingInstrumentation
 from hf_moeprune.training.optim import OptimizerStateSlicer
 from hf_moeprune.training.report import write_report
-from hf_moeprune.utils import without_secrets
+from hf_moeprune.utils import fault_point, without_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,7 @@ class MoEPruneTrainer(Trainer):
             state = self.controller.state_dict()  # the balancing bias is a model buffer, saved with the weights
             state["masked"] = self.instrumentation.masked
             save_pruning_state(folder, state)
+            fault_point("train.checkpoint.state_written")
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
