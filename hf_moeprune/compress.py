@@ -39,6 +39,9 @@ class CompressArguments:
     private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     token: str | None = field(default=None, metadata={"help": "Hub token (default: HF_TOKEN or the token file)."})
     endpoint: str | None = field(default=None, metadata={"help": "Hub endpoint (default: HF_ENDPOINT)."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace a non-empty output_dir once the new one is complete."}
+    )
 
     def __post_init__(self):
         if self.quant_scheme is not None and self.quant_scheme.lower() == "none":
@@ -66,8 +69,11 @@ def compress(args: CompressArguments) -> dict:
 
     from hf_moeprune.hub import CardInfo, DistillationInfo, QuantizationInfo, push_to_hub, resolve_token
     from hf_moeprune.quantization import model_size_bytes, quantize
-    from hf_moeprune.utils import atomic_output_dir
+    from hf_moeprune.utils import atomic_output_dir, check_output_folder
 
+    check_output_folder(args.output_dir, args.overwrite)
+    if args.data is not None and not Path(args.data).exists():
+        raise FileNotFoundError(f"data={args.data!r} does not exist")
     token = None
     if args.push_repo_id:  # everything the push needs is checked before any work
         from huggingface_hub import constants
@@ -82,7 +88,7 @@ def compress(args: CompressArguments) -> dict:
                 "unset it, or drop push_repo_id to compress without pushing"
             )
     summary: dict = {"model": args.model, "steps": []}
-    with atomic_output_dir(args.output_dir) as out:
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as out:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
         summary["bytes_in"] = model_size_bytes(model)

@@ -38,6 +38,18 @@ def _run_killed(argv, point, cwd):
     return result
 
 
+CANARY = "hf_CanaryTokenIssue16xyzXYZ0123456789"
+
+
+def _assert_no_canary(folder, *texts):
+    """The Hub token given on the command line is in no file of the run (pickles included) and in no output."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+    for text in texts:
+        assert CANARY not in text
+
+
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
@@ -57,9 +69,13 @@ def _train_argv(workspace, out):
             "--disable_tqdm", "true", "--seed", "0", "--output_dir", str(out)]  # fmt: skip
 
 
-def test_train_killed_in_a_checkpoint_and_in_the_final_save_resumes_to_the_same_model(workspace, tmp_path):
+def test_train_killed_in_a_checkpoint_and_in_the_final_save_resumes_to_the_same_model(
+    workspace, tmp_path, capfd, caplog
+):
     reference = tmp_path / "reference"
-    assert main(["--log-level", "WARNING", *_train_argv(workspace, reference)]) == 0
+    assert main(["--log-level", "INFO", *_train_argv(workspace, reference), "--hub_token", CANARY]) == 0
+    assert (reference / "checkpoint-2" / "training_args.bin").is_file()
+    _assert_no_canary(reference, *capfd.readouterr(), caplog.text)
     out = tmp_path / "out"
     # 1. killed while writing checkpoint-4: pruning state written, Trainer's files not yet
     _run_killed(_train_argv(workspace, out), "train.checkpoint.state_written@2", tmp_path)
@@ -90,9 +106,11 @@ def _distill_argv(workspace, out):
             "--seed", "0", "--output_dir", str(out)]  # fmt: skip
 
 
-def test_distill_resumes_bit_identically_and_leaves_no_hidden_folders(workspace, tmp_path):
+def test_distill_resumes_bit_identically_and_leaves_no_hidden_folders(workspace, tmp_path, capfd, caplog):
     reference = tmp_path / "reference"
-    assert main(["--log-level", "WARNING", *_distill_argv(workspace, reference)]) == 0
+    assert main(["--log-level", "INFO", *_distill_argv(workspace, reference), "--hub_token", CANARY]) == 0
+    assert (reference / "training_args.bin").is_file()
+    _assert_no_canary(reference, *capfd.readouterr(), caplog.text)
     out = tmp_path / "out"
     _run_killed(_distill_argv(workspace, out), "distill.checkpoint_saved@1", tmp_path)
     assert (out / "checkpoint-2" / "trainer_state.json").is_file(), "checkpoints are in output_dir, visible"
