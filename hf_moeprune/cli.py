@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -256,6 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.debug:
             raise
         message = _one_line(ns.command, exc)
+    except pickle.UnpicklingError as exc:
+        # torch.load(weights_only=True) met a pickle that is more than tensors and plain containers
+        if ns.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _one_line(
+            ns.command, f"refused to unpickle a file (weights_only loading; nothing in it ran): {first}"
+        )
     print(message, file=sys.stderr)
     raise UsageError(message)
 

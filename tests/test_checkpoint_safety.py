@@ -159,3 +159,28 @@ def test_state_from_another_step_is_refused(finished_run, tmp_path):
     save_pruning_state(checkpoint, state)
     with pytest.raises(CheckpointError, match="8 experts in layer 0 but its config.json keeps 4"):
         _fresh(run).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_no_pickle_from_a_model_folder_is_run_by_the_commands(workspace, tmp_path, capsys):
+    """A model folder whose weights are a crafted pytorch_model.bin (and a crafted training_args.bin beside them):
+    prune/quantize/generate refuse it with one line (transformers loads .bin with weights_only=True); nothing runs."""
+    from hf_moeprune.cli import main
+
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "model"
+    shutil.copytree(workspace / "model", folder)
+    (folder / "model.safetensors").unlink()
+    write_payload(folder / "pytorch_model.bin", marker)
+    write_payload(folder / "training_args.bin", marker)
+    (tmp_path / "prompts.jsonl").write_text('{"id": 1, "prompt": "def"}\n')
+    for argv in (
+        ["prune", str(folder), "--output_dir", str(tmp_path / "pruned"), "--keep", '{"0": [0, 1, 2]}'],
+        ["quantize", str(folder), str(tmp_path / "quantized")],
+        ["generate", str(folder), "--prompts", str(tmp_path / "prompts.jsonl"), "--out", str(tmp_path / "o.jsonl")],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["--log-level", "ERROR", *argv])
+        assert exited.value.code == 2, argv
+        assert "weights_only" in capsys.readouterr().err.strip().splitlines()[-1].lower().replace(" ", "_"), argv
+        assert not marker.exists(), argv
+    assert not (tmp_path / "pruned").exists() and not (tmp_path / "quantized").exists()
