@@ -77,3 +77,28 @@ def test_rebalanced_model_under_transformers_expert_parallelism(workspace, tmp_p
     # rebalanced under EP == original under EP == original in one process (float tolerance: EP sums differently)
     assert report["max_abs_logit_diff_rebalanced_vs_original_ep"] < 1e-5
     assert report["max_abs_logit_diff_rebalanced_ep_vs_original_single_process"] < 1e-5
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_expert_surgery_equals_unsharded_surgery(tmp_path):
+    """prune_experts/permute_experts on a fully_shard model (2 CPU ranks, gloo): gathered weights, AdamW moments
+    and logits equal the same surgery on an unsharded copy; the shards are re-split; training continues."""
+    result = torchrun("fsdp2_prune.py", str(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert a["world"] == 2
+    for rank in (a, b):
+        assert rank["sharded_after"]  # still FSDP2 DTensors, not gathered copies
+        assert rank["global_shape_after"] == [5, 96, 32]
+        assert rank["experts_per_layer"] == [5, 8, 4]
+        assert rank["kept_expert_ids"] == [[6, 1, 4, 3, 7], [7, 6, 5, 4, 3, 2, 1, 0], [2, 5, 0, 7]]
+        assert rank["weights_equal"] and rank["moments_equal"] and rank["optimizer_holds_new_params"]
+        assert "model.layers.0.mlp.experts.gate_up_proj" in rank["moment_names"]
+        assert rank["logits_equal"], rank["max_logit_diff"]
+        # kept experts keep training, in step with the unsharded reference on the same global batch
+        assert all(rank["experts_changed_after_removal"])
+        assert rank["max_weight_diff_after_training"] < 1e-5
+    # 8 rows were split 4 + 4; the 5 kept rows are re-split 3 + 2 (FSDP2 pads the uneven shard)
+    assert (a["local_rows_before"], b["local_rows_before"]) == (4, 4)
+    assert (a["local_rows_after"], b["local_rows_after"]) == (3, 2)
+    assert a["weights_digest"] == b["weights_digest"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters import MoEAdapter
+from hf_moeprune.distributed import is_sharded
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.pruning.statistics import ExpertStatistics
 
@@ -154,6 +155,8 @@ class RoutingInstrumentation:
                 if param.grad is None or param.dim() == 0 or param.shape[0] != experts.num_experts:
                     continue
                 contribution = (param.detach().float() * param.grad.detach().float()).flatten(1).sum(1)
+                if is_sharded(contribution):  # FSDP2 / expert parallelism: every rank takes the whole layer's
+                    contribution = contribution.full_tensor()  # sums, as DDP's all-reduced gradients give them
                 dot = contribution if dot is None else dot + contribution
             if dot is not None:
                 self.statistics.add(idx, "saliency", dot.abs())

@@ -1,0 +1,247 @@
+"""Expert surgery on sharded models: FSDP2 ``fully_shard``, transformers' expert parallelism, DeepSpeed checks.
+
+Expert tensors of a sharded model are DTensors split on the expert dim (``Shard(0)``): FSDP2 spreads every
+parameter over the data-parallel ranks, transformers' ``DistributedConfig(ep_size=N)`` gives each rank a
+contiguous block of experts. Removing or reordering experts selects rows *across* shards, so each tensor is
+all-gathered on its own, its kept rows selected, and the result sharded again with the same placement:
+at most one layer tensor is ever whole on a rank, never the model.
+
+The private torch/transformers APIs this needs all live here, each with why and the version it was checked
+against (torch 2.13, transformers 5.24):
+
+- FSDP2 keeps, per parameter, an ``FSDPParam`` holding the padded local shard, sizes and the registered
+  DTensor. A parameter whose global shape changes must be re-initialised there
+  (``FSDPParam._init_sharded_param``), which is what ``fully_shard`` itself runs at wrap time.
+- transformers' expert parallelism sets ``experts.num_experts`` to the *local* count and, for
+  ``ep_dispatch_experts`` plans, builds the token exchange once (it caches the local count), so the
+  dispatch is re-installed after the count changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DistributedSetupError",
+    "ShardedSurgery",
+    "check_trainer_setup",
+    "deepspeed_setup",
+    "is_sharded",
+    "peak_memory_bytes",
+]
+
+
+class DistributedSetupError(RuntimeError):
+    """A distributed setup that expert removal cannot run in; the message names the setup."""
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return None
+    return DTensor
+
+
+def is_sharded(tensor) -> bool:
+    """True for a DTensor (an FSDP2 or expert-parallel shard), whose rows may live on other ranks."""
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def _fsdp_params(model: nn.Module) -> dict[int, object]:
+    """``id(sharded parameter) -> FSDPParam`` for every FSDP2-managed parameter of ``model``."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return {}
+    out = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        # private (torch 2.13): the state and param group FSDP2 attaches to each fully_shard-ed module
+        group = module._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            continue
+        for fsdp_param in group.fsdp_params:
+            out[id(fsdp_param.sharded_param)] = fsdp_param
+    return out
+
+
+def _reinit_fsdp_param(fsdp_param, full: torch.Tensor, requires_grad: bool) -> nn.Parameter:
+    """Give an FSDP2 parameter a new global value of a new shape; returns the new sharded parameter.
+
+    Private (torch 2.13): ``_init_sharded_param`` is what ``fully_shard`` runs per parameter. It chunks the
+    (identical on every rank) full value, keeps this rank's padded shard and registers the new DTensor on
+    the owning module(s). The all-gather buffers and the unsharded parameter are sized from the old shape,
+    so they are dropped; FSDP re-creates them at the next all-gather.
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+    if fsdp_param.sharded_state != ShardedState.SHARDED:
+        raise DistributedSetupError(
+            f"FSDP2 parameter {fsdp_param._param_fqn} is {fsdp_param.sharded_state.name}, not resharded; expert "
+            "removal runs between optimizer steps, outside forward/backward (use reshard_after_forward or call "
+            "model.reshard() first)"
+        )
+    if fsdp_param.fsdp_placement.dim != 0:
+        raise DistributedSetupError(
+            f"FSDP2 shards {fsdp_param._param_fqn} on dim {fsdp_param.fsdp_placement.dim}; expert surgery needs "
+            "Shard(0) (the expert dim), FSDP2's default: drop the custom shard_placement_fn for expert tensors"
+        )
+    param = nn.Parameter(full.contiguous(), requires_grad=requires_grad)
+    fsdp_param._init_sharded_param(param, fsdp_param.device, None, fsdp_param.mesh_info)
+    if fsdp_param.post_forward_mesh_info:
+        fsdp_param._init_sharded_post_forward_param_metadata(param)
+    fsdp_param.init_dtype_attrs(fsdp_param.mp_policy)
+    fsdp_param._init_extensions()
+    fsdp_param.all_gather_outputs = []
+    fsdp_param.unsharded_accumulated_grad = None
+    fsdp_param.__dict__.pop("_unsharded_param", None)
+    return fsdp_param.sharded_param
+
+
+def reshard_like(full: torch.Tensor, like) -> torch.Tensor:
+    """``full`` (the same on every rank) as a DTensor with ``like``'s mesh and placements, no communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[index]`` along dim 0 as a plain tensor; a DTensor is all-gathered first (a collective)."""
+    if is_sharded(tensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().index_select(0, index.to(tensor.device))
+
+
+TensorReplacedHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class ShardedSurgery:
+    """Replaces sharded (DTensor) per-expert tensors of one model, one tensor at a time.
+
+    Built once per surgery call: it indexes the model's FSDP2 parameters. ``replace`` selects the kept rows
+    across shards and re-shards them: FSDP2 parameters through FSDP's own per-parameter state (so the next
+    all-gather and reduce-scatter use the new sizes), other DTensors (transformers' expert parallelism) by
+    re-distributing with the same placements. ``finish_layer`` fixes what expert parallelism derives from
+    the count.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.fsdp = _fsdp_params(model)
+
+    def replace(self, owner: nn.Module, attr: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old = getattr(owner, attr)
+        full = select_rows(old, index)
+        fsdp_param = self.fsdp.pop(id(old), None)
+        if fsdp_param is not None:
+            new = _reinit_fsdp_param(fsdp_param, full, old.requires_grad)
+            self.fsdp[id(new)] = fsdp_param
+        else:
+            new = reshard_like(full, old)
+            if isinstance(old, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=old.requires_grad)
+                setattr(owner, attr, new)
+            else:
+                persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
+                owner.register_buffer(attr, new, persistent=persistent)
+        del full
+        return old, new
+
+    @staticmethod
+    def finish_experts(experts: nn.Module, num_experts: int) -> None:
+        """After the count attributes were set to the global ``num_experts``: expert parallelism wants the local
+        count, and a dispatch built for the old count is rebuilt."""
+        if not getattr(experts, "_is_expert_parallel", False):
+            return
+        ep = _expert_parallel_mesh(experts)
+        if ep is None:
+            return
+        if num_experts % ep.size():
+            raise DistributedSetupError(
+                f"{num_experts} experts cannot be split over ep_size={ep.size()} expert-parallel ranks "
+                f"(prune with balance_ep_size={ep.size()} to keep counts divisible)"
+            )
+        # private (transformers 5.24): MoEParamShard.shard_param sets num_experts to the local count
+        experts.num_experts = num_experts // ep.size()
+        _reinstall_ep_dispatch(experts, ep)
+
+
+def _expert_parallel_mesh(experts: nn.Module):
+    for param in experts.parameters(recurse=False):
+        if is_sharded(param):
+            return param.device_mesh
+    return None
+
+
+def _reinstall_ep_dispatch(experts: nn.Module, ep_mesh) -> None:
+    """Rebuild the token exchange of an ``ep_dispatch_experts`` module for its new local expert count.
+
+    Private (transformers 5.24): ``EpDispatchExpertsParallel.install_forward`` builds the
+    ``EPImplementation`` (which caches ``num_local_experts``) and sets ``module.forward`` to a closure over
+    it. Plans with ``grouped_gemm`` (parameters only) read ``num_experts`` at each call and need nothing.
+    """
+    if "forward" not in experts.__dict__:
+        return
+    info = getattr(experts, "_moeprune_ep_dispatch", None)
+    if info is None:
+        raise DistributedSetupError(
+            f"{type(experts).__name__} runs an expert-parallel token dispatch that hf_moeprune did not record; "
+            "load the model with hf_moeprune.balancing.load_expert_parallel so the dispatch can be rebuilt after "
+            "expert removal"
+        )
+    style, tp_mesh, implementation = info
+    del experts.forward
+    style.install_forward(experts, ep_mesh=ep_mesh, tp_mesh=tp_mesh, ep_implementation=implementation)
+
+
+def deepspeed_setup(args=None) -> str | None:
+    """A description of the DeepSpeed setup a Trainer would run in, or None without DeepSpeed."""
+    config = getattr(args, "deepspeed", None) if args is not None else None
+    if config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        config = "accelerate config (ACCELERATE_USE_DEEPSPEED)"
+    if config is None:
+        return None
+    stage = None
+    plugin = getattr(args, "hf_deepspeed_config", None)
+    if plugin is not None:
+        stage = plugin.config.get("zero_optimization", {}).get("stage")
+    elif isinstance(config, dict):
+        stage = config.get("zero_optimization", {}).get("stage")
+    elif isinstance(config, str) and os.path.isfile(config):
+        import json
+
+        stage = json.loads(open(config).read()).get("zero_optimization", {}).get("stage")  # noqa: SIM115
+    return f"DeepSpeed ZeRO-{stage if stage is not None else '?'} ({config if isinstance(config, str) else 'dict'})"
+
+
+def check_trainer_setup(model: nn.Module, args) -> None:
+    """Refuse, before training, the distributed setups in which the trainer cannot remove experts."""
+    ds = deepspeed_setup(args)
+    zero3_placeholders = any(hasattr(p, "ds_id") for p in model.parameters())
+    if ds is not None or zero3_placeholders:
+        setup = ds or "DeepSpeed ZeRO-3 (the model's parameters are ZeRO-3 partitions)"
+        raise DistributedSetupError(
+            f"MoEPruneTrainer cannot remove experts under {setup}: DeepSpeed keeps flattened, partitioned copies "
+            "of the parameters and optimizer state that do not follow a change of shape, so the pruned experts and "
+            "router would silently stop training. Use FSDP2 (accelerate launch --use_fsdp --fsdp_version 2), DDP "
+            "or transformers' expert parallelism (hf_moeprune.balancing.load_expert_parallel) instead, or prune "
+            "without DeepSpeed and fine-tune the pruned model with DeepSpeed afterwards"
+        )
+
+
+def peak_memory_bytes() -> int:
+    """This process's peak resident memory so far (CPU: ru_maxrss), in bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
