@@ -19,6 +19,7 @@ against (torch 2.13, transformers 5.24):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -204,38 +205,58 @@ def _reinstall_ep_dispatch(experts: nn.Module, ep_mesh) -> None:
 
 
 def deepspeed_setup(args=None) -> str | None:
-    """A description of the DeepSpeed setup a Trainer would run in, or None without DeepSpeed."""
+    """A description of the DeepSpeed setup a Trainer would run in ("DeepSpeed ZeRO-2 (ds.json)"), or None.
+
+    Covers ``TrainingArguments(deepspeed=...)`` (a file or a dict) and ``accelerate launch`` with a DeepSpeed
+    config (which exports ``ACCELERATE_USE_DEEPSPEED`` and ``ACCELERATE_DEEPSPEED_ZERO_STAGE``).
+    """
     config = getattr(args, "deepspeed", None) if args is not None else None
-    if config is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
-        config = "accelerate config (ACCELERATE_USE_DEEPSPEED)"
-    if config is None:
-        return None
     stage = None
-    plugin = getattr(args, "hf_deepspeed_config", None)
-    if plugin is not None:
-        stage = plugin.config.get("zero_optimization", {}).get("stage")
+    if config is None:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes"):
+            return None
+        config, stage = "accelerate config", os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     elif isinstance(config, dict):
         stage = config.get("zero_optimization", {}).get("stage")
-    elif isinstance(config, str) and os.path.isfile(config):
-        import json
-
-        stage = json.loads(open(config).read()).get("zero_optimization", {}).get("stage")  # noqa: SIM115
-    return f"DeepSpeed ZeRO-{stage if stage is not None else '?'} ({config if isinstance(config, str) else 'dict'})"
+    elif os.path.isfile(str(config)):
+        with open(config) as f:
+            stage = json.load(f).get("zero_optimization", {}).get("stage")
+    where = config if isinstance(config, str) else "dict"
+    return f"DeepSpeed ZeRO-{stage if stage is not None else '?'} ({where})"
 
 
 def check_trainer_setup(model: nn.Module, args) -> None:
-    """Refuse, before training, the distributed setups in which the trainer cannot remove experts."""
+    """Refuse, before training starts, the distributed setups in which the trainer cannot remove experts.
+
+    DeepSpeed ZeRO keeps flat, partitioned fp32 copies of the parameters and of the optimizer moments that are
+    built once from the shapes at ``deepspeed.initialize``; after a removal the engine would go on updating
+    its own copies while the model's new expert and router tensors are never trained again (the silent
+    failure of issue 12). ZeRO-3 also replaces every parameter by an empty placeholder, so nothing can even
+    count the experts. Both are refused here, naming the setup.
+    """
     ds = deepspeed_setup(args)
-    zero3_placeholders = any(hasattr(p, "ds_id") for p in model.parameters())
-    if ds is not None or zero3_placeholders:
-        setup = ds or "DeepSpeed ZeRO-3 (the model's parameters are ZeRO-3 partitions)"
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 placeholders (zero.Init)
+    if partitioned or (ds is not None and "ZeRO-3" in ds):
+        setup = ds or "DeepSpeed ZeRO-3 (the model was loaded under zero.Init: its parameters are ZeRO-3 partitions)"
         raise DistributedSetupError(
-            f"MoEPruneTrainer cannot remove experts under {setup}: DeepSpeed keeps flattened, partitioned copies "
-            "of the parameters and optimizer state that do not follow a change of shape, so the pruned experts and "
-            "router would silently stop training. Use FSDP2 (accelerate launch --use_fsdp --fsdp_version 2), DDP "
-            "or transformers' expert parallelism (hf_moeprune.balancing.load_expert_parallel) instead, or prune "
-            "without DeepSpeed and fine-tune the pruned model with DeepSpeed afterwards"
+            f"MoEPruneTrainer cannot run under {setup}: ZeRO-3 partitions every parameter (they are empty "
+            "placeholders outside forward), so experts can be neither counted nor removed. " + _ALTERNATIVES
         )
+    if ds is not None and getattr(args, "prune_target", 0) > 0:
+        raise DistributedSetupError(
+            f"MoEPruneTrainer cannot remove experts under {ds}: DeepSpeed keeps flattened, partitioned "
+            "copies of the parameters and optimizer state that do not follow a change of shape, so the pruned MoE "
+            "layers would silently stop training. " + _ALTERNATIVES + " (prune_target=0, which removes nothing, "
+            "is not refused under ZeRO-1/2)"
+        )
+
+
+_ALTERNATIVES = (
+    "Use FSDP2 (accelerate launch --use_fsdp --fsdp_version 2, or TrainingArguments fsdp with "
+    'fsdp_config={"fsdp_version": 2}), DDP, or transformers\' expert parallelism '
+    "(hf_moeprune.balancing.load_expert_parallel); or prune without DeepSpeed and fine-tune the pruned model "
+    "with DeepSpeed afterwards"
+)
 
 
 def peak_memory_bytes() -> int:

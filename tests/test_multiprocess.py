@@ -8,8 +8,10 @@ import pytest
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+def torchrun(
+    script: str, *args: str, nproc: int = 2, timeout: int = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     # --standalone: a local rendezvous on a free port, so parallel test runs never collide
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                os.path.join(SCRIPTS, script), *args]  # fmt: skip
@@ -102,3 +104,19 @@ def test_fsdp2_expert_surgery_equals_unsharded_surgery(tmp_path):
     assert (a["local_rows_before"], b["local_rows_before"]) == (4, 4)
     assert (a["local_rows_after"], b["local_rows_after"]) == (3, 2)
     assert a["weights_digest"] == b["weights_digest"]
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_is_refused_before_training(tmp_path):
+    """DeepSpeed keeps its own flat partitions of parameters and optimizer state, which do not follow a removal (the
+    MoE layers would silently stop training): ZeRO-2 with removal and ZeRO-3 are refused at construction, naming
+    the setup; ZeRO-3's empty placeholders never reach the pruned-config check."""
+    pytest.importorskip("deepspeed")
+    result = torchrun("deepspeed_refused.py", str(tmp_path), timeout=240, env={"DS_ACCELERATOR": "cpu"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        zero2, zero3 = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert zero2["refused"] and "DeepSpeed ZeRO-2" in zero2["message"] and "FSDP2" in zero2["message"]
+        assert zero3["placeholders"]  # the model really was partitioned by zero.Init
+        assert zero3["refused"] and "DeepSpeed ZeRO-3" in zero3["message"]
+        assert "experts_per_layer" not in zero3["message"]

@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
+from hf_moeprune.distributed import check_trainer_setup
 from hf_moeprune.format import enable_selection_bias, mark_pruned
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
@@ -79,6 +80,7 @@ class MoEPruneTrainer(Trainer):
         if model is None:
             raise ValueError("MoEPruneTrainer needs a model (model_init is not supported: pruning changes shapes)")
         base = unwrap_model(model)
+        check_trainer_setup(base, args)  # DeepSpeed: refused before anything reads the (partitioned) experts
         self.adapter = get_adapter(base)
         moe_layers = self.adapter.moe_layer_indices(base)
         if not moe_layers:
