@@ -97,7 +97,13 @@ def _reinit_fsdp_param(fsdp_param, full: torch.Tensor, requires_grad: bool) -> n
             f"FSDP2 shards {fsdp_param._param_fqn} on dim {fsdp_param.fsdp_placement.dim}; expert surgery needs "
             "Shard(0) (the expert dim), FSDP2's default: drop the custom shard_placement_fn for expert tensors"
         )
-    param = nn.Parameter(full.contiguous(), requires_grad=requires_grad)
+    spec = fsdp_param._unsharded_dtensor_spec  # set when FSDP2 wraps a DTensor (expert/tensor parallelism)
+    value = full.contiguous()
+    if spec is not None:
+        # transformers' expert parallelism: FSDP2 shards each rank's expert block further (efsdp); rebuild the
+        # expert-parallel DTensor first, then let FSDP shard it as it did at load time
+        value = _distribute(value, spec.mesh, spec.placements)
+    param = nn.Parameter(value, requires_grad=requires_grad)
     fsdp_param._init_sharded_param(param, fsdp_param.device, None, fsdp_param.mesh_info)
     if fsdp_param.post_forward_mesh_info:
         fsdp_param._init_sharded_post_forward_param_metadata(param)
@@ -109,11 +115,21 @@ def _reinit_fsdp_param(fsdp_param, full: torch.Tensor, requires_grad: bool) -> n
     return fsdp_param.sharded_param
 
 
+def _distribute(full: torch.Tensor, mesh, placements):
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    try:
+        return distribute_tensor(full, mesh, placements, src_data_rank=None)
+    except (NotImplementedError, RuntimeError):
+        # placements distribute_tensor cannot build directly (FSDP2-over-EP's _StridedShard): replicate, then
+        # redistribute, which only takes local chunks
+        replicated = distribute_tensor(full, mesh, [Replicate()] * mesh.ndim, src_data_rank=None)
+        return replicated.redistribute(mesh, placements)
+
+
 def reshard_like(full: torch.Tensor, like) -> torch.Tensor:
     """``full`` (the same on every rank) as a DTensor with ``like``'s mesh and placements, no communication."""
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    return _distribute(full, like.device_mesh, like.placements)
 
 
 def select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -159,49 +175,58 @@ class ShardedSurgery:
 
     @staticmethod
     def finish_experts(experts: nn.Module, num_experts: int) -> None:
-        """After the count attributes were set to the global ``num_experts``: expert parallelism wants the local
-        count, and a dispatch built for the old count is rebuilt."""
+        """After the count attributes were set to the global ``num_experts``: transformers' expert parallelism wants
+        the local count, in the module and in the token dispatch built for the old count."""
         if not getattr(experts, "_is_expert_parallel", False):
             return
-        ep = _expert_parallel_mesh(experts)
-        if ep is None:
-            return
-        if num_experts % ep.size():
+        ep_size = expert_parallel_size(experts)
+        if num_experts % ep_size:
             raise DistributedSetupError(
-                f"{num_experts} experts cannot be split over ep_size={ep.size()} expert-parallel ranks "
-                f"(prune with balance_ep_size={ep.size()} to keep counts divisible)"
+                f"{num_experts} experts cannot be split over ep_size={ep_size} expert-parallel ranks "
+                f"(prune with balance_ep_size={ep_size} to keep counts divisible)"
             )
         # private (transformers 5.24): MoEParamShard.shard_param sets num_experts to the local count
-        experts.num_experts = num_experts // ep.size()
-        _reinstall_ep_dispatch(experts, ep)
+        experts.num_experts = num_experts // ep_size
+        for dispatch in _ep_dispatches(experts):
+            dispatch.num_local_experts = experts.num_experts
 
 
-def _expert_parallel_mesh(experts: nn.Module):
+def expert_parallel_size(experts: nn.Module) -> int:
+    """How many expert-parallel ranks share this experts module's experts (1 without expert parallelism)."""
+    if not getattr(experts, "_is_expert_parallel", False):
+        return 1
+    fsdp = _fsdp_params(experts)
     for param in experts.parameters(recurse=False):
-        if is_sharded(param):
-            return param.device_mesh
-    return None
+        spec = getattr(fsdp.get(id(param)), "_unsharded_dtensor_spec", None)
+        mesh = spec.mesh if spec is not None else getattr(param, "device_mesh", None)
+        if mesh is not None:
+            return mesh.size()
+    return 1
 
 
-def _reinstall_ep_dispatch(experts: nn.Module, ep_mesh) -> None:
-    """Rebuild the token exchange of an ``ep_dispatch_experts`` module for its new local expert count.
+def _ep_dispatches(experts: nn.Module) -> list:
+    """The ``EPImplementation`` objects behind an ``ep_dispatch_experts`` module's forward (none without one).
 
-    Private (transformers 5.24): ``EpDispatchExpertsParallel.install_forward`` builds the
-    ``EPImplementation`` (which caches ``num_local_experts``) and sets ``module.forward`` to a closure over
-    it. Plans with ``grouped_gemm`` (parameters only) read ``num_experts`` at each call and need nothing.
+    Private (transformers 5.24): ``EpDispatchExpertsParallel.install_forward`` sets ``module.forward`` to a
+    closure over the implementation; each implementation caches ``num_local_experts`` when it is built, and the
+    default ``AutoEP`` holds further ones (all-to-all, all-reduce) as attributes. They are found through the
+    closures (also when hf_moeprune's REAP wrapper sits in front) and their attributes, so every cached count
+    can follow a removal.
     """
-    if "forward" not in experts.__dict__:
-        return
-    info = getattr(experts, "_moeprune_ep_dispatch", None)
-    if info is None:
-        raise DistributedSetupError(
-            f"{type(experts).__name__} runs an expert-parallel token dispatch that hf_moeprune did not record; "
-            "load the model with hf_moeprune.balancing.load_expert_parallel so the dispatch can be rebuilt after "
-            "expert removal"
-        )
-    style, tp_mesh, implementation = info
-    del experts.forward
-    style.install_forward(experts, ep_mesh=ep_mesh, tp_mesh=tp_mesh, ep_implementation=implementation)
+    from transformers.distributed.expert_parallel import EPImplementation
+
+    found, seen, stack = [], set(), [experts.__dict__.get("forward")]
+    while stack:
+        item = stack.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, EPImplementation):
+            found.append(item)
+            stack.extend(v for v in vars(item).values() if isinstance(v, EPImplementation))
+        elif callable(item):
+            stack.extend(cell.cell_contents for cell in getattr(item, "__closure__", None) or ())
+    return found
 
 
 def deepspeed_setup(args=None) -> str | None:
@@ -234,6 +259,16 @@ def check_trainer_setup(model: nn.Module, args) -> None:
     failure of issue 12). ZeRO-3 also replaces every parameter by an empty placeholder, so nothing can even
     count the experts. Both are refused here, naming the setup.
     """
+    ep_sizes = {expert_parallel_size(m) for m in model.modules() if getattr(m, "_is_expert_parallel", False)}
+    if ep_sizes and getattr(args, "prune_target", 0) > 0:
+        ep_size = max(ep_sizes)
+        if getattr(args, "balance_ep_size", 0) != ep_size:
+            raise DistributedSetupError(
+                f"the model runs under transformers' expert parallelism with ep_size={ep_size}, but "
+                f"balance_ep_size={getattr(args, 'balance_ep_size', 0)}: set balance_ep_size={ep_size} so that every "
+                "layer keeps a multiple of ep_size experts and each removal re-places the experts by load across the "
+                "expert-parallel ranks"
+            )
     ds = deepspeed_setup(args)
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())  # ZeRO-3 placeholders (zero.Init)
     if partitioned or (ds is not None and "ZeRO-3" in ds):

@@ -120,3 +120,26 @@ def test_deepspeed_is_refused_before_training(tmp_path):
         assert zero3["placeholders"]  # the model really was partitioned by zero.Init
         assert zero3["refused"] and "DeepSpeed ZeRO-3" in zero3["message"]
         assert "experts_per_layer" not in zero3["message"]
+
+
+@pytest.mark.multiprocess
+def test_trainer_removes_experts_under_transformers_expert_parallelism(tmp_path):
+    """MoEPruneTrainer on a model loaded with load_expert_parallel (ep_size=2, gloo): a removal during training
+    slices every rank's local experts (8 -> 6 per layer, 3 per rank), re-places them by load (weights follow their
+    ids across ranks), training continues, and the result computes exactly what the same weights do unsharded."""
+    result = torchrun("ep_prune_train.py", str(tmp_path), timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert a["events"] == b["events"] and a["events"]
+    assert a["kept_expert_ids"] == b["kept_expert_ids"]
+    for rank in (a, b):
+        assert rank["global_step"] == 5
+        assert rank["experts_per_layer"] == [6, 6, 6]  # divisible by ep_size, as balance_ep_size=2 keeps them
+        assert rank["local_experts_before"] == [4, 4, 4] and rank["local_experts_after"] == [3, 3, 3]
+        assert rank["local_rows"] == [3, 3, 3] and rank["dispatch_local"] == [[3, 3]] * 3
+        assert rank["weights_followed_ids"]
+        assert any(rank["order_changed"])  # the load-aware re-placement moved experts between ranks
+        assert rank["balancedness"]
+        assert all(changed == 6 for changed in rank["kept_changed_after_removal"])
+        assert not rank["reference_missing"] and not rank["reference_unexpected"]
+        assert rank["max_logit_diff_vs_unsharded"] < 1e-5
