@@ -13,8 +13,12 @@ against (torch 2.13, transformers 5.24):
   DTensor. A parameter whose global shape changes must be re-initialised there
   (``FSDPParam._init_sharded_param``), which is what ``fully_shard`` itself runs at wrap time.
 - transformers' expert parallelism sets ``experts.num_experts`` to the *local* count and, for
-  ``ep_dispatch_experts`` plans, builds the token exchange once (it caches the local count), so the
-  dispatch is re-installed after the count changes.
+  ``ep_dispatch_experts`` plans, builds the token exchange once (each ``EPImplementation`` caches the local
+  count), so both are updated after the count changes. Its expert DTensors are FSDP2-managed too (FSDP2 over
+  the expert-parallel mesh); they are rebuilt as expert-parallel DTensors and handed to FSDP again.
+
+DeepSpeed ZeRO keeps its own flat partitions of parameters and optimizer state; ``check_trainer_setup``
+refuses it before training instead of letting the MoE layers silently stop training.
 """
 
 from __future__ import annotations

@@ -42,3 +42,18 @@ def test_trainer_guard_refuses_removal_under_deepspeed(monkeypatch):
 
 def test_plain_tensors_are_not_sharded():
     assert not is_sharded(torch.zeros(2)) and not is_sharded(None)
+
+
+def test_trainer_guard_asks_for_balance_ep_size_under_expert_parallelism(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    model = tiny_model("mixtral")
+    for layer in model.model.layers:  # what transformers' expert parallelism leaves on the experts (ep_size=2)
+        layer.mlp.experts._is_expert_parallel = True
+        layer.mlp.experts.gate_up_proj.device_mesh = SimpleNamespace(size=lambda: 2)
+    args = Args()
+    with pytest.raises(DistributedSetupError, match="ep_size=2, but balance_ep_size=0: set balance_ep_size=2"):
+        check_trainer_setup(model, args)
+    args.balance_ep_size = 2
+    check_trainer_setup(model, args)

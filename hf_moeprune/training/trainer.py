@@ -300,6 +300,8 @@ class MoEPruneTrainer(Trainer):
         return logs
 
     def _rewrap_distributed(self) -> None:
+        # FSDP2 and transformers' expert parallelism need nothing here: surgery re-shards through FSDP's own
+        # per-parameter state (hf_moeprune.distributed), and the model is its own wrapper
         wrapped = self.model_wrapped
         if not isinstance(wrapped, nn.parallel.DistributedDataParallel):
             return
@@ -355,7 +357,9 @@ class MoEPruneTrainer(Trainer):
                         )
                     plan[layer] = [current[layer].index(i) for i in ids]
                 if plan:
-                    prune_experts(self.model, plan)
+                    # under FSDP2 the optimizer already exists here (it is prepared with the sharded model), so
+                    # its parameters are swapped too; its state is then loaded from the checkpoint
+                    prune_experts(self.model, plan, on_tensor_replaced=OptimizerStateSlicer(self.optimizer))
                     for layer, kept in plan.items():
                         self.statistics.select(layer, torch.tensor(kept))
                     logger.info("resumed expert layout %s from %s", self.model.config.experts_per_layer, config_path)
