@@ -184,15 +184,20 @@ class ShardedSurgery:
         if not getattr(experts, "_is_expert_parallel", False):
             return
         ep_size = expert_parallel_size(experts)
-        if num_experts % ep_size:
-            raise DistributedSetupError(
-                f"{num_experts} experts cannot be split over ep_size={ep_size} expert-parallel ranks "
-                f"(prune with balance_ep_size={ep_size} to keep counts divisible)"
-            )
         # private (transformers 5.24): MoEParamShard.shard_param sets num_experts to the local count
         experts.num_experts = num_experts // ep_size
         for dispatch in _ep_dispatches(experts):
             dispatch.num_local_experts = experts.num_experts
+
+
+def check_expert_parallel_count(experts: nn.Module, num_experts: int, layer: int) -> None:
+    """Under transformers' expert parallelism every rank holds the same number of experts: refuse other counts."""
+    ep_size = expert_parallel_size(experts)
+    if num_experts % ep_size:
+        raise DistributedSetupError(
+            f"layer {layer}: {num_experts} experts cannot be split evenly over ep_size={ep_size} expert-parallel "
+            f"ranks; keep a multiple of {ep_size} (the trainer does with balance_ep_size={ep_size})"
+        )
 
 
 def expert_parallel_size(experts: nn.Module) -> int:

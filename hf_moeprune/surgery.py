@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters import MoEAdapter, get_adapter
-from hf_moeprune.distributed import ShardedSurgery, is_sharded
+from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
 from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 
@@ -113,9 +113,11 @@ def _apply(
     plan: dict[int, list[int]],
     on_tensor_replaced: TensorReplacedHook | None,
 ) -> None:
+    layers = adapter.decoder_layers(model)
+    for layer_idx, positions in plan.items():  # before anything changes: a split that cannot work is refused
+        check_expert_parallel_count(adapter.experts(layers[layer_idx]), len(positions), layer_idx)
     mark_pruned(model, adapter)
     config = model.config
-    layers = adapter.decoder_layers(model)
     sharded_surgery = None
     for layer_idx, positions in plan.items():
         index = torch.tensor(positions, dtype=torch.long)

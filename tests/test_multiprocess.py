@@ -133,6 +133,7 @@ def test_trainer_removes_experts_under_transformers_expert_parallelism(tmp_path)
     assert a["events"] == b["events"] and a["events"]
     assert a["kept_expert_ids"] == b["kept_expert_ids"]
     for rank in (a, b):
+        assert rank["uneven_refused"]  # prune_experts to 5 of 8 under ep_size=2: refused, model untouched
         assert rank["global_step"] == 5
         assert rank["experts_per_layer"] == [6, 6, 6]  # divisible by ep_size, as balance_ep_size=2 keeps them
         assert rank["local_experts_before"] == [4, 4, 4] and rank["local_experts_after"] == [3, 3, 3]

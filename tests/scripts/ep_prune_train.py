@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 
 from hf_moeprune import prune_experts
 from hf_moeprune.balancing import load_expert_parallel
-from hf_moeprune.distributed import _ep_dispatches, is_sharded
+from hf_moeprune.distributed import DistributedSetupError, _ep_dispatches, is_sharded
 from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
@@ -52,6 +52,11 @@ def main(out: str) -> None:
         tiny_model("mixtral").save_pretrained(out / "model")
     dist.barrier()
     model = load_expert_parallel(str(out / "model"), ep_size=2)
+    try:  # 5 experts cannot be split over 2 ranks: refused before anything changes
+        prune_experts(model, {0: [0, 1, 2, 3, 4]})
+        uneven_refused = False
+    except DistributedSetupError as error:
+        uneven_refused = "ep_size=2" in str(error) and model.model.layers[0].mlp.gate.weight.shape[0] == 8
     g = torch.Generator().manual_seed(0)
     ids = ((torch.randint(0, 100, (48, 1), generator=g) + torch.arange(16)) % 128).tolist()
     args = MoEPruneArguments(
@@ -83,6 +88,7 @@ def main(out: str) -> None:
     layers = trainer.model.model.layers
     record = {
         "rank": rank,
+        "uneven_refused": uneven_refused,
         "wrapper": type(trainer.model_wrapped).__name__,
         "global_step": trainer.state.global_step,
         "experts_per_layer": trainer.model.config.experts_per_layer,
