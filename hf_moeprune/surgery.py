@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters import MoEAdapter, get_adapter
+from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
 from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 
@@ -120,20 +121,35 @@ def _apply(
     plan: dict[int, list[int]],
     on_tensor_replaced: TensorReplacedHook | None,
 ) -> None:
+    layers = adapter.decoder_layers(model)
+    for layer_idx, positions in plan.items():  # before anything changes: a split that cannot work is refused
+        check_expert_parallel_count(adapter.experts(layers[layer_idx]), len(positions), layer_idx)
     mark_pruned(model, adapter)
     config = model.config
-    layers = adapter.decoder_layers(model)
+    sharded_surgery = None
     for layer_idx, positions in plan.items():
         index = torch.tensor(positions, dtype=torch.long)
         layer = layers[layer_idx]
+        # FSDP2 / expert-parallel shards (DTensors): kept rows are gathered across ranks, one tensor at a time
+        sharded = [name for name in adapter.tensor_names if is_sharded(_lookup(layer, name))]
+        if sharded and sharded_surgery is None:
+            sharded_surgery = ShardedSurgery(model)
+        for name in sharded:
+            old, new = sharded_surgery.replace(*get_submodule_attr(layer, name), index)
+            if on_tensor_replaced is not None:
+                on_tensor_replaced(old, new, index)
+            del old, new
+        plain = [name for name in adapter.tensor_names if name not in sharded]
         if on_tensor_replaced is not None:
-            before = {name: _lookup(layer, name) for name in adapter.tensor_names}
-        resize_expert_tensors(layer, adapter.tensor_names, adapter.count_attributes, len(positions), index)
+            before = {name: _lookup(layer, name) for name in plain}
+        resize_expert_tensors(layer, plain, adapter.count_attributes, len(positions), index)
         if on_tensor_replaced is not None:
             for name, old in before.items():
                 if old is not None:
                     on_tensor_replaced(old, _lookup(layer, name), index)
             del before
+        if sharded:
+            ShardedSurgery.finish_experts(adapter.experts(layer), len(positions))
         config.kept_expert_ids[layer_idx] = [config.kept_expert_ids[layer_idx][p] for p in positions]
     counts = expert_counts(model, adapter)
     config.experts_per_layer = counts

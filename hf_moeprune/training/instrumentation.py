@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.adapters import MoEAdapter
+from hf_moeprune.distributed import is_sharded
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.pruning.statistics import ExpertStatistics
 
@@ -115,6 +116,10 @@ class RoutingInstrumentation:
 
         return hook
 
+    def _num_experts(self, layer: int) -> int:
+        # the router's rows: the layer's global count (under expert parallelism experts.num_experts is the local one)
+        return self.adapter.num_experts(self.adapter.decoder_layers(self.model)[layer])
+
     def _experts_forward(self, layer: int, experts: nn.Module, original_forward):
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             # The path depends on the module's mode, not on `recording`: activation checkpointing recomputes
@@ -134,10 +139,12 @@ class RoutingInstrumentation:
                 token_weights = self._token_weights(num_tokens, norms.device)
                 if token_weights is not None:
                     norms = norms * token_weights.repeat_interleave(top_k)
-                reap = torch.bincount(top_k_index.reshape(-1), weights=norms, minlength=experts.num_experts)
+                reap = torch.bincount(top_k_index.reshape(-1), weights=norms, minlength=self._num_experts(layer))
                 self.statistics.add(layer, "reap_sum", reap)
                 pair_weights = None if token_weights is None else token_weights.repeat_interleave(top_k)
-                counts = torch.bincount(top_k_index.reshape(-1), weights=pair_weights, minlength=experts.num_experts)
+                counts = torch.bincount(
+                    top_k_index.reshape(-1), weights=pair_weights, minlength=self._num_experts(layer)
+                )
                 self.statistics.add(layer, "reap_tokens", counts)
             return combined.to(hidden_states.dtype)
 
@@ -151,9 +158,11 @@ class RoutingInstrumentation:
             experts = self.adapter.experts(layers[idx])
             dot = None
             for param in experts.parameters(recurse=False):
-                if param.grad is None or param.dim() == 0 or param.shape[0] != experts.num_experts:
+                if param.grad is None or param.dim() == 0 or param.shape[0] != self._num_experts(idx):
                     continue
                 contribution = (param.detach().float() * param.grad.detach().float()).flatten(1).sum(1)
+                if is_sharded(contribution):  # FSDP2 / expert parallelism: every rank takes the whole layer's
+                    contribution = contribution.full_tensor()  # sums, as DDP's all-reduced gradients give them
                 dot = contribution if dot is None else dot + contribution
             if dot is not None:
                 self.statistics.add(idx, "saliency", dot.abs())

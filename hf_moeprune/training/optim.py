@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_moeprune.distributed import is_sharded, reshard_like, select_rows
+
 
 class OptimizerStateSlicer:
     """``on_tensor_replaced`` hook for ``prune_experts``/``permute_experts``.
@@ -28,9 +30,14 @@ class OptimizerStateSlicer:
         state = self.optimizer.state.pop(old, None)
         if state is None:
             return
-        self.optimizer.state[new] = {
-            key: value.index_select(0, index.to(value.device))
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]
-            else value
-            for key, value in state.items()
-        }
+        self.optimizer.state[new] = {key: self._follow(value, old, new, index) for key, value in state.items()}
+
+    @staticmethod
+    def _follow(value, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor):
+        if not (torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]):
+            return value
+        if is_sharded(value):
+            # FSDP2 / expert parallelism: the moments are sharded like the parameter; gather this one tensor,
+            # keep its rows, and shard it exactly as the new parameter is sharded
+            return reshard_like(select_rows(value, index), new)
+        return value.index_select(0, index.to(value.device))

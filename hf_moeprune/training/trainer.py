@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
+from hf_moeprune.distributed import check_trainer_setup
 from hf_moeprune.format import enable_selection_bias, mark_pruned
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
@@ -83,6 +84,7 @@ class MoEPruneTrainer(Trainer):
         if model is None:
             raise ValueError("MoEPruneTrainer needs a model (model_init is not supported: pruning changes shapes)")
         base = unwrap_model(model)
+        check_trainer_setup(base, args)  # DeepSpeed: refused before anything reads the (partitioned) experts
         self.adapter = get_adapter(base)
         moe_layers = self.adapter.moe_layer_indices(base)
         if not moe_layers:
@@ -302,6 +304,8 @@ class MoEPruneTrainer(Trainer):
         return logs
 
     def _rewrap_distributed(self) -> None:
+        # FSDP2 and transformers' expert parallelism need nothing here: surgery re-shards through FSDP's own
+        # per-parameter state (hf_moeprune.distributed), and the model is its own wrapper
         wrapped = self.model_wrapped
         if not isinstance(wrapped, nn.parallel.DistributedDataParallel):
             return
@@ -375,7 +379,9 @@ class MoEPruneTrainer(Trainer):
                         )
                     plan[layer] = [current[layer].index(i) for i in ids]
                 if plan:
-                    prune_experts(self.model, plan)
+                    # under FSDP2 the optimizer already exists here (it is prepared with the sharded model), so
+                    # its parameters are swapped too; its state is then loaded from the checkpoint
+                    prune_experts(self.model, plan, on_tensor_replaced=OptimizerStateSlicer(self.optimizer))
                     for layer, kept in plan.items():
                         self.statistics.select(layer, torch.tensor(kept))
                     logger.info("resumed expert layout %s from %s", self.model.config.experts_per_layer, config_path)
