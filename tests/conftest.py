@@ -12,7 +12,16 @@ from transformers import PreTrainedTokenizerFast
 import hf_moeprune  # noqa: F401  (registers the pruned-model classes)
 from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
 
-FAMILIES = sorted(TINY_CONFIGS)
+# The per-family deep suite (surgery invariants, selection bias, quantization, trust_remote_code per family) runs on
+# these representatives of every routing rule and layout; every registered family runs tests/test_families.py and
+# tests/test_routing.py.
+FAMILIES = sorted(
+    {
+        "mixtral", "minimax", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "deepseek_v3",
+        "glm4_moe", "dots1", "gpt_oss", "granitemoe", "deepseek_v2", "jamba", "hunyuan_v1_moe",
+    }  # fmt: skip
+)
+assert set(FAMILIES) <= set(TINY_CONFIGS)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
