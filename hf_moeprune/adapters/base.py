@@ -139,7 +139,10 @@ class MoEAdapter:
         import transformers
 
         config_cls = getattr(transformers, self.config_class)
-        declared = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+        try:  # what a saved config.json holds; some dataclass fields are aliases that never reach it (Mellum)
+            declared = set(config_cls().to_dict())
+        except Exception:  # a config class whose defaults do not validate on their own
+            declared = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
         for name in candidates:
             if name in declared:
                 return name

@@ -332,6 +332,8 @@ register_family(
 register_family(
     MoEAdapter(
         model_type="bailing_hybrid",
+        num_experts_field="num_experts",
+        top_k_field="num_experts_per_token",
         **{**_DEEPSEEK_V3_ROUTER, "group_field": "num_expert_group"},
         tiny_config={
             "vocab_size": 99,
@@ -667,6 +669,8 @@ register_family(
 register_family(
     MoEAdapter(
         model_type="kimi_linear",
+        num_experts_field="num_experts",
+        top_k_field="num_experts_per_token",
         **{**_DEEPSEEK_V3_ROUTER, "group_field": "num_expert_group"},
         tiny_config={
             "vocab_size": 99,
