@@ -17,8 +17,21 @@ from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
 # tests/test_routing.py.
 FAMILIES = sorted(
     {
-        "mixtral", "minimax", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "deepseek_v3",
-        "glm4_moe", "dots1", "gpt_oss", "granitemoe", "deepseek_v2", "jamba", "hunyuan_v1_moe",
+        "mixtral",
+        "minimax",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        "olmoe",
+        "flex_olmo",
+        "deepseek_v3",
+        "glm4_moe",
+        "dots1",
+        "gpt_oss",
+        "granitemoe",
+        "deepseek_v2",
+        "jamba",
+        "hunyuan_v1_moe",
     }  # fmt: skip
 )
 assert set(FAMILIES) <= set(TINY_CONFIGS)

@@ -89,7 +89,10 @@ def test_registration_matches_the_model(family):
     declared, found = ADAPTERS[family], discover_adapter(model)
     for field in ("block_attr", "router_attr", "expert_tensors", "block_tensors", "config_class", "model_class"):
         assert getattr(declared, field) == getattr(found, field), field
-    assert set(declared.router_tensors) == set(found.router_tensors) and declared.router_tensors[0] == found.router_tensors[0]
+    assert (
+        set(declared.router_tensors) == set(found.router_tensors)
+        and declared.router_tensors[0] == found.router_tensors[0]
+    )
     layer = declared.decoder_layers(model)[declared.moe_layer_indices(model)[0]]
     assert getattr(model.config, declared.num_experts_field) == declared.num_experts(layer) == 8
     assert declared.top_k(model.config) == declared.router(layer).top_k == 2
@@ -119,7 +122,9 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     assert [adapter.num_experts(reloaded.model.layers[i]) for i in moe_layers] == counts
     assert torch.equal(_logits(reloaded), expected)
     greedy = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(model.generate(IDS[:1], generation_config=greedy), reloaded.generate(IDS[:1], generation_config=greedy))
+    assert torch.equal(
+        model.generate(IDS[:1], generation_config=greedy), reloaded.generate(IDS[:1], generation_config=greedy)
+    )
 
     uniform = tiny_model(family)
     plan = _keep_plan(uniform, adapter, uniform=True)

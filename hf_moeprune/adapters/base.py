@@ -10,12 +10,11 @@ fields, the stock classes) is the default or derived, so a declaration names onl
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import dataclasses
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -131,7 +130,11 @@ class MoEAdapter:
             object.__setattr__(self, "top_k_field", self._declared_field(TOP_K_FIELD_CANDIDATES))
         if self.renormalizes is None:
             fixed = RULE_RENORMALIZES.get(self.routing)
-            rule = (lambda config: fixed) if fixed is not None else (lambda config: bool(getattr(config, "norm_topk_prob", False)))
+            rule = (
+                (lambda config: fixed)
+                if fixed is not None
+                else (lambda config: bool(getattr(config, "norm_topk_prob", False)))
+            )
             object.__setattr__(self, "renormalizes", rule)
 
     def _declared_field(self, candidates: tuple[str, ...]) -> str:
@@ -142,7 +145,9 @@ class MoEAdapter:
         try:  # what a saved config.json holds; some dataclass fields are aliases that never reach it (Mellum)
             declared = set(config_cls().to_dict())
         except Exception:  # a config class whose defaults do not validate on their own
-            declared = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+            declared = (
+                {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+            )
         for name in candidates:
             if name in declared:
                 return name
@@ -267,9 +272,8 @@ def register_unsupported(model_type: str, reason: str) -> None:
 
 def check_quantization_skips(adapter: MoEAdapter) -> None:
     """Routers decide which experts run; the default quantization config must keep them in high precision."""
-    from hf_moeprune.quantization.config import DEFAULT_SKIP_PATTERNS  # here: quantization imports adapters
-
-    import re
+    # imported on use: the quantization package is heavier and not needed to describe a family
+    from hf_moeprune.quantization.config import DEFAULT_SKIP_PATTERNS
 
     names = [f"model.layers.0.{adapter.router_path}.{adapter.router_tensors[0]}"]
     names += [f"model.layers.0.{name}" for name in adapter.skip_quantization]

@@ -25,7 +25,13 @@ logger = logging.getLogger(__name__)
 
 # When several rules reproduce the router on the probe, the more general one wins: `softmax_topk` follows the
 # router's norm_topk_prob switch, `softmax_topk_renorm` is the same rule with the switch always on.
-RULE_PREFERENCE = ("softmax_topk", "softmax_topk_renorm", "topk_softmax", "softmax_topk_scaled", "sigmoid_group_limited")
+RULE_PREFERENCE = (
+    "softmax_topk",
+    "softmax_topk_renorm",
+    "topk_softmax",
+    "softmax_topk_scaled",
+    "sigmoid_group_limited",
+)
 GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
 
 
@@ -115,7 +121,9 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         )
     rules = identify_routing(router, config.hidden_size)
     if not rules:
-        raise DiscoveryError(f"{config.model_type}: no rule in {sorted(ROUTE_FUNCTIONS)} reproduces {type(router).__name__}")
+        raise DiscoveryError(
+            f"{config.model_type}: no rule in {sorted(ROUTE_FUNCTIONS)} reproduces {type(router).__name__}"
+        )
     routing = rules[0]
     groups = {}
     if routing == "sigmoid_group_limited":

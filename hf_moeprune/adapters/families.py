@@ -883,3 +883,56 @@ register_family(
         },
     )
 )
+
+# -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
+_OWN_RULE = (
+    "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
+    "adapters.discovery.identify_routing); it needs a rule of its own"
+)
+_BLOCK_BIAS = (
+    "its router is called with a correction bias held by the MoE block (router(hidden, bias)); the routing rules "
+    "and the statistics hooks take the router's own tensors only"
+)
+_MULTIMODAL = (
+    "composite vision-language config: prune its language model through the text family ({}); saving the whole "
+    "multimodal model is not supported yet"
+)
+for _model_type, _reason in {
+    "afmoe": _BLOCK_BIAS,
+    "minimax_m2": _BLOCK_BIAS,
+    "hy_v3": _BLOCK_BIAS,
+    "lfm2_moe": _BLOCK_BIAS,
+    "ernie4_5_moe": (
+        f"{_OWN_RULE} (softmax with a [1, experts] correction bias on the choice and a clamped renormalisation); "
+        "its bias keeps the expert on dim 1, which surgery does not slice yet"
+    ),
+    "phimoe": _OWN_RULE,
+    "axk2": _OWN_RULE,
+    "deepseek_v4": _OWN_RULE,
+    "kolibri1": _OWN_RULE,
+    "laguna": _OWN_RULE,
+    "minimax_m3_vl_text": _OWN_RULE,
+    "llama4_text": (
+        "Llama4Router returns (scores for every expert, logits) instead of (logits, top-k weights, top-k indices), "
+        "and the experts weight their inputs, not their outputs"
+    ),
+    "longcat_flash": "zero-computation experts share the router with the routed ones (router width != expert count)",
+    "inkling_text": "the router also scores the shared experts (router width != routed-expert count)",
+    "inkling2_text": "the router also scores the shared experts (router width != routed-expert count)",
+    "inkling2_loop_text": "the router also scores the shared experts (router width != routed-expert count)",
+    "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
+    "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
+    "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
+    "beam": "no tiny config of this family has been verified yet",
+    "flint": "no tiny config of this family has been verified yet",
+    "lara_mini": "no tiny config of this family has been verified yet",
+    "gemma4_text": "no tiny config of this family has been verified yet",
+    "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
+    "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",
+    "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
+    "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
+    "dots3_note": _MULTIMODAL.format("dots3_note_text"),
+    "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
+    "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
+}.items():
+    register_unsupported(_model_type, _reason)
