@@ -107,7 +107,8 @@ def run_without_package(code: str, cwd=None):
         "sys.meta_path.insert(0, _Block())\n"
     )
     # same thread count as this process: BLAS reductions split differently across threads
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    threads = str(torch.get_num_threads())  # MKL's too: an inherited MKL_NUM_THREADS=1 changes the matmul splits
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return subprocess.run(
         [sys.executable, "-c", blocker + code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )

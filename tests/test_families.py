@@ -139,10 +139,18 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     torch.testing.assert_close(_logits(stock), expected, rtol=0, atol=1e-6)
 
 
-def test_every_family_loads_with_trust_remote_code_without_the_package(tmp_path):
-    """One subprocess without hf_moeprune loads every family's per-layer checkpoint and reproduces its logits."""
+# The default run loads a few families added in 2026-12 (the per-family deep suite covers the first 15 one by one);
+# the slow run loads every registered family.
+REMOTE_DEFAULT = ["glm4_moe_lite", "granitemoehybrid", "nemotron_h", "qwen3_5_moe_text"]
+
+
+@pytest.mark.parametrize(
+    "families", [pytest.param(REMOTE_DEFAULT, id="new"), pytest.param(SUPPORTED, id="all", marks=pytest.mark.slow)]
+)
+def test_families_load_with_trust_remote_code_without_the_package(families, tmp_path):
+    """One subprocess without hf_moeprune loads each family's per-layer checkpoint and reproduces its logits."""
     checkpoints = []
-    for family in SUPPORTED:
+    for family in families:
         model = tiny_model(family)
         adapter = hf_moeprune.get_adapter(model)
         prune_experts(model, _keep_plan(model, adapter, uniform=False))
@@ -161,11 +169,11 @@ def test_every_family_loads_with_trust_remote_code_without_the_package(tmp_path)
             assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
             with torch.no_grad():
                 out = m(ids).logits
-            assert torch.equal(out, torch.load(path + "/expected.pt")), family
-            print("REMOTE_OK", family)
+            expected = torch.load(path + "/expected.pt")
+            print("REMOTE_OK" if torch.equal(out, expected) else "REMOTE_DIFF", family, (out - expected).abs().max().item())
         """
     )
     result = run_without_package(code, cwd=tmp_path)
     ok = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("REMOTE_OK")]
-    assert ok == checkpoints, result.stderr[-3000:]
-    assert len(checkpoints) == len(SUPPORTED)
+    assert ok == checkpoints, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(checkpoints) == len(families)
