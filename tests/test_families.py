@@ -177,3 +177,16 @@ def test_families_load_with_trust_remote_code_without_the_package(families, tmp_
     ok = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("REMOTE_OK")]
     assert ok == checkpoints, result.stdout[-3000:] + result.stderr[-3000:]
     assert len(checkpoints) == len(families)
+
+
+def test_readme_family_tables_are_generated_from_the_registry():
+    from pathlib import Path
+
+    from hf_moeprune.adapters.table import replace_table
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert replace_table(readme) == readme, (
+        "README family tables are stale: python -m hf_moeprune.adapters.table README.md"
+    )
+    for name in [*ADAPTERS, *UNSUPPORTED]:
+        assert f"| {name} |" in readme
