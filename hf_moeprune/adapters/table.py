@@ -46,10 +46,8 @@ def family_table() -> str:
     for name in sorted(ADAPTERS):
         adapter = ADAPTERS[name]
         removal = REMOVAL.get(adapter.routing, "").format(group=adapter.group_field)
-        rows.append(
-            f"| {name} | `{adapter.num_experts_field}` | {_layout(adapter)} | {RULES.get(adapter.routing, adapter.routing)} "
-            f"| {removal} |"
-        )
+        rule = RULES.get(adapter.routing, adapter.routing)
+        rows.append(f"| {name} | `{adapter.num_experts_field}` | {_layout(adapter)} | {rule} | {removal} |")
     rows += ["", f"Not supported yet: {len(UNSUPPORTED)} families.", "", "| model_type | why |", "|---|---|"]
     rows += [f"| {name} | {UNSUPPORTED[name]} |" for name in sorted(UNSUPPORTED)]
     return "\n".join(rows)
