@@ -9,6 +9,7 @@ lists it with a reason.
 import dataclasses
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,8 +181,6 @@ def test_families_load_with_trust_remote_code_without_the_package(families, tmp_
 
 
 def test_readme_family_tables_are_generated_from_the_registry():
-    from pathlib import Path
-
     from hf_moeprune.adapters.table import replace_table
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
@@ -190,3 +189,49 @@ def test_readme_family_tables_are_generated_from_the_registry():
     )
     for name in [*ADAPTERS, *UNSUPPORTED]:
         assert f"| {name} |" in readme
+
+
+def test_an_unregistered_family_is_derived_from_the_model(tmp_path, monkeypatch, caplog):
+    """Generic first: a family nobody registered prunes, saves and reloads from what its modules expose."""
+    model = tiny_model("solar_open")
+    declared = ADAPTERS["solar_open"]
+    monkeypatch.delitem(ADAPTERS, "solar_open")
+    with pytest.raises(ValueError, match="not a supported MoE family"):
+        hf_moeprune.get_adapter(model.config)  # a bare config has nothing to derive from
+    with caplog.at_level("WARNING"):
+        derived = hf_moeprune.get_adapter(model)
+    assert "not registered" in caplog.text and ADAPTERS["solar_open"] is derived
+    assert (derived.routing, derived.router_tensors, derived.num_experts_field) == (
+        declared.routing,
+        declared.router_tensors,
+        declared.num_experts_field,
+    )
+    prune_experts(model, _keep_plan(model, derived, uniform=False))
+    expected = _logits(model)
+    model.save_pretrained(tmp_path, export_stock=False)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), expected)
+
+
+def test_registration_checks_the_remote_code_file_and_quantization():
+    from hf_moeprune.adapters import register_family
+    from hf_moeprune.adapters.routing import ROUTE_FUNCTIONS, register_route_function
+    from hf_moeprune.format import modeling_moeprune
+
+    source = Path(modeling_moeprune.__file__).read_text()
+    for adapter in ADAPTERS.values():  # every rule a family uses ships in the trust_remote_code file
+        assert f"\ndef {adapter.routing}(" in source, adapter.model_type
+    register_route_function("test_only_rule")(ROUTE_FUNCTIONS["softmax_topk_renorm"])
+    try:
+        with pytest.raises(ValueError, match="not defined in format/modeling_moeprune.py"):
+            register_family(
+                hf_moeprune.MoEAdapter(
+                    model_type="olmo2", routing="test_only_rule", num_experts_field="x", top_k_field="y"
+                )
+            )
+    finally:
+        del ROUTE_FUNCTIONS["test_only_rule"]
+    with pytest.raises(ValueError, match="would be quantized"):
+        register_family(
+            hf_moeprune.MoEAdapter(model_type="olmo2", router_attr="selector", num_experts_field="x", top_k_field="y")
+        )
+    assert "olmo2" not in ADAPTERS

@@ -294,15 +294,33 @@ def base_model_type(config) -> str:
 
 
 def get_adapter(model_or_config) -> MoEAdapter:
-    """The adapter for a model (or config); ValueError naming the model_type if unsupported."""
+    """The adapter for a model (or config); ValueError naming the model_type if unsupported.
+
+    A model (not a bare config) of a family nobody registered gets an adapter derived from its modules
+    (`adapters.discovery`: the v5 experts/router layout, and the known rule that reproduces its router bit for bit),
+    which is then registered for this process, with a warning; a model that does not fit raises why.
+    """
     model = getattr(model_or_config, "module", model_or_config)  # DDP / accelerate wrappers
     config = getattr(model, "config", model)
     model_type = base_model_type(config)
     if model_type in UNSUPPORTED:
         raise ValueError(f"model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
-    try:
+    if model_type in ADAPTERS:
         return ADAPTERS[model_type]
-    except KeyError:
-        raise ValueError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {sorted(ADAPTERS)}"
-        ) from None
+    if isinstance(model, nn.Module):
+        from hf_moeprune.adapters.discovery import DiscoveryError, discover_adapter  # discovery imports this module
+
+        try:
+            adapter = discover_adapter(model)
+        except DiscoveryError as exc:
+            raise ValueError(
+                f"model_type {model_type!r} is not a registered MoE family and its layout could not be derived: {exc}; "
+                f"registered: {sorted(ADAPTERS)}"
+            ) from None
+        logger.warning(
+            "model_type %r is not registered with hf_moeprune; using the adapter derived from the model (routing %r, "
+            "verified bit for bit against its router on random inputs). Register it in adapters/families.py: %r",
+            model_type, adapter.routing, adapter,
+        )  # fmt: skip
+        return register_family(adapter)
+    raise ValueError(f"model_type {model_type!r} is not a supported MoE family; supported: {sorted(ADAPTERS)}")
