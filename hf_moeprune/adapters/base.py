@@ -43,6 +43,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "topk_softmax": True,
     "sigmoid_group_limited": True,
     "softmax_topk_scaled": False,
+    "softmax_topk_renorm_biased": True,
 }
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

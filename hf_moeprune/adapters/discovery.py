@@ -41,7 +41,13 @@ class DiscoveryError(ValueError):
 
 def _per_expert(module: nn.Module, num_experts: int, recurse: bool = True) -> list[str]:
     named = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
-    return [name for name, t in named if t.dim() >= 1 and t.shape[0] == num_experts]
+    # [1, experts]: a per-expert statistic kept in a group dimension (Ernie-4.5's e_score_correction_bias)
+    return [
+        name
+        for name, t in named
+        if (t.dim() >= 1 and t.shape[0] == num_experts)
+        or (t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == num_experts)
+    ]
 
 
 def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:

@@ -884,6 +884,32 @@ register_family(
     )
 )
 
+# Ernie-4.5-MoE: softmax, top-k chosen on probabilities + a [1, experts] correction bias (router.moe_statics), the k
+# weights renormalised with a clamped sum. MoE layers from moe_layer_start_index to moe_layer_end_index.
+register_family(
+    MoEAdapter(
+        model_type="ernie4_5_moe",
+        router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+        routing="softmax_topk_renorm_biased",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+            "moe_intermediate_size": 16,
+            "moe_k": 2,
+            "moe_num_experts": 8,
+            "moe_layer_start_index": 0,
+            "moe_layer_end_index": 2,
+        },
+    )
+)
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -902,10 +928,6 @@ for _model_type, _reason in {
     "minimax_m2": _BLOCK_BIAS,
     "hy_v3": _BLOCK_BIAS,
     "lfm2_moe": _BLOCK_BIAS,
-    "ernie4_5_moe": (
-        f"{_OWN_RULE} (softmax with a [1, experts] correction bias on the choice and a clamped renormalisation); "
-        "its bias keeps the expert on dim 1, which surgery does not slice yet"
-    ),
     "phimoe": _OWN_RULE,
     "axk2": _OWN_RULE,
     "deepseek_v4": _OWN_RULE,

@@ -119,12 +119,22 @@ def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias:
     return scores.gather(-1, indices) * router.routed_scaling_factor, indices
 
 
+def softmax_topk_renorm_biased(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Ernie-4.5-MoE: fp32 softmax, top-k on probabilities + ``moe_statics.e_score_correction_bias`` ([1, experts]),
+    weights renormalised over the chosen k with the sum clamped at ``norm_min``."""
+    probs = torch.softmax(logits, dim=1, dtype=torch.float)
+    indices = _select(router.moe_statics(probs), router.top_k, selection_bias)
+    weights = probs.gather(-1, indices)
+    return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), indices
+
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
     "topk_softmax": topk_softmax,
     "sigmoid_group_limited": sigmoid_group_limited,
     "softmax_topk_scaled": softmax_topk_scaled,
+    "softmax_topk_renorm_biased": softmax_topk_renorm_biased,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
@@ -197,6 +207,7 @@ def resize_expert_tensors(
     returned. Each tensor is replaced one at a time, so at most one extra tensor is alive.
     """
     resized = []
+    before = None  # the expert count before resizing, read off the first tensor (the router weight)
     for name in tensor_names:
         try:
             owner, attr = get_submodule_attr(layer, name)
@@ -205,10 +216,15 @@ def resize_expert_tensors(
         old = getattr(owner, attr, None)
         if not isinstance(old, torch.Tensor):
             continue
+        before = old.shape[0] if before is None else before
+        # experts are on dim 0, except in [1, experts] statistics (Ernie-4.5's e_score_correction_bias)
+        axis = 1 if old.dim() == 2 and old.shape[0] == 1 and old.shape[1] == before != 1 else 0
         if index is not None:
-            data = old.detach().index_select(0, index.to(old.device))
+            data = old.detach().index_select(axis, index.to(old.device))
         else:
-            data = torch.empty((num_experts, *old.shape[1:]), dtype=old.dtype, device=old.device)
+            shape = list(old.shape)
+            shape[axis] = num_experts
+            data = torch.empty(shape, dtype=old.dtype, device=old.device)
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(data, requires_grad=old.requires_grad)
             setattr(owner, attr, new)
