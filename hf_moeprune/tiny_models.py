@@ -48,7 +48,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
     """A tiny randomly initialised causal LM of ``model_type`` in eval mode, deterministic per seed.
 
     Per-expert biases initialise to zero in every family; random ones exercise their surgery and the biased
-    choice: router and expert biases ~ N(0, 0.5), ``e_score_correction_bias`` ~ N(0, 0.1).
+    choice: router and expert biases ~ N(0, 0.5), biases used only to choose (``e_score_correction_bias``, LFM2's
+    ``expert_bias``) ~ N(0, 0.1).
     """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
@@ -60,9 +61,10 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
     biases |= {f"{adapter.block_attr}.{n}" for n in adapter.block_tensors if n.endswith("bias")}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if any(name.endswith(b) for b in biases) and not name.endswith("e_score_correction_bias"):
+            if any(name.endswith(b) for b in biases) and not name.endswith(("e_score_correction_bias", "expert_bias")):
                 param.normal_(0.0, 0.5)
         for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
-            if name.endswith("e_score_correction_bias") and any(name.endswith(b) for b in biases):
+            selection_only = name.endswith("e_score_correction_bias") or name.endswith("expert_bias")
+            if selection_only and any(name.endswith(b) for b in biases):
                 tensor.normal_(0.0, 0.1)
     return model.eval()

@@ -22,7 +22,7 @@ import hf_moeprune
 from hf_moeprune import prune_experts
 from hf_moeprune.adapters import ADAPTERS, UNSUPPORTED
 from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES
-from hf_moeprune.adapters.discovery import discover_adapter, identify_routing
+from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, identify_routing
 from hf_moeprune.tiny_models import tiny_model
 
 SUPPORTED = sorted(ADAPTERS)
@@ -97,7 +97,10 @@ def test_registration_matches_the_model(family):
     layer = declared.decoder_layers(model)[declared.moe_layer_indices(model)[0]]
     assert getattr(model.config, declared.num_experts_field) == declared.num_experts(layer) == 8
     assert declared.top_k(model.config) == declared.router(layer).top_k == 2
-    assert declared.routing in identify_routing(declared.router(layer), model.config.hidden_size)
+    router_args = block_router_args(declared.moe_block(layer), declared.block_tensors)
+    assert declared.routing in identify_routing(
+        declared.router(layer), model.config.hidden_size, router_args=router_args
+    )
     assert declared.moe_layer_indices(model), family
 
 
@@ -142,7 +145,7 @@ def test_prune_save_reload_export_generate(family, tmp_path):
 
 # The default run loads a few families added in 2026-12 (the per-family deep suite covers the first 15 one by one);
 # the slow run loads every registered family.
-REMOTE_DEFAULT = ["ernie4_5_moe", "glm4_moe_lite", "granitemoehybrid", "nemotron_h", "qwen3_5_moe_text"]
+REMOTE_DEFAULT = ["ernie4_5_moe", "glm4_moe_lite", "granitemoehybrid", "minimax_m2", "nemotron_h", "qwen3_5_moe_text"]
 
 
 @pytest.mark.parametrize(
@@ -235,3 +238,25 @@ def test_registration_checks_the_remote_code_file_and_quantization():
             hf_moeprune.MoEAdapter(model_type="olmo2", router_attr="selector", num_experts_field="x", top_k_field="y")
         )
     assert "olmo2" not in ADAPTERS
+
+
+@pytest.mark.parametrize("family", ["minimax_m2", "lfm2_moe", "ernie4_5_moe"])
+def test_selection_bias_on_families_with_their_own_bias(family, tmp_path):
+    """The learned selection bias composes with a block-held (MiniMax-M2, LFM2) or [1, experts] (Ernie) bias: zero
+    changes nothing, a large entry forces its expert, and it is saved and reloaded."""
+    from hf_moeprune.format import enable_selection_bias
+
+    model = tiny_model(family)
+    adapter = hf_moeprune.get_adapter(model)
+    expected = _logits(model)
+    enable_selection_bias(model, adapter)
+    assert torch.equal(_logits(model), expected)
+    layer = adapter.decoder_layers(model)[adapter.moe_layer_indices(model)[0]]
+    chosen = []
+    adapter.router(layer).register_forward_hook(lambda module, args, output: chosen.append(output[2]))
+    with torch.no_grad():
+        adapter.router(layer).selection_bias[5] = 100.0
+    biased = _logits(model)
+    assert not torch.equal(biased, expected) and (chosen[-1] == 5).any(dim=-1).all()
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), biased)

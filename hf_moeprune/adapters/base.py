@@ -44,6 +44,8 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sigmoid_group_limited": True,
     "softmax_topk_scaled": False,
     "softmax_topk_renorm_biased": True,
+    "sigmoid_topk_block_bias": True,
+    "sigmoid_topk_expert_bias": None,
 }
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -217,9 +219,10 @@ class MoEAdapter:
         """Per-expert router scores [tokens, experts] from router logits (probabilities or sigmoids)."""
         return ROUTER_SCORE_FUNCTIONS[self.score_function](router_logits)
 
-    def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-        """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice."""
-        return get_route_function(self.routing)(router, logits, selection_bias)
+    def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, *router_args):
+        """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice.
+        ``router_args``: the router's arguments after the hidden states (a bias the MoE block holds and passes)."""
+        return get_route_function(self.routing)(router, logits, selection_bias, *router_args)
 
     def num_groups(self, config) -> int:
         if self.group_field is None or not self.group_limited(config):

@@ -75,14 +75,15 @@ def _config_field(config, candidates: tuple[str, ...], value) -> str | None:
     return next((name for name in candidates if declared.get(name) == value), None)
 
 
-def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0) -> list[str]:
-    """Every rule in ``ROUTE_FUNCTIONS`` that reproduces ``router`` bit for bit on random inputs, preferred first."""
+def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_args: tuple = ()) -> list[str]:
+    """Every rule in ``ROUTE_FUNCTIONS`` that reproduces ``router`` bit for bit on random inputs, preferred first.
+    ``router_args``: what the MoE block passes the router besides the hidden states (a block-held bias)."""
     generator = torch.Generator().manual_seed(seed)
     weight = next(router.parameters())
     hidden = torch.randn(64, hidden_size, generator=generator).to(weight.dtype)
     with torch.no_grad():
         try:
-            output = router(hidden)
+            output = router(hidden, *router_args)
         except TypeError as exc:  # a router that needs more than the hidden states (a bias owned by the block)
             raise DiscoveryError(f"{type(router).__name__} is not called as router(hidden_states): {exc}") from None
     if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(t, torch.Tensor) for t in output)):
@@ -91,12 +92,18 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0) -> list
     matches = []
     for name in sorted(ROUTE_FUNCTIONS, key=lambda n: RULE_PREFERENCE.index(n) if n in RULE_PREFERENCE else 99):
         try:
-            w, i = ROUTE_FUNCTIONS[name](router, logits, None)
+            w, i = ROUTE_FUNCTIONS[name](router, logits, None, *router_args)
         except (AttributeError, RuntimeError, TypeError):
             continue  # the rule reads router attributes this family does not have
         if torch.equal(i, indices) and w.dtype == weights.dtype and torch.equal(w, weights):
             matches.append(name)
     return matches
+
+
+def block_router_args(block: nn.Module, block_tensors) -> tuple:
+    """The per-expert tensors a MoE block holds itself; such blocks pass them to their router after the hidden
+    states (MiniMax-M2, HY-V3: ``e_score_correction_bias``; LFM2-MoE: ``expert_bias``)."""
+    return tuple(getattr(block, name) for name in block_tensors)
 
 
 def discover_adapter(model: nn.Module) -> MoEAdapter:
@@ -125,7 +132,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
             f"{config.model_type}: no config field among {COUNT_FIELD_CANDIDATES} equals {num_experts} experts or "
             f"none among {TOP_K_FIELD_CANDIDATES} equals the router's top_k"
         )
-    rules = identify_routing(router, config.hidden_size)
+    rules = identify_routing(router, config.hidden_size, router_args=block_router_args(block, block_tensors))
     if not rules:
         raise DiscoveryError(
             f"{config.model_type}: no rule in {sorted(ROUTE_FUNCTIONS)} reproduces {type(router).__name__}"
@@ -144,7 +151,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         router_tensors=tuple(router_tensors),
         expert_tensors=tuple(expert_tensors),
         block_tensors=tuple(block_tensors),
-        score_function="sigmoid" if routing == "sigmoid_group_limited" else "softmax",
+        score_function="sigmoid" if routing.startswith("sigmoid") else "softmax",
         routing=routing,
         config_class=type(config).__name__,
         model_class=type(model).__name__,

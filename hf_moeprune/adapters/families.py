@@ -910,6 +910,60 @@ register_family(
     )
 )
 
+# MiniMax-M2 and HY-V3: sigmoid scores, the choice shifted by an e_score_correction_bias that the MoE block holds and
+# passes to its router; HY-V3 scales the renormalised weights by router_scaling_factor.
+register_family(
+    MoEAdapter(
+        model_type="minimax_m2",
+        block_tensors=("e_score_correction_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_block_bias",
+        tiny_config=_tiny(intermediate_size=32, num_local_experts=8, head_dim=8),
+    )
+)
+register_family(
+    MoEAdapter(
+        model_type="hy_v3",
+        block_tensors=("e_score_correction_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_block_bias",
+        tiny_config=_tiny(
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_experts=8,
+            head_dim=8,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    )
+)
+
+# LFM2-MoE (short convolutions + attention, dense first layers): sigmoid scores, the choice shifted by the block's
+# expert_bias, renormalised with norm_topk_prob, x routed_scaling_factor.
+register_family(
+    MoEAdapter(
+        model_type="lfm2_moe",
+        block_attr="feed_forward",
+        block_tensors=("expert_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_expert_bias",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 512,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "num_dense_layers": 1,
+            "num_experts_per_tok": 2,
+            "num_experts": 8,
+            "layer_types": ["full_attention", "conv", "full_attention"],
+        },
+    )
+)
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -925,9 +979,6 @@ _MULTIMODAL = (
 )
 for _model_type, _reason in {
     "afmoe": _BLOCK_BIAS,
-    "minimax_m2": _BLOCK_BIAS,
-    "hy_v3": _BLOCK_BIAS,
-    "lfm2_moe": _BLOCK_BIAS,
     "phimoe": _OWN_RULE,
     "axk2": _OWN_RULE,
     "deepseek_v4": _OWN_RULE,

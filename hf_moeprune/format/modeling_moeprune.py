@@ -128,6 +128,38 @@ def softmax_topk_renorm_biased(router: nn.Module, logits: torch.Tensor, selectio
     return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), indices
 
 
+def sigmoid_topk_block_bias(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, correction_bias=None
+):
+    """MiniMax-M2, HY-V3: fp32 sigmoid scores, unsorted top-k on score + the MoE block's ``e_score_correction_bias``
+    (the router's second argument), renormalised, x ``router_scaling_factor`` where the router has one (HY-V3)."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    scale = getattr(router, "router_scaling_factor", None)
+    return (weights * scale if scale is not None else weights), indices
+
+
+def sigmoid_topk_expert_bias(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, expert_bias=None
+):
+    """LFM2-MoE: sigmoid scores, sorted top-k on score + the MoE block's ``expert_bias`` (the router's second
+    argument, when ``use_expert_bias``), renormalised with ``norm_topk_prob`` (+1e-6), x ``routed_scaling_factor``."""
+    scores = logits.sigmoid()
+    choice = scores if expert_bias is None else scores + expert_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, k=router.top_k, dim=-1).indices
+    weights = torch.gather(scores, dim=1, index=indices).type_as(logits)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+    return weights * router.routed_scaling_factor, indices
+
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
@@ -135,6 +167,8 @@ ROUTE_FUNCTIONS = {
     "sigmoid_group_limited": sigmoid_group_limited,
     "softmax_topk_scaled": softmax_topk_scaled,
     "softmax_topk_renorm_biased": softmax_topk_renorm_biased,
+    "sigmoid_topk_block_bias": sigmoid_topk_block_bias,
+    "sigmoid_topk_expert_bias": sigmoid_topk_expert_bias,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
@@ -148,7 +182,8 @@ def _route_with_selection_bias(router: nn.Module, args, output):
     """Forward hook on a router: choose experts on score + ``router.selection_bias``, weight with the raw score."""
     logits = output[0]
     route = ROUTE_FUNCTIONS[router._moeprune_routing]
-    weights, indices = route(router, logits, getattr(router, SELECTION_BIAS))
+    # args[1:]: what the MoE block passes besides the hidden states (MiniMax-M2's, LFM2's block-held bias)
+    weights, indices = route(router, logits, getattr(router, SELECTION_BIAS), *args[1:])
     return (logits, weights.to(output[1].dtype), indices, *output[3:])
 
 
