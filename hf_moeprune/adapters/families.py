@@ -979,15 +979,19 @@ _MULTIMODAL = (
 )
 for _model_type, _reason in {
     "afmoe": _BLOCK_BIAS,
-    "phimoe": _OWN_RULE,
+    "phimoe": (
+        "sparsemixer routing samples experts in training (Gumbel) with a custom gradient (PhimoeMultiplier), which a "
+        "deterministic routing rule cannot reproduce"
+    ),
     "axk2": _OWN_RULE,
     "deepseek_v4": _OWN_RULE,
     "kolibri1": _OWN_RULE,
     "laguna": _OWN_RULE,
     "minimax_m3_vl_text": _OWN_RULE,
     "llama4_text": (
-        "Llama4Router returns (scores for every expert, logits) instead of (logits, top-k weights, top-k indices), "
-        "and the experts weight their inputs, not their outputs"
+        "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
+        "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "
+        "hooks of the statistics and of the selection bias do not apply"
     ),
     "longcat_flash": "zero-computation experts share the router with the routed ones (router width != expert count)",
     "inkling_text": "the router also scores the shared experts (router width != routed-expert count)",
