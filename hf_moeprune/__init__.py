@@ -6,7 +6,7 @@ with ``AutoModelForCausalLM.from_pretrained``. Heavier parts (trainer, compressi
 
 from importlib import import_module
 
-from hf_moeprune.adapters import ADAPTERS, MoEAdapter, get_adapter, register_adapter
+from hf_moeprune.adapters import ADAPTERS, MoEAdapter, get_adapter, register_adapter, register_family
 from hf_moeprune.balancing import PlacementPlan, plan_placement
 from hf_moeprune.format import PrunedConfigError, is_pruned, register_auto_classes
 from hf_moeprune.quantization import (  # registers the quantizer, so quantized checkpoints load too
@@ -58,6 +58,7 @@ __all__ = [
     "prune_experts",
     "quantize",
     "register_adapter",
+    "register_family",
     "weight_files_size_bytes",
     *_LAZY,
 ]

@@ -12,7 +12,29 @@ from transformers import PreTrainedTokenizerFast
 import hf_moeprune  # noqa: F401  (registers the pruned-model classes)
 from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
 
-FAMILIES = sorted(TINY_CONFIGS)
+# The per-family deep suite (surgery invariants, selection bias, quantization, trust_remote_code per family) runs on
+# these representatives of every routing rule and layout; every registered family runs tests/test_families.py and
+# tests/test_routing.py.
+FAMILIES = sorted(
+    {
+        "mixtral",
+        "minimax",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        "olmoe",
+        "flex_olmo",
+        "deepseek_v3",
+        "glm4_moe",
+        "dots1",
+        "gpt_oss",
+        "granitemoe",
+        "deepseek_v2",
+        "jamba",
+        "hunyuan_v1_moe",
+    }  # fmt: skip
+)
+assert set(FAMILIES) <= set(TINY_CONFIGS)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -85,7 +107,8 @@ def run_without_package(code: str, cwd=None):
         "sys.meta_path.insert(0, _Block())\n"
     )
     # same thread count as this process: BLAS reductions split differently across threads
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    threads = str(torch.get_num_threads())  # MKL's too: an inherited MKL_NUM_THREADS=1 changes the matmul splits
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH="", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     return subprocess.run(
         [sys.executable, "-c", blocker + code], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )

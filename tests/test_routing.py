@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import hf_moeprune
+from hf_moeprune.adapters.discovery import block_router_args
 from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -31,8 +32,9 @@ def test_route_function_reproduces_stock_router_exactly(family, overrides):
     hidden = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in adapter.moe_layer_indices(model):
         router = adapter.router(adapter.decoder_layers(model)[layer])
-        logits, weights, indices = router(hidden)
-        w, i = adapter.route(router, logits)
+        args = block_router_args(adapter.moe_block(adapter.decoder_layers(model)[layer]), adapter.block_tensors)
+        logits, weights, indices = router(hidden, *args)
+        w, i = adapter.route(router, logits, None, *args)
         assert torch.equal(i, indices)
         assert torch.equal(w, weights) and w.dtype == weights.dtype
 

@@ -1,19 +1,52 @@
 """Architecture adapters: where each MoE family keeps its router and experts, and how it routes.
 
 An adapter is a small declarative record. Surgery, statistics and balancing only talk to the model
-through it, so adding a family is one `register_adapter(...)` call in `families.py`.
+through it, so adding a family is one `register_family(...)` call in `families.py`: the record owns the
+routing rule, the config fields of the pruned format, the stock classes the pruned classes extend, the
+tensors kept out of quantization and the tiny config the tests build. Whatever transformers' v5 MoE
+layout implies (``mlp.gate`` / ``mlp.experts``, fused ``gate_up_proj``/``down_proj``, the count and top-k
+fields, the stock classes) is the default or derived, so a declaration names only what differs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from hf_moeprune.adapters.routing import get_route_function
-from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX, SELECTION_BIAS, get_submodule_attr
+from hf_moeprune.adapters.routing import BUILTIN_ROUTE_FUNCTIONS, get_route_function
+from hf_moeprune.format import register_pruned_classes
+from hf_moeprune.format.modeling_moeprune import (
+    COUNT_FIELD_CANDIDATES,
+    MODEL_TYPE_PREFIX,
+    SELECTION_BIAS,
+    get_submodule_attr,
+    make_pruned_classes,
+)
+
+logger = logging.getLogger(__name__)
+
+TOP_K_FIELD_CANDIDATES = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token")
+
+# Whether a routing rule renormalises the combine weights over the chosen experts (per-expert scores count
+# as renormalised: no shared denominator), so that removing an expert no token chose changes nothing.
+# ``softmax_topk`` follows the router's ``norm_topk_prob``; None means "read the config".
+RULE_RENORMALIZES: dict[str, bool | None] = {
+    "softmax_topk_renorm": True,
+    "softmax_topk": None,
+    "topk_softmax": True,
+    "sigmoid_group_limited": True,
+    "softmax_topk_scaled": False,
+    "softmax_topk_renorm_biased": True,
+    "sigmoid_topk_block_bias": True,
+    "sigmoid_topk_expert_bias": None,
+}
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
@@ -27,7 +60,16 @@ class MoEAdapter:
 
     Attributes:
         model_type: the stock ``config.model_type``.
-        num_experts_field: config field holding the routed-expert count.
+        num_experts_field: config field holding the routed-expert count (default: the first of
+            ``COUNT_FIELD_CANDIDATES`` that the config class declares).
+        top_k_field: config field holding the experts per token (default: the first of ``TOP_K_FIELD_CANDIDATES``).
+        config_class / model_class: names of the stock classes in ``transformers`` (default: transformers' own
+            Auto mappings for ``model_type``); the pruned classes extend them.
+        block_tensors: per-expert tensors held by the MoE block itself (MiniMax-M2 keeps its correction bias there).
+        tiny_config: keyword arguments of the stock config class for a tiny test model of the family.
+        skip_quantization: tensor names (relative to the decoder layer) that quantization must leave in high
+            precision besides the router (e.g. Qwen2-MoE's ``shared_expert_gate``); checked against
+            ``quantization.config.DEFAULT_SKIP_PATTERNS`` at registration.
         block_attr / router_attr / experts_attr: attribute path decoder layer -> MoE block -> router/experts.
         router_tensors / expert_tensors: per-expert tensors (expert index on dim 0) of router and experts,
             relative to the router / experts module and possibly dotted (HunYuan: ``"wg.weight"``); the first
@@ -44,20 +86,25 @@ class MoEAdapter:
     """
 
     model_type: str
-    num_experts_field: str
+    num_experts_field: str | None = None
     block_attr: str = "mlp"
     router_attr: str = "gate"
     experts_attr: str = "experts"
     router_tensors: tuple[str, ...] = ("weight",)
     expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
     score_function: str = "softmax"
-    renormalizes: Callable[[object], bool] = field(default=lambda config: True)
+    renormalizes: Callable[[object], bool] | None = None
     group_field: str | None = None
     topk_group_field: str | None = None
     group_limited: Callable[[object], bool] = field(default=lambda config: True)
     group_score_experts: int = 2
-    top_k_field: str = "num_experts_per_tok"
+    top_k_field: str | None = None
     routing: str = "softmax_topk_renorm"
+    config_class: str | None = None
+    model_class: str | None = None
+    block_tensors: tuple[str, ...] = ()
+    tiny_config: Mapping[str, Any] = field(default_factory=dict)
+    skip_quantization: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.score_function not in ROUTER_SCORE_FUNCTIONS:
@@ -66,6 +113,48 @@ class MoEAdapter:
                 f"known: {sorted(ROUTER_SCORE_FUNCTIONS)}"
             )
         get_route_function(self.routing)  # fails early, naming the known rules
+        # frozen dataclass: derived defaults are filled in once, here
+        if self.config_class is None or self.model_class is None:
+            from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            if self.model_type not in CONFIG_MAPPING_NAMES or self.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                raise ValueError(
+                    f"model_type {self.model_type!r} has no causal-LM class in this transformers; "
+                    f"pass config_class= and model_class= explicitly"
+                )
+            object.__setattr__(self, "config_class", self.config_class or CONFIG_MAPPING_NAMES[self.model_type])
+            object.__setattr__(
+                self, "model_class", self.model_class or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.model_type]
+            )
+        if self.num_experts_field is None:
+            object.__setattr__(self, "num_experts_field", self._declared_field(COUNT_FIELD_CANDIDATES))
+        if self.top_k_field is None:
+            object.__setattr__(self, "top_k_field", self._declared_field(TOP_K_FIELD_CANDIDATES))
+        if self.renormalizes is None:
+            fixed = RULE_RENORMALIZES.get(self.routing)
+            rule = (
+                (lambda config: fixed)
+                if fixed is not None
+                else (lambda config: bool(getattr(config, "norm_topk_prob", False)))
+            )
+            object.__setattr__(self, "renormalizes", rule)
+
+    def _declared_field(self, candidates: tuple[str, ...]) -> str:
+        """The first of ``candidates`` that the stock config class declares as a field (not an alias)."""
+        import transformers
+
+        config_cls = getattr(transformers, self.config_class)
+        try:  # what a saved config.json holds; some dataclass fields are aliases that never reach it (Mellum)
+            declared = set(config_cls().to_dict())
+        except Exception:  # a config class whose defaults do not validate on their own
+            declared = (
+                {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+            )
+        for name in candidates:
+            if name in declared:
+                return name
+        raise ValueError(f"{self.config_class} declares none of {candidates}; name the field in the adapter")
 
     # -- where things live -------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -102,7 +191,8 @@ class MoEAdapter:
         is listed too; names a layer does not have are skipped by surgery)."""
         router = [f"{self.block_attr}.{self.router_attr}.{n}" for n in (*self.router_tensors, SELECTION_BIAS)]
         experts = [f"{self.block_attr}.{self.experts_attr}.{n}" for n in self.expert_tensors]
-        return router + experts
+        block = [f"{self.block_attr}.{n}" for n in self.block_tensors]
+        return router + experts + block
 
     @property
     def count_attributes(self) -> list[str]:
@@ -122,16 +212,17 @@ class MoEAdapter:
     def has_native_selection_bias(self) -> bool:
         """True when the family's router already selects on score + a per-expert bias that is saved with the
         model (DeepSeek-V3's ``e_score_correction_bias``)."""
-        return "e_score_correction_bias" in self.router_tensors
+        return "e_score_correction_bias" in self.router_tensors or "e_score_correction_bias" in self.block_tensors
 
     # -- routing semantics -------------------------------------------------------------------
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         """Per-expert router scores [tokens, experts] from router logits (probabilities or sigmoids)."""
         return ROUTER_SCORE_FUNCTIONS[self.score_function](router_logits)
 
-    def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-        """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice."""
-        return get_route_function(self.routing)(router, logits, selection_bias)
+    def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, *router_args):
+        """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice.
+        ``router_args``: the router's arguments after the hidden states (a bias the MoE block holds and passes)."""
+        return get_route_function(self.routing)(router, logits, selection_bias, *router_args)
 
     def num_groups(self, config) -> int:
         if self.group_field is None or not self.group_limited(config):
@@ -144,13 +235,58 @@ class MoEAdapter:
 
 
 ADAPTERS: dict[str, MoEAdapter] = {}
+# model_type -> why hf_moeprune cannot prune it; get_adapter raises it, the family test lists it
+UNSUPPORTED: dict[str, str] = {}
+
+
+def register_family(adapter: MoEAdapter) -> MoEAdapter:
+    """Register a MoE family: the one call that makes it prunable, savable, loadable and quantizable.
+
+    Checks, before anything is filled in, that the family's routing rule ships in ``modeling_moeprune.py``
+    (models saved with a selection bias apply it under ``trust_remote_code`` without hf_moeprune) and that
+    quantization leaves its router in high precision; then creates and registers its pruned classes.
+    """
+    if adapter.model_type in ADAPTERS or adapter.model_type in UNSUPPORTED:
+        raise ValueError(f"model_type {adapter.model_type!r} is already registered")
+    if adapter.routing not in BUILTIN_ROUTE_FUNCTIONS:
+        raise ValueError(
+            f"{adapter.model_type!r}: routing={adapter.routing!r} is not defined in format/modeling_moeprune.py, so a "
+            f"model saved with it could not be loaded with trust_remote_code; add the rule there "
+            f"(defined there: {sorted(BUILTIN_ROUTE_FUNCTIONS)})"
+        )
+    check_quantization_skips(adapter)
+    register_pruned_classes(*make_pruned_classes(adapter.config_class, adapter.model_class))
+    ADAPTERS[adapter.model_type] = adapter
+    return adapter
 
 
 def register_adapter(adapter: MoEAdapter) -> MoEAdapter:
-    if adapter.model_type in ADAPTERS:
-        raise ValueError(f"an adapter for model_type {adapter.model_type!r} is already registered")
-    ADAPTERS[adapter.model_type] = adapter
-    return adapter
+    """Former name of `register_family`."""
+    return register_family(adapter)
+
+
+def register_unsupported(model_type: str, reason: str) -> None:
+    """Record a MoE family hf_moeprune cannot prune, and why; `get_adapter` raises the reason."""
+    if not reason:
+        raise ValueError(f"model_type {model_type!r}: an unsupported family needs a reason")
+    if model_type in ADAPTERS or model_type in UNSUPPORTED:
+        raise ValueError(f"model_type {model_type!r} is already registered")
+    UNSUPPORTED[model_type] = reason
+
+
+def check_quantization_skips(adapter: MoEAdapter) -> None:
+    """Routers decide which experts run; the default quantization config must keep them in high precision."""
+    # imported on use: the quantization package is heavier and not needed to describe a family
+    from hf_moeprune.quantization.config import DEFAULT_SKIP_PATTERNS
+
+    names = [f"model.layers.0.{adapter.router_path}.{adapter.router_tensors[0]}"]
+    names += [f"model.layers.0.{name}" for name in adapter.skip_quantization]
+    for name in names:
+        if not any(re.search(p, name) for p in DEFAULT_SKIP_PATTERNS):
+            raise ValueError(
+                f"{adapter.model_type!r}: {name} would be quantized; add a pattern for it to "
+                f"quantization.config.DEFAULT_SKIP_PATTERNS"
+            )
 
 
 def base_model_type(config) -> str:
@@ -162,13 +298,33 @@ def base_model_type(config) -> str:
 
 
 def get_adapter(model_or_config) -> MoEAdapter:
-    """The adapter for a model (or config); ValueError naming the model_type if unsupported."""
+    """The adapter for a model (or config); ValueError naming the model_type if unsupported.
+
+    A model (not a bare config) of a family nobody registered gets an adapter derived from its modules
+    (`adapters.discovery`: the v5 experts/router layout, and the known rule that reproduces its router bit for bit),
+    which is then registered for this process, with a warning; a model that does not fit raises why.
+    """
     model = getattr(model_or_config, "module", model_or_config)  # DDP / accelerate wrappers
     config = getattr(model, "config", model)
     model_type = base_model_type(config)
-    try:
+    if model_type in UNSUPPORTED:
+        raise ValueError(f"model_type {model_type!r} is not supported: {UNSUPPORTED[model_type]}")
+    if model_type in ADAPTERS:
         return ADAPTERS[model_type]
-    except KeyError:
-        raise ValueError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {sorted(ADAPTERS)}"
-        ) from None
+    if isinstance(model, nn.Module):
+        from hf_moeprune.adapters.discovery import DiscoveryError, discover_adapter  # discovery imports this module
+
+        try:
+            adapter = discover_adapter(model)
+        except DiscoveryError as exc:
+            raise ValueError(
+                f"model_type {model_type!r} is not a registered MoE family and its layout could not be derived: {exc}; "
+                f"registered: {sorted(ADAPTERS)}"
+            ) from None
+        logger.warning(
+            "model_type %r is not registered with hf_moeprune; using the adapter derived from the model (routing %r, "
+            "verified bit for bit against its router on random inputs). Register it in adapters/families.py: %r",
+            model_type, adapter.routing, adapter,
+        )  # fmt: skip
+        return register_family(adapter)
+    raise ValueError(f"model_type {model_type!r} is not a supported MoE family; supported: {sorted(ADAPTERS)}")

@@ -13,114 +13,1003 @@ Router semantics that decide whether removing an unused expert changes outputs:
 - DeepSeek-V3, GLM-4-MoE, dots1: per-expert sigmoid scores (no shared denominator) -> invariant holds with
   one group; with group-limited routing a group's score is the sum of its top-2 members, so removing an
   unused expert can change which groups win.
+
+Adding a family is one `register_family(MoEAdapter(...))` here, naming only what differs from transformers' v5
+layout (router ``mlp.gate`` holding ``weight``, experts ``mlp.experts`` with ``gate_up_proj``/``down_proj``, the
+Mixtral rule), plus a tiny config for the tests. ``tests/test_families.py`` then checks the declaration against
+the model (`adapters.discovery`), the routing rule bit for bit against the stock router, and runs prune / save /
+reload / stock export / generate on the tiny model; the README's family table is generated from this file.
+Families that cannot be supported are listed with `register_unsupported(model_type, reason)` at the end.
+The tiny configs of the families added in 2026-12 are transformers' own test-suite configs (ModelTester) with 8
+experts and top-k 2.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from typing import Any
 
-from hf_moeprune.adapters.base import MoEAdapter, register_adapter
+from hf_moeprune.adapters.base import MoEAdapter, register_family, register_unsupported
+
+# Shared by the tiny configs of the first 15 families (3 layers, hidden 32, 8 experts of which 2 per token).
+_COMMON: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
-def _norm_topk(config) -> bool:
-    return bool(getattr(config, "norm_topk_prob", False))
+def _tiny(**fields: Any) -> dict[str, Any]:
+    return {**_COMMON, **fields}
 
 
-MIXTRAL = register_adapter(MoEAdapter(model_type="mixtral", num_experts_field="num_local_experts"))
+# DeepSeek-V3's MoE block (sigmoid router with e_score_correction_bias, shared experts, dense first layer)
+_SIGMOID_ROUTED: dict[str, Any] = dict(
+    intermediate_size=64,
+    moe_intermediate_size=24,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    head_dim=8,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.0,
+)
+_DEEPSEEK_V3_ROUTER: dict[str, Any] = dict(
+    router_tensors=("weight", "e_score_correction_bias"),
+    score_function="sigmoid",
+    routing="sigmoid_group_limited",
+    group_field="n_group",
+    topk_group_field="topk_group",
+)
+_GRANITE_ROUTER: dict[str, Any] = dict(block_attr="block_sparse_moe", router_attr="router", routing="topk_softmax")
+
+
+MIXTRAL = register_family(
+    MoEAdapter(model_type="mixtral", tiny_config=_tiny(intermediate_size=48, num_local_experts=8))
+)
 
 # MiniMax's router is Mixtral's; its lightning/full attention alternation does not touch the MoE blocks.
-MINIMAX = register_adapter(MoEAdapter(model_type="minimax", num_experts_field="num_local_experts"))
-
-QWEN2_MOE = register_adapter(
-    MoEAdapter(model_type="qwen2_moe", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
-)
-
-QWEN3_MOE = register_adapter(
-    MoEAdapter(model_type="qwen3_moe", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
-)
-
-QWEN3_NEXT = register_adapter(
+MINIMAX = register_family(
     MoEAdapter(
-        model_type="qwen3_next", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk"
+        model_type="minimax",
+        tiny_config=_tiny(
+            intermediate_size=48,
+            num_local_experts=8,
+            head_dim=8,
+            block_size=16,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+        ),
     )
 )
 
-OLMOE = register_adapter(
-    MoEAdapter(model_type="olmoe", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
+# Qwen2/3-MoE, Qwen3-Next, OLMoE, FlexOlmo: softmax top-k, renormalised only with norm_topk_prob.
+QWEN2_MOE = register_family(
+    MoEAdapter(
+        model_type="qwen2_moe",
+        routing="softmax_topk",
+        skip_quantization=("mlp.shared_expert_gate.weight",),
+        tiny_config=_tiny(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            num_experts=8,
+            norm_topk_prob=True,
+        ),
+    )
 )
 
-FLEX_OLMO = register_adapter(
-    MoEAdapter(model_type="flex_olmo", num_experts_field="num_experts", renormalizes=_norm_topk, routing="softmax_topk")
+QWEN3_MOE = register_family(
+    MoEAdapter(
+        model_type="qwen3_moe",
+        routing="softmax_topk",
+        tiny_config=_tiny(
+            intermediate_size=64, moe_intermediate_size=24, num_experts=8, norm_topk_prob=True, head_dim=8
+        ),
+    )
 )
 
-DEEPSEEK_V3 = register_adapter(
+QWEN3_NEXT = register_family(
+    MoEAdapter(
+        model_type="qwen3_next",
+        routing="softmax_topk",
+        skip_quantization=("mlp.shared_expert_gate.weight",),
+        tiny_config=_tiny(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            shared_expert_intermediate_size=32,
+            num_experts=8,
+            norm_topk_prob=True,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_value_heads=4,
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+        ),
+    )
+)
+
+OLMOE = register_family(
+    MoEAdapter(
+        model_type="olmoe",
+        routing="softmax_topk",
+        tiny_config=_tiny(intermediate_size=24, num_experts=8, norm_topk_prob=True),
+    )
+)
+
+FLEX_OLMO = register_family(
+    MoEAdapter(
+        model_type="flex_olmo",
+        routing="softmax_topk",
+        tiny_config=_tiny(intermediate_size=24, num_experts=8, norm_topk_prob=True),
+    )
+)
+
+DEEPSEEK_V3 = register_family(
     MoEAdapter(
         model_type="deepseek_v3",
-        num_experts_field="n_routed_experts",
-        router_tensors=("weight", "e_score_correction_bias"),
-        score_function="sigmoid",
-        routing="sigmoid_group_limited",
-        group_field="n_group",
-        topk_group_field="topk_group",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config=_tiny(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            num_key_value_heads=4,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            routed_scaling_factor=1.0,
+        ),
     )
 )
 
 # GLM-4-MoE and dots1 route exactly like DeepSeek-V3 (their routers are copies of it).
-GLM4_MOE = register_adapter(replace(DEEPSEEK_V3, model_type="glm4_moe"))
-DOTS1 = register_adapter(replace(DEEPSEEK_V3, model_type="dots1"))
+GLM4_MOE = register_family(
+    MoEAdapter(model_type="glm4_moe", **_DEEPSEEK_V3_ROUTER, tiny_config=_tiny(**_SIGMOID_ROUTED))
+)
+DOTS1 = register_family(MoEAdapter(model_type="dots1", **_DEEPSEEK_V3_ROUTER, tiny_config=_tiny(**_SIGMOID_ROUTED)))
 
-GPT_OSS = register_adapter(
+GPT_OSS = register_family(
     MoEAdapter(
         model_type="gpt_oss",
-        num_experts_field="num_local_experts",
         router_attr="router",
         router_tensors=("weight", "bias"),
         expert_tensors=("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"),
         routing="topk_softmax",
+        tiny_config=_tiny(
+            intermediate_size=24,
+            num_local_experts=8,
+            head_dim=8,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
     )
 )
 
 # GraniteMoE routes like GPT-OSS without biases: top-k on the logits, softmax over the chosen k.
-GRANITEMOE = register_adapter(
-    MoEAdapter(
-        model_type="granitemoe",
-        num_experts_field="num_local_experts",
-        block_attr="block_sparse_moe",
-        router_attr="router",
-        routing="topk_softmax",
-    )
+GRANITEMOE = register_family(
+    MoEAdapter(model_type="granitemoe", **_GRANITE_ROUTER, tiny_config=_tiny(intermediate_size=48, num_local_experts=8))
 )
 
 
 # DeepSeek-V2 (and V2.5): softmax, never renormalised, x routed_scaling_factor; ``norm_topk_prob`` exists in the
 # config but the router ignores it. Groups count only with topk_method="group_limited_greedy" (V2-Lite is greedy).
-DEEPSEEK_V2 = register_adapter(
+DEEPSEEK_V2 = register_family(
     MoEAdapter(
         model_type="deepseek_v2",
-        num_experts_field="n_routed_experts",
-        renormalizes=lambda config: False,
         routing="softmax_topk_scaled",
         group_field="n_group",
         topk_group_field="topk_group",
         group_limited=lambda config: getattr(config, "topk_method", None) == "group_limited_greedy",
         group_score_experts=1,
+        tiny_config=_tiny(
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_key_value_heads=4,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+        ),
     )
 )
 
 # Jamba: Mamba/attention layers; only the layers with config.layers_num_experts[i] > 1 have a MoE block (the
-# others' feed_forward is a dense MLP without a router, so moe_block() skips them).
-JAMBA = register_adapter(
+# others' feed_forward is a dense MLP without a router, so moe_block() skips them). Softmax over all experts,
+# never renormalised (its router has no norm_topk_prob). Tiny model: MoE feed-forward in layers 0 and 2 (layer 1
+# is dense); attention in layer 2, Mamba (torch path) in 0 and 1.
+JAMBA = register_family(
     MoEAdapter(
         model_type="jamba",
-        num_experts_field="num_experts",
         block_attr="feed_forward",
         router_attr="router",
-        renormalizes=lambda config: False,
         routing="softmax_topk",
+        tiny_config=_tiny(
+            intermediate_size=48,
+            num_experts=8,
+            expert_layer_period=2,
+            expert_layer_offset=0,
+            attn_layer_period=3,
+            attn_layer_offset=2,
+            mamba_d_state=4,
+            mamba_d_conv=4,
+            mamba_expand=2,
+            mamba_dt_rank=4,
+        ),
     )
 )
 
 # HunYuan-MoE-V1 routes like Mixtral; its router weight sits one module deeper (mlp.gate.wg.weight).
-HUNYUAN_V1_MOE = register_adapter(
-    MoEAdapter(model_type="hunyuan_v1_moe", num_experts_field="num_experts", router_tensors=("wg.weight",))
+HUNYUAN_V1_MOE = register_family(
+    MoEAdapter(
+        model_type="hunyuan_v1_moe",
+        router_tensors=("wg.weight",),
+        tiny_config=_tiny(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=8),
+    )
 )
+
+# -- families added from transformers 5.24 (tiny configs: transformers' own ModelTester configs) ------------------
+# Aria (text model): routes like GPT-OSS without biases: top-k on logits, softmax over the k.
+register_family(
+    MoEAdapter(
+        model_type="aria_text",
+        router_attr="router",
+        routing="topk_softmax",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 60,
+            "pad_token_id": 1,
+            "rope_parameters": {"rope_theta": 5000000, "rope_type": "default"},
+            "head_dim": 4,
+            "moe_num_experts": 8,
+            "moe_intermediate_size": 4,
+            "num_experts_per_tok": 2,
+            "moe_topk": 2,
+        },
+    )
+)
+
+# A.X K1: DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="axk1",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 8,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 32,
+            "qk_rope_head_dim": 32,
+            "v_head_dim": 32,
+            "qk_nope_head_dim": 16,
+            "n_group": 2,
+            "topk_group": 1,
+            "num_experts_per_tok": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "qk_head_dim": 48,
+            "head_dim": 32,
+        },
+    )
+)
+
+# Bailing (Ling) hybrid: DeepSeek-V3 router; groups under num_expert_group.
+register_family(
+    MoEAdapter(
+        model_type="bailing_hybrid",
+        num_experts_field="num_experts",
+        top_k_field="num_experts_per_token",
+        **{**_DEEPSEEK_V3_ROUTER, "group_field": "num_expert_group"},
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+            "qk_nope_head_dim": 32,
+            "num_expert_group": 1,
+            "topk_group": 1,
+            "num_experts_per_token": 2,
+            "first_k_dense_replace": 1,
+            "model_max_length": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "num_experts": 8,
+            "head_dim": 16,
+            "short_conv_kernel_size": 2,
+            "layer_types": ["linear_attention", "full_attention", "full_attention"],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "linear_head_dim": 16,
+            "linear_num_heads": 2,
+            "linear_conv_kernel_dim": 2,
+            "qk_head_dim": 48,
+        },
+    )
+)
+
+# Cohere2-MoE: top-k on logits, softmax over the k (expert_selection_fn="softmax").
+register_family(
+    MoEAdapter(
+        model_type="cohere2_moe",
+        routing="topk_softmax",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "logit_scale": 1.0,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "tie_word_embeddings": False,
+            "num_experts": 8,
+            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "num_experts_per_tok": 2,
+        },
+    )
+)
+
+# DeepSeek-V3.2: V3 router; its sparse (indexed) attention does not touch the MoE blocks.
+register_family(
+    MoEAdapter(
+        model_type="deepseek_v32",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 8,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 16,
+            "qk_nope_head_dim": 64,
+            "n_group": 1,
+            "topk_group": 1,
+            "num_experts_per_tok": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "first_k_dense_replace": 1,
+            "layer_types": ["indexed_attention", "indexed_attention", "indexed_attention"],
+            "qk_head_dim": 128,
+        },
+    )
+)
+
+# dots3 (text model): DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="dots3_note_text",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "n_routed_experts": 8,
+            "kv_lora_rank": 16,
+            "q_lora_rank": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "qk_nope_head_dim": 8,
+            "num_experts_per_tok": 2,
+            "max_position_embeddings": 128,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 80000000.0, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 50000.0, "partial_rotary_factor": 0.5},
+            },
+            "mlp_layer_types": ["dense", "sparse"],
+            "index_topk": 4,
+            "index_n_heads": 2,
+            "head_dim": 16,
+            "layer_types": ["full_attention", "sliding_attention"],
+            "sliding_window": 128,
+            "shared_experts_intermediate_size": 16,
+            "per_layer_config": {},
+        },
+    )
+)
+
+# EXAONE-MoE: DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="exaone_moe",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "eos_token_id": 2,
+            "layer_types": ["sliding_attention", "sliding_attention", "sliding_attention"],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "moe_intermediate_size": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    )
+)
+
+# GLM-4-MoE-Lite (GLM-4.7-Flash): DeepSeek-V3 router with MLA attention.
+register_family(
+    MoEAdapter(
+        model_type="glm4_moe_lite",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 8,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 16,
+            "v_head_dim": 128,
+            "qk_nope_head_dim": 64,
+            "num_experts_per_tok": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "qk_head_dim": 128,
+        },
+    )
+)
+
+# GLM-5 (MoE + DeepSeek sparse attention): DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="glm_moe_dsa",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 8,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 16,
+            "v_head_dim": 128,
+            "qk_nope_head_dim": 64,
+            "num_experts_per_tok": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "mlp_layer_types": ["sparse", "dense", "sparse"],
+            "layer_types": ["indexed_attention", "indexed_attention", "indexed_attention"],
+            "indexer_types": ["full", "full", "full"],
+            "qk_head_dim": 128,
+        },
+    )
+)
+
+# GraniteMoE with sliding-window attention: GraniteMoE router.
+register_family(
+    MoEAdapter(
+        model_type="granitemoe_swa",
+        **_GRANITE_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+            "layer_rope_theta": [10000.0, 10000.0, 10000.0],
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    )
+)
+
+# Granite-4 hybrid (Mamba2 + attention): GraniteMoE router in every layer; its shared MLP is dense.
+register_family(
+    MoEAdapter(
+        model_type="granitemoehybrid",
+        **_GRANITE_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "shared_intermediate_size": 174,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            "mamba_n_heads": 16,
+            "mamba_d_state": 16,
+            "mamba_d_head": 4,
+            "mamba_chunk_size": 16,
+            "attn_layer_indices": [1, 3],
+            "attn_rotary_emb": 8,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    )
+)
+
+# GraniteMoE with a shared MLP: GraniteMoE router.
+register_family(
+    MoEAdapter(
+        model_type="granitemoeshared",
+        **_GRANITE_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 40,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "pad_token_id": 0,
+            "shared_intermediate_size": 174,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    )
+)
+
+# Hunyuan-V4: DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="hy_v4",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 4,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "initializer_range": 0.02,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "q_lora_rank": 16,
+            "kv_lora_rank": 8,
+            "qk_nope_head_dim": 4,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 8,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["indexed_attention", "indexed_attention", "indexed_attention"],
+            "index_topk": 8,
+            "index_head_dim": 8,
+            "index_n_heads": 4,
+            "indexer_types": ["full", "shared", "shared"],
+            "qk_head_dim": 8,
+        },
+    )
+)
+
+# Kimi-Linear: DeepSeek-V3 router; groups under num_expert_group, top-k under num_experts_per_token.
+register_family(
+    MoEAdapter(
+        model_type="kimi_linear",
+        num_experts_field="num_experts",
+        top_k_field="num_experts_per_token",
+        **{**_DEEPSEEK_V3_ROUTER, "group_field": "num_expert_group"},
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "kv_lora_rank": 16,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+            "qk_nope_head_dim": 32,
+            "num_experts_per_token": 2,
+            "model_max_length": 512,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["linear_attention", "full_attention", "full_attention"],
+            "linear_head_dim": 16,
+            "linear_num_heads": 4,
+            "linear_conv_kernel_dim": 2,
+            "qk_head_dim": 48,
+            "head_dim": 16,
+            "num_experts": 8,
+        },
+    )
+)
+
+# Mellum: softmax top-k, renormalised with norm_topk_prob.
+register_family(
+    MoEAdapter(
+        model_type="mellum",
+        routing="softmax_topk",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "moe_intermediate_size": 16,
+            "num_experts_per_tok": 2,
+            "num_local_experts": 8,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "head_dim": 16,
+            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+        },
+    )
+)
+
+# MiMo-V2-Flash: DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="mimo_v2_flash",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+            },
+            "moe_intermediate_size": 16,
+            "num_experts_per_tok": 2,
+            "n_routed_experts": 8,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "head_dim": 8,
+            "v_head_dim": 16,
+            "sliding_window": 64,
+            "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+        },
+    )
+)
+
+# Nemotron-H (Mamba2 + attention + MoE): DeepSeek-V3 router in the "moe" layers, non-gated experts (up_proj only).
+register_family(
+    MoEAdapter(
+        model_type="nemotron_h",
+        **_DEEPSEEK_V3_ROUTER,
+        block_attr="mixer",
+        expert_tensors=("up_proj", "down_proj"),
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "layers_block_type": ["linear_attention", "moe", "linear_attention", "full_attention", "moe"],
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 512,
+            "intermediate_size": 40,
+            "use_mamba_kernels": False,
+            "ssm_state_size": 16,
+            "mamba_num_heads": 8,
+            "mamba_head_dim": 16,
+            "chunk_size": 64,
+            "moe_intermediate_size": 40,
+            "moe_shared_expert_intermediate_size": 40,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+        },
+    )
+)
+
+# Qwen3.5-MoE (language model): Mixtral router (always renormalised) plus a gated shared expert.
+register_family(
+    MoEAdapter(
+        model_type="qwen3_5_moe_text",
+        skip_quantization=("mlp.shared_expert_gate.weight",),
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 512,
+            "head_dim": 16,
+            "linear_conv_kernel_dim": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 4,
+            "linear_num_value_heads": 8,
+            "moe_intermediate_size": 16,
+            "shared_expert_intermediate_size": 36,
+            "num_experts_per_tok": 2,
+            "num_experts": 8,
+            "layer_types": ["full_attention", "linear_attention", "linear_attention"],
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    )
+)
+
+# Qwen4-Exp (language model): Qwen3-MoE router.
+register_family(
+    MoEAdapter(
+        model_type="qwen4_exp_text",
+        routing="softmax_topk",
+        skip_quantization=("mlp.shared_expert_gate.weight",),
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 512,
+            "head_dim": 8,
+            "linear_conv_kernel_dim": 2,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_num_key_heads": 4,
+            "linear_num_value_heads": 8,
+            "moe_intermediate_size": 8,
+            "shared_expert_intermediate_size": 8,
+            "num_experts_per_tok": 2,
+            "num_experts": 8,
+            "layer_types": ["indexed_attention", "linear_attention", "linear_attention"],
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "hc_count": 2,
+            "hc_lowrank": 8,
+            "ple_embed_dim": 16,
+            "ple_conv_kernel_size": 2,
+            "heads_per_ngram": 2,
+            "ngram_vocab_size_base": 31,
+            "make_ngram_vocab_size_divisible_by": 8,
+            "split_ngram_parts": 4,
+            "indexer_n_heads": 2,
+            "indexer_kv_heads": 1,
+            "indexer_head_dim": 8,
+            "indexer_budget": 4,
+            "indexer_compress_ratio": 2,
+        },
+    )
+)
+
+# Solar-Open: DeepSeek-V3 router.
+register_family(
+    MoEAdapter(
+        model_type="solar_open",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "moe_intermediate_size": 16,
+            "num_experts_per_tok": 2,
+            "n_routed_experts": 8,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "head_dim": 16,
+        },
+    )
+)
+
+# Ernie-4.5-MoE: softmax, top-k chosen on probabilities + a [1, experts] correction bias (router.moe_statics), the k
+# weights renormalised with a clamped sum. MoE layers from moe_layer_start_index to moe_layer_end_index.
+register_family(
+    MoEAdapter(
+        model_type="ernie4_5_moe",
+        router_tensors=("weight", "moe_statics.e_score_correction_bias"),
+        routing="softmax_topk_renorm_biased",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "hidden_act": "gelu",
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+            "moe_intermediate_size": 16,
+            "moe_k": 2,
+            "moe_num_experts": 8,
+            "moe_layer_start_index": 0,
+            "moe_layer_end_index": 2,
+        },
+    )
+)
+
+# MiniMax-M2 and HY-V3: sigmoid scores, the choice shifted by an e_score_correction_bias that the MoE block holds and
+# passes to its router; HY-V3 scales the renormalised weights by router_scaling_factor.
+register_family(
+    MoEAdapter(
+        model_type="minimax_m2",
+        block_tensors=("e_score_correction_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_block_bias",
+        tiny_config=_tiny(intermediate_size=32, num_local_experts=8, head_dim=8),
+    )
+)
+register_family(
+    MoEAdapter(
+        model_type="hy_v3",
+        block_tensors=("e_score_correction_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_block_bias",
+        tiny_config=_tiny(
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_experts=8,
+            head_dim=8,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    )
+)
+
+# LFM2-MoE (short convolutions + attention, dense first layers): sigmoid scores, the choice shifted by the block's
+# expert_bias, renormalised with norm_topk_prob, x routed_scaling_factor.
+register_family(
+    MoEAdapter(
+        model_type="lfm2_moe",
+        block_attr="feed_forward",
+        block_tensors=("expert_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_expert_bias",
+        tiny_config={
+            "vocab_size": 99,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 16,
+            "num_hidden_layers": 3,
+            "tie_word_embeddings": False,
+            "max_position_embeddings": 512,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "num_dense_layers": 1,
+            "num_experts_per_tok": 2,
+            "num_experts": 8,
+            "layer_types": ["full_attention", "conv", "full_attention"],
+        },
+    )
+)
+
+# -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
+_OWN_RULE = (
+    "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
+    "adapters.discovery.identify_routing); it needs a rule of its own"
+)
+_BLOCK_BIAS = (
+    "its router is called with a correction bias held by the MoE block (router(hidden, bias)); the routing rules "
+    "and the statistics hooks take the router's own tensors only"
+)
+_MULTIMODAL = (
+    "composite vision-language config: prune its language model through the text family ({}); saving the whole "
+    "multimodal model is not supported yet"
+)
+for _model_type, _reason in {
+    "afmoe": _BLOCK_BIAS,
+    "phimoe": (
+        "sparsemixer routing samples experts in training (Gumbel) with a custom gradient (PhimoeMultiplier), which a "
+        "deterministic routing rule cannot reproduce"
+    ),
+    "axk2": _OWN_RULE,
+    "deepseek_v4": _OWN_RULE,
+    "kolibri1": _OWN_RULE,
+    "laguna": _OWN_RULE,
+    "minimax_m3_vl_text": _OWN_RULE,
+    "llama4_text": (
+        "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
+        "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "
+        "hooks of the statistics and of the selection bias do not apply"
+    ),
+    "longcat_flash": "zero-computation experts share the router with the routed ones (router width != expert count)",
+    "inkling_text": "the router also scores the shared experts (router width != routed-expert count)",
+    "inkling2_text": "the router also scores the shared experts (router width != routed-expert count)",
+    "inkling2_loop_text": "the router also scores the shared experts (router width != routed-expert count)",
+    "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
+    "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
+    "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
+    "beam": "no tiny config of this family has been verified yet",
+    "flint": "no tiny config of this family has been verified yet",
+    "lara_mini": "no tiny config of this family has been verified yet",
+    "gemma4_text": "no tiny config of this family has been verified yet",
+    "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
+    "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",
+    "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
+    "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
+    "dots3_note": _MULTIMODAL.format("dots3_note_text"),
+    "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
+    "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
+}.items():
+    register_unsupported(_model_type, _reason)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hf_moeprune.format.modeling_moeprune import (
+    BUILTIN_ROUTE_FUNCTIONS,
     ROUTE_FUNCTIONS,
     sigmoid_group_limited,
     softmax_topk,
@@ -29,6 +30,7 @@ from hf_moeprune.format.modeling_moeprune import (
 RouteFunction = Callable[[nn.Module, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]]
 
 __all__ = [
+    "BUILTIN_ROUTE_FUNCTIONS",
     "ROUTE_FUNCTIONS",
     "RouteFunction",
     "get_route_function",
@@ -42,8 +44,9 @@ __all__ = [
 
 
 def register_route_function(name: str):
-    """Register a routing rule for a new family. Models saved with a selection bias need the rule at load time
-    too, so a rule registered here must also exist wherever such a model is loaded."""
+    """Register a routing rule at run time (experiments, statistics). `register_family` accepts only the rules
+    defined in ``format/modeling_moeprune.py``: a model saved with a selection bias applies its rule at load
+    time, also under ``trust_remote_code`` where only that file is available."""
 
     def decorator(fn: RouteFunction) -> RouteFunction:
         if name in ROUTE_FUNCTIONS:

@@ -35,17 +35,22 @@ __all__ = [
     "is_pruned",
     "mark_pruned",
     "register_auto_classes",
+    "register_pruned_classes",
     "resize_expert_tensors",
 ]
 
 
+def register_pruned_classes(config_cls: type, model_cls: type) -> None:
+    AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    # save_pretrained then copies modeling_moeprune.py and writes the auto_map for trust_remote_code.
+    config_cls.register_for_auto_class()
+    model_cls.register_for_auto_class("AutoModelForCausalLM")
+
+
 def register_auto_classes() -> None:
     for config_cls, model_cls in PRUNED_CLASSES.values():
-        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
-        # save_pretrained then copies modeling_moeprune.py and writes the auto_map for trust_remote_code.
-        config_cls.register_for_auto_class()
-        model_cls.register_for_auto_class("AutoModelForCausalLM")
+        register_pruned_classes(config_cls, model_cls)
 
 
 def is_pruned(model) -> bool:
@@ -69,7 +74,7 @@ def mark_pruned(model, adapter) -> None:
     if is_pruned(model):
         return
     if adapter.model_type not in PRUNED_CLASSES:
-        raise ValueError(f"no pruned-model classes for model_type {adapter.model_type!r}")
+        raise ValueError(f"no pruned-model classes for model_type {adapter.model_type!r}; register the family first")
     config = model.config
     counts = expert_counts(model, adapter)
     provenance = getattr(config, "moeprune_provenance", None) or {}
@@ -83,6 +88,8 @@ def mark_pruned(model, adapter) -> None:
     config.kept_expert_ids = kept
     config.expert_tensor_names = adapter.tensor_names
     config.expert_count_attributes = adapter.count_attributes
+    config.expert_count_field = adapter.num_experts_field
+    config.expert_top_k_field = adapter.top_k_field
     if "moeprune_provenance" in config.__dict__:
         del config.moeprune_provenance
     # A loaded config may carry model_type as an instance attribute, which would shadow the pruned class's;

@@ -5,8 +5,11 @@
 # copies it next to the weights and writes an `auto_map`, so that
 # `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works on a machine where
 # hf_moeprune is not installed. Everything here is driven by fields of the saved config
-# (`experts_per_layer`, `expert_tensor_names`, `expert_count_attributes`), so the file carries no
-# per-family knowledge beyond the list of stock classes it can extend.
+# (`experts_per_layer`, `expert_tensor_names`, `expert_count_attributes`) and by the names of the stock
+# classes, so the file carries no per-family table: `MoEPrune<StockClass>` is created on first access (the
+# module's `__getattr__`), which is how remote code resolves the `auto_map`. Per-family knowledge that a
+# loaded model needs at run time is limited to the routing rules below (every rule a registered family uses
+# must be defined here; hf_moeprune checks that at import).
 from __future__ import annotations
 
 import logging
@@ -20,25 +23,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 logger = logging.getLogger(__name__)
 
 MODEL_TYPE_PREFIX = "moeprune_"
-
-# model_type -> (stock config class, stock causal-LM class, config field holding the expert count)
-PRUNABLE_BASES: dict[str, tuple[str, str, str]] = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", "num_local_experts"),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", "num_experts"),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", "num_experts"),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", "num_experts"),
-    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", "n_routed_experts"),
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", "num_local_experts"),
-    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", "num_local_experts"),
-    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", "num_experts"),
-    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", "num_experts"),
-    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", "n_routed_experts"),
-    "dots1": ("Dots1Config", "Dots1ForCausalLM", "n_routed_experts"),
-    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", "num_local_experts"),
-    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", "n_routed_experts"),
-    "jamba": ("JambaConfig", "JambaForCausalLM", "num_experts"),
-    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", "num_experts"),
-}
+CLASS_PREFIX = "MoEPrune"
 
 # Config fields that make a config "pruned". They are plain JSON values so that the stock export can
 # keep them as provenance metadata.
@@ -50,6 +35,10 @@ PRUNING_FIELDS = (
     "expert_tensor_names",
     "expert_count_attributes",
 )
+# Written since hf_moeprune covers families whose counts are not under `num_experts`-like names; checkpoints
+# saved before then lack them and fall back to the defaults in `_count_field` / `_top_k`.
+OPTIONAL_PRUNING_FIELDS = ("expert_count_field", "expert_top_k_field")
+COUNT_FIELD_CANDIDATES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 # -- routing rules ----------------------------------------------------------------------------------
@@ -130,13 +119,59 @@ def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias:
     return scores.gather(-1, indices) * router.routed_scaling_factor, indices
 
 
+def softmax_topk_renorm_biased(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Ernie-4.5-MoE: fp32 softmax, top-k on probabilities + ``moe_statics.e_score_correction_bias`` ([1, experts]),
+    weights renormalised over the chosen k with the sum clamped at ``norm_min``."""
+    probs = torch.softmax(logits, dim=1, dtype=torch.float)
+    indices = _select(router.moe_statics(probs), router.top_k, selection_bias)
+    weights = probs.gather(-1, indices)
+    return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), indices
+
+
+def sigmoid_topk_block_bias(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, correction_bias=None
+):
+    """MiniMax-M2, HY-V3: fp32 sigmoid scores, unsorted top-k on score + the MoE block's ``e_score_correction_bias``
+    (the router's second argument), renormalised, x ``router_scaling_factor`` where the router has one (HY-V3)."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    scale = getattr(router, "router_scaling_factor", None)
+    return (weights * scale if scale is not None else weights), indices
+
+
+def sigmoid_topk_expert_bias(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, expert_bias=None
+):
+    """LFM2-MoE: sigmoid scores, sorted top-k on score + the MoE block's ``expert_bias`` (the router's second
+    argument, when ``use_expert_bias``), renormalised with ``norm_topk_prob`` (+1e-6), x ``routed_scaling_factor``."""
+    scores = logits.sigmoid()
+    choice = scores if expert_bias is None else scores + expert_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, k=router.top_k, dim=-1).indices
+    weights = torch.gather(scores, dim=1, index=indices).type_as(logits)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)
+    return weights * router.routed_scaling_factor, indices
+
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
     "topk_softmax": topk_softmax,
     "sigmoid_group_limited": sigmoid_group_limited,
     "softmax_topk_scaled": softmax_topk_scaled,
+    "softmax_topk_renorm_biased": softmax_topk_renorm_biased,
+    "sigmoid_topk_block_bias": sigmoid_topk_block_bias,
+    "sigmoid_topk_expert_bias": sigmoid_topk_expert_bias,
 }
+# The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
+BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
 
 # -- router selection bias (aux-loss-free balancing kept with the model) ----------------------------------
 SELECTION_BIAS = "selection_bias"  # buffer name on each MoE router
@@ -147,7 +182,8 @@ def _route_with_selection_bias(router: nn.Module, args, output):
     """Forward hook on a router: choose experts on score + ``router.selection_bias``, weight with the raw score."""
     logits = output[0]
     route = ROUTE_FUNCTIONS[router._moeprune_routing]
-    weights, indices = route(router, logits, getattr(router, SELECTION_BIAS))
+    # args[1:]: what the MoE block passes besides the hidden states (MiniMax-M2's, LFM2's block-held bias)
+    weights, indices = route(router, logits, getattr(router, SELECTION_BIAS), *args[1:])
     return (logits, weights.to(output[1].dtype), indices, *output[3:])
 
 
@@ -206,6 +242,7 @@ def resize_expert_tensors(
     returned. Each tensor is replaced one at a time, so at most one extra tensor is alive.
     """
     resized = []
+    before = None  # the expert count before resizing, read off the first tensor (the router weight)
     for name in tensor_names:
         try:
             owner, attr = get_submodule_attr(layer, name)
@@ -214,10 +251,15 @@ def resize_expert_tensors(
         old = getattr(owner, attr, None)
         if not isinstance(old, torch.Tensor):
             continue
+        before = old.shape[0] if before is None else before
+        # experts are on dim 0, except in [1, experts] statistics (Ernie-4.5's e_score_correction_bias)
+        axis = 1 if old.dim() == 2 and old.shape[0] == 1 and old.shape[1] == before != 1 else 0
         if index is not None:
-            data = old.detach().index_select(0, index.to(old.device))
+            data = old.detach().index_select(axis, index.to(old.device))
         else:
-            data = torch.empty((num_experts, *old.shape[1:]), dtype=old.dtype, device=old.device)
+            shape = list(old.shape)
+            shape[axis] = num_experts
+            data = torch.empty(shape, dtype=old.dtype, device=old.device)
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(data, requires_grad=old.requires_grad)
             setattr(owner, attr, new)
@@ -380,6 +422,7 @@ class PrunedMoEMixin:
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
         fields = {name: config.__dict__.pop(name) for name in PRUNING_FIELDS}
+        fields.update({name: config.__dict__.pop(name) for name in OPTIONAL_PRUNING_FIELDS if name in config.__dict__})
         config.moeprune_provenance = dict(fields)
         config.__class__, self.__class__ = self.stock_config_class, self.stock_model_class
         try:
@@ -417,9 +460,7 @@ class PrunedMoEMixin:
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
-        aux_loss = heterogeneous_load_balancing_loss(
-            outputs.router_logits, self.config.num_experts_per_tok, attention_mask
-        )
+        aux_loss = heterogeneous_load_balancing_loss(outputs.router_logits, _top_k(self.config), attention_mask)
         if loss is not None:
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         return MoeCausalLMOutputWithPast(
@@ -433,9 +474,29 @@ class PrunedMoEMixin:
         )
 
 
-def _make_init(stock_model_cls, count_field: str):
+def _count_field(config) -> str:
+    """The config field holding the routed-expert count: recorded in the config, or (checkpoints saved before
+    it was recorded) the first usual name whose value is the original count."""
+    recorded = getattr(config, "expert_count_field", None)
+    if recorded:
+        return recorded
+    for name in COUNT_FIELD_CANDIDATES:
+        if getattr(config, name, None) == config.original_num_experts:
+            return name
+    raise PrunedConfigError(
+        f"cannot tell which config field holds the expert count (tried {COUNT_FIELD_CANDIDATES}); "
+        f"set expert_count_field in config.json"
+    )
+
+
+def _top_k(config) -> int:
+    return int(getattr(config, getattr(config, "expert_top_k_field", None) or "num_experts_per_tok"))
+
+
+def _make_init(stock_model_cls):
     def __init__(self, config):
         check_pruned_config(config)
+        count_field = _count_field(config)
         counts = [c for c in config.experts_per_layer if c is not None]
         declared = getattr(config, count_field)
         # Build the stock skeleton with the smallest count, so that the full-size model is never
@@ -454,29 +515,36 @@ def _make_init(stock_model_cls, count_field: str):
     return __init__
 
 
-def make_pruned_classes(model_type: str):
-    """Create the (config, causal-LM) pair that extends the stock classes of ``model_type``."""
-    config_name, model_name, count_field = PRUNABLE_BASES[model_type]
+PRUNED_CLASSES: dict[str, tuple[type, type]] = {}  # stock model_type -> (pruned config, pruned causal LM)
+
+
+def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
+    """The (config, causal-LM) pair that extends the stock ``transformers.<config_name>`` / ``<model_name>``;
+    created once, then returned from the module namespace (auto_map resolves the same names)."""
+    pruned_config_name, pruned_model_name = CLASS_PREFIX + config_name, CLASS_PREFIX + model_name
+    if pruned_model_name in globals():
+        return globals()[pruned_config_name], globals()[pruned_model_name]
     stock_config = getattr(transformers, config_name)
     stock_model = getattr(transformers, model_name)
-    pruned_config = type(
-        f"MoEPrune{config_name}",
+    if stock_model.config_class is not stock_config:
+        raise ValueError(f"{model_name}.config_class is {stock_model.config_class.__name__}, not {config_name}")
+    pruned_config = globals().get(pruned_config_name) or type(
+        pruned_config_name,
         (stock_config,),
         {
-            "model_type": MODEL_TYPE_PREFIX + model_type,
+            "model_type": MODEL_TYPE_PREFIX + stock_config.model_type,
             "__module__": __name__,
             "__doc__": f"{config_name} whose MoE layers keep per-layer expert counts (hf_moeprune).",
         },
     )
     pruned_model = type(
-        f"MoEPrune{model_name}",
+        pruned_model_name,
         (PrunedMoEMixin, stock_model),
         {
             "config_class": pruned_config,
-            "__init__": _make_init(stock_model, count_field),
+            "__init__": _make_init(stock_model),
             "__module__": __name__,
             "__doc__": f"{model_name} whose MoE layers keep per-layer expert counts (hf_moeprune).",
-            "expert_count_field": count_field,
             "stock_config_class": stock_config,
             "stock_model_class": stock_model,
         },
@@ -486,14 +554,23 @@ def make_pruned_classes(model_type: str):
     for probe in ("_can_set_attn_implementation", "_can_set_experts_implementation"):
         if hasattr(stock_model, probe):
             setattr(pruned_model, f"{probe}_cached_value", bool(getattr(stock_model, probe)()))
+    globals()[pruned_config_name], globals()[pruned_model_name] = pruned_config, pruned_model
+    PRUNED_CLASSES[stock_config.model_type] = (pruned_config, pruned_model)
     return pruned_config, pruned_model
 
 
-PRUNED_CLASSES: dict[str, tuple[type, type]] = {}
-for _model_type, (_config_name, _model_name, _) in PRUNABLE_BASES.items():
-    if not (hasattr(transformers, _config_name) and hasattr(transformers, _model_name)):
-        continue  # an older transformers without this family
-    _cfg, _mdl = make_pruned_classes(_model_type)
-    PRUNED_CLASSES[_model_type] = (_cfg, _mdl)
-    globals()[_cfg.__name__] = _cfg
-    globals()[_mdl.__name__] = _mdl
+def __getattr__(name: str):
+    # trust_remote_code resolves auto_map entries ("modeling_moeprune.MoEPruneMixtralForCausalLM") by name.
+    stock_name = name[len(CLASS_PREFIX) :] if name.startswith(CLASS_PREFIX) else None
+    stock = getattr(transformers, stock_name, None) if stock_name else None
+    if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
+        return make_pruned_classes(stock.config_class.__name__, stock_name)[1]
+    if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedConfig):
+        config_cls = type(
+            name,
+            (stock,),
+            {"model_type": MODEL_TYPE_PREFIX + stock.model_type, "__module__": __name__, "__doc__": stock.__doc__},
+        )
+        globals()[name] = config_cls
+        return config_cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -93,7 +93,7 @@ class RoutingInstrumentation:
             logits, weights, indices = output[0], output[1], output[2]
             bias = self._mask_bias(layer, module, logits)
             if bias is not None:
-                weights, indices = self.adapter.route(module, logits, bias)
+                weights, indices = self.adapter.route(module, logits, bias, *args[1:])
                 output = (logits, weights.to(output[1].dtype), indices, *output[3:])
             if self.capture_logits:
                 self.router_logits[layer] = logits

@@ -1,0 +1,159 @@
+"""Derive a family's adapter from what a transformers v5 MoE model exposes.
+
+transformers v5 gives MoE blocks one shape: an experts module holding fused 3D tensors with the expert on
+dim 0 (called as ``experts(hidden_states, top_k_index, top_k_weights)``) next to a router module holding a
+``[num_experts, hidden]`` weight, optionally a bias and an ``e_score_correction_bias``. `discover_adapter`
+reads that layout off a model and identifies the routing rule by running the stock router and every rule of
+``ROUTE_FUNCTIONS`` on the same inputs: a rule counts only when it reproduces weights and indices bit for bit.
+
+It serves two purposes: a model of a family nobody registered yet still prunes (``get_adapter`` falls back to
+it, with a warning), and the family test checks every registration against what discovery finds, so a
+declaration cannot drift from the modeling code it describes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES, TOP_K_FIELD_CANDIDATES, MoEAdapter
+from hf_moeprune.format.modeling_moeprune import ROUTE_FUNCTIONS
+
+logger = logging.getLogger(__name__)
+
+# When several rules reproduce the router on the probe, the more general one wins: `softmax_topk` follows the
+# router's norm_topk_prob switch, `softmax_topk_renorm` is the same rule with the switch always on.
+RULE_PREFERENCE = (
+    "softmax_topk",
+    "softmax_topk_renorm",
+    "topk_softmax",
+    "softmax_topk_scaled",
+    "sigmoid_group_limited",
+)
+GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
+
+
+class DiscoveryError(ValueError):
+    """The model does not have the v5 MoE layout, or no known routing rule reproduces its router."""
+
+
+def _per_expert(module: nn.Module, num_experts: int, recurse: bool = True) -> list[str]:
+    named = [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+    # [1, experts]: a per-expert statistic kept in a group dimension (Ernie-4.5's e_score_correction_bias)
+    return [
+        name
+        for name, t in named
+        if (t.dim() >= 1 and t.shape[0] == num_experts)
+        or (t.dim() == 2 and t.shape[0] == 1 and t.shape[1] == num_experts)
+    ]
+
+
+def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
+    """(block attribute, router attribute, router weight path, experts module) of a decoder layer, or None."""
+    for block_attr, block in layer.named_children():
+        experts = getattr(block, "experts", None)
+        if not isinstance(experts, nn.Module):
+            continue
+        fused = [p for p in experts.parameters(recurse=False) if p.dim() == 3]
+        if not fused:
+            continue
+        num_experts = fused[0].shape[0]
+        hidden = fused[0].shape[1:]
+        for router_attr, router in block.named_children():
+            if router_attr == "experts":
+                continue
+            for name, param in router.named_parameters():
+                if param.dim() == 2 and param.shape[0] == num_experts and param.shape[1] in hidden:
+                    return block_attr, router_attr, name, experts
+    return None
+
+
+def _config_field(config, candidates: tuple[str, ...], value) -> str | None:
+    declared = config.to_dict()
+    return next((name for name in candidates if declared.get(name) == value), None)
+
+
+def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_args: tuple = ()) -> list[str]:
+    """Every rule in ``ROUTE_FUNCTIONS`` that reproduces ``router`` bit for bit on random inputs, preferred first.
+    ``router_args``: what the MoE block passes the router besides the hidden states (a block-held bias)."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = next(router.parameters())
+    hidden = torch.randn(64, hidden_size, generator=generator).to(weight.dtype)
+    with torch.no_grad():
+        try:
+            output = router(hidden, *router_args)
+        except TypeError as exc:  # a router that needs more than the hidden states (a bias owned by the block)
+            raise DiscoveryError(f"{type(router).__name__} is not called as router(hidden_states): {exc}") from None
+    if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(t, torch.Tensor) for t in output)):
+        raise DiscoveryError(f"{type(router).__name__} does not return (logits, top-k weights, top-k indices)")
+    logits, weights, indices = output
+    matches = []
+    for name in sorted(ROUTE_FUNCTIONS, key=lambda n: RULE_PREFERENCE.index(n) if n in RULE_PREFERENCE else 99):
+        try:
+            w, i = ROUTE_FUNCTIONS[name](router, logits, None, *router_args)
+        except (AttributeError, RuntimeError, TypeError):
+            continue  # the rule reads router attributes this family does not have
+        if torch.equal(i, indices) and w.dtype == weights.dtype and torch.equal(w, weights):
+            matches.append(name)
+    return matches
+
+
+def block_router_args(block: nn.Module, block_tensors) -> tuple:
+    """The per-expert tensors a MoE block holds itself; such blocks pass them to their router after the hidden
+    states (MiniMax-M2, HY-V3: ``e_score_correction_bias``; LFM2-MoE: ``expert_bias``)."""
+    return tuple(getattr(block, name) for name in block_tensors)
+
+
+def discover_adapter(model: nn.Module) -> MoEAdapter:
+    """An adapter for ``model`` derived from its modules; `DiscoveryError` says what does not fit."""
+    config = model.config
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise DiscoveryError(f"{type(model).__name__} has no model.layers")
+    found = [(idx, _find_block(layer)) for idx, layer in enumerate(layers)]
+    found = [(idx, f) for idx, f in found if f is not None]
+    if not found:
+        raise DiscoveryError(f"{type(model).__name__}: no decoder layer has an experts module with fused 3D tensors")
+    layer_idx, (block_attr, router_attr, weight_name, experts) = found[0]
+    if {f[:3] for _, f in found} != {(block_attr, router_attr, weight_name)}:
+        raise DiscoveryError(f"{type(model).__name__}: MoE layers place their router differently")
+    block = getattr(layers[layer_idx], block_attr)
+    router = getattr(block, router_attr)
+    num_experts = next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
+    router_tensors = [weight_name] + [n for n in _per_expert(router, num_experts) if n != weight_name]
+    expert_tensors = _per_expert(experts, num_experts, recurse=False)
+    block_tensors = _per_expert(block, num_experts, recurse=False)
+    count_field = _config_field(config, COUNT_FIELD_CANDIDATES, num_experts)
+    top_k_field = _config_field(config, TOP_K_FIELD_CANDIDATES, getattr(router, "top_k", None))
+    if count_field is None or top_k_field is None:
+        raise DiscoveryError(
+            f"{config.model_type}: no config field among {COUNT_FIELD_CANDIDATES} equals {num_experts} experts or "
+            f"none among {TOP_K_FIELD_CANDIDATES} equals the router's top_k"
+        )
+    rules = identify_routing(router, config.hidden_size, router_args=block_router_args(block, block_tensors))
+    if not rules:
+        raise DiscoveryError(
+            f"{config.model_type}: no rule in {sorted(ROUTE_FUNCTIONS)} reproduces {type(router).__name__}"
+        )
+    routing = rules[0]
+    groups = {}
+    if routing == "sigmoid_group_limited":
+        group_field = _config_field(config, GROUP_FIELD_CANDIDATES, getattr(router, "num_group", None))
+        groups = dict(group_field=group_field or "n_group", topk_group_field="topk_group")
+    return MoEAdapter(
+        model_type=config.model_type,
+        num_experts_field=count_field,
+        top_k_field=top_k_field,
+        block_attr=block_attr,
+        router_attr=router_attr,
+        router_tensors=tuple(router_tensors),
+        expert_tensors=tuple(expert_tensors),
+        block_tensors=tuple(block_tensors),
+        score_function="sigmoid" if routing.startswith("sigmoid") else "softmax",
+        routing=routing,
+        config_class=type(config).__name__,
+        model_class=type(model).__name__,
+        **groups,
+    )

@@ -1,0 +1,67 @@
+"""The README's family tables, generated from the registry (``python -m hf_moeprune.adapters.table README.md``
+rewrites them in place; ``tests/test_families.py`` fails when they drift)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter
+
+START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
+
+RULES = {
+    "softmax_topk_renorm": "softmax, top-k renormalised",
+    "softmax_topk": "softmax, top-k renormalised only with `norm_topk_prob`",
+    "topk_softmax": "top-k on logits, softmax over the k",
+    "sigmoid_group_limited": "sigmoid + `e_score_correction_bias` on the choice, group-limited top-k",
+    "softmax_topk_scaled": "softmax, top-k never renormalised, x `routed_scaling_factor`",
+}
+REMOVAL = {
+    "softmax_topk_renorm": "leaves logits unchanged",
+    "softmax_topk": "unchanged with `norm_topk_prob`; otherwise weights divide by the kept probability mass",
+    "topk_softmax": "leaves logits unchanged",
+    "sigmoid_group_limited": "unchanged with one group; with `{group}` > 1 only if each group's top-2 survive",
+    "softmax_topk_scaled": "weights divide by the kept probability mass",
+}
+
+
+def _layout(adapter: MoEAdapter) -> str:
+    parts = [f"`{adapter.router_path}.{adapter.router_tensors[0]}`"]
+    parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
+    parts.append(
+        f"`{adapter.block_attr}.{adapter.experts_attr}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors)
+    )
+    parts += [f"`{adapter.block_attr}.{n}`" for n in adapter.block_tensors]
+    return "; ".join(parts)
+
+
+def family_table() -> str:
+    rows = [
+        f"Supported: {len(ADAPTERS)} families.",
+        "",
+        "| model_type | expert count field | router and experts | routing | removing an expert no token picked |",
+        "|---|---|---|---|---|",
+    ]
+    for name in sorted(ADAPTERS):
+        adapter = ADAPTERS[name]
+        removal = REMOVAL.get(adapter.routing, "").format(group=adapter.group_field)
+        rule = RULES.get(adapter.routing, adapter.routing)
+        rows.append(f"| {name} | `{adapter.num_experts_field}` | {_layout(adapter)} | {rule} | {removal} |")
+    rows += ["", f"Not supported yet: {len(UNSUPPORTED)} families.", "", "| model_type | why |", "|---|---|"]
+    rows += [f"| {name} | {UNSUPPORTED[name]} |" for name in sorted(UNSUPPORTED)]
+    return "\n".join(rows)
+
+
+def replace_table(text: str) -> str:
+    """``text`` with the part between the family-table markers replaced by the generated tables."""
+    if START not in text or END not in text:
+        raise ValueError(f"the text has no {START} ... {END} section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{family_table()}\n{END}{tail}"
+
+
+if __name__ == "__main__":
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    path.write_text(replace_table(path.read_text()))
