@@ -209,6 +209,15 @@ def test_cli_default_format_and_refusal(workspace, tmp_path, capsys):
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert not (out / ".fp-staging").exists()
+    # the README's chain: quantize, then generate from the quantized folder (its own tokenizer)
+    from hf_moeprune.inference import generate_main
+
+    prompts, results = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "def load"}\n{"id": "b", "prompt": "return the"}\n')
+    argv = [str(out), "--prompts", str(prompts), "--out", str(results), "--max-new-tokens", "4", "--progress", "false"]
+    assert generate_main(argv) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"] and all(r["tokens"] == 4 and r["completion"] for r in rows)
 
     tiny_model("gpt_oss").save_pretrained(tmp_path / "oss")
     with pytest.raises(SystemExit, match="--format compressed-tensors: transformers writes gpt_oss's experts"):

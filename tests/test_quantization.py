@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_without_package
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -305,14 +306,45 @@ def test_loaded_then_pruned_then_quantized_model_reloads_exactly(tmp_path):
     assert torch.equal(_logits(_save_and_reload(model, tmp_path / "q")), expected)
 
 
-def test_pruned_uniform_model_exports_stock_and_reloads_exactly(tmp_path):
+def test_pruned_uniform_model_keeps_the_pruned_format_when_quantized(tmp_path):
+    # a stock export would carry quant_method hf_moeprune under model_type qwen3_moe, which transformers without
+    # hf_moeprune skips (random weights); the pruned format makes it fail loudly instead (next test)
     model = tiny_model("qwen3_moe")
     prune_experts(model, {i: [6, 1, 3, 4] for i in range(3)})
     quantize(model, "int8")
     expected = _logits(model)
     reloaded = _save_and_reload(model, tmp_path)
-    assert type(reloaded).__name__ == "Qwen3MoeForCausalLM" and reloaded.config.num_experts == 4
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "moeprune_qwen3_moe"
+    assert hf_moeprune.is_pruned(reloaded) and reloaded.config.experts_per_layer == [4, 4, 4]
     assert torch.equal(_logits(reloaded), expected)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_hf_moeprune_format_fails_loudly_without_the_package(family, tmp_path):
+    model = tiny_model(family)
+    quantize(model, "int4")  # a stock (unpruned) model: saved in the pruned format all the same
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"moeprune_{family}" and config["quantization_config"]["quant_method"] == (
+        "hf_moeprune"
+    )
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(model))
+    code = (
+        "from transformers import AutoModelForCausalLM\n"
+        "for remote in (False, True):\n"
+        "    try:\n"
+        f"        AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=remote)\n"
+        "    except Exception as exc:\n"
+        "        print(remote, type(exc).__name__, str(exc).replace(chr(10), ' '))\n"
+        "    else:\n"
+        "        print(remote, 'LOADED')\n"
+    )
+    result = run_without_package(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain, remote = result.stdout.strip().splitlines()[-2:]
+    assert plain.startswith("False ValueError") and "contains custom code" in plain, plain
+    assert remote.startswith("True ImportError") and "quantized in hf_moeprune's packed format" in remote, remote
+    assert "--format compressed-tensors" in remote
 
 
 def test_config_that_does_not_match_the_weights_is_refused(tmp_path):

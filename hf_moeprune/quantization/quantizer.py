@@ -182,6 +182,31 @@ def _attach(model: nn.Module, config: QuantizationConfig) -> None:
         model.config.quantization_config = config
 
 
+def use_pruned_format(model: nn.Module) -> None:
+    """Give a stock MoE model its pruned class (all experts kept), so its quantized checkpoint is written as
+    ``moeprune_<family>``: without hf_moeprune, transformers then refuses it (unknown model type, or the
+    shipped modeling file's check under trust_remote_code) instead of skipping the unknown quant_method
+    and filling the model with random weights."""
+    from hf_moeprune.adapters import get_adapter
+    from hf_moeprune.format import PRUNED_CLASSES, is_pruned, mark_pruned
+
+    if is_pruned(model) or not hasattr(model, "config"):
+        return
+    try:
+        adapter = get_adapter(model)
+    except ValueError:
+        adapter = None
+    if adapter is None or adapter.model_type not in PRUNED_CLASSES:
+        logger.warning(
+            "%s has no hf_moeprune pruned format: its quantized checkpoint keeps model_type %r, which transformers "
+            "without hf_moeprune would load with random weights (it skips unknown quant_methods)",
+            type(model).__name__,
+            getattr(model.config, "model_type", None),
+        )
+        return
+    mark_pruned(model, adapter)
+
+
 def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **config_fields: Any) -> nn.Module:
     """Quantize ``model``'s weights in place (experts, attention, dense MLPs; optionally the LM head).
 
@@ -206,6 +231,7 @@ def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **conf
             "quantize the full-precision model instead"
         )
     before = model_size_bytes(model)
+    use_pruned_format(model)
     targets = apply_quantization(model, config)
     if not targets:
         raise ValueError(
