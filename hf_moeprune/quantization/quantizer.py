@@ -29,6 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_moeprune.quantization.config import QuantizationConfig
+from hf_moeprune.quantization.packed_kernels import (
+    PackedWeight,
+    can_use_packed,
+    expert_rows,
+    int4_kernel_weights,
+    int8_kernel_weights,
+)
 from hf_moeprune.quantization.schemes import get_scheme
 
 logger = logging.getLogger(__name__)
@@ -49,9 +56,35 @@ class QuantizedWeight(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return get_scheme(self.scheme).quantize(weight, self.group_size)
 
-    @torch.no_grad()
-    def forward(self, *packed: torch.Tensor) -> torch.Tensor:
+    def forward(self, *packed: torch.Tensor) -> torch.Tensor | PackedWeight:
+        # inference on CPU: a handle that F.linear multiplies with the packed kernels (see packed_kernels.py);
+        # checked before no_grad, because the kernels have no backward
+        if can_use_packed(self.scheme, self.group_size, self.shape, packed):
+            return PackedWeight(self, packed)
+        with torch.no_grad():
+            return self.dequantize_packed(packed)
+
+    def dequantize_packed(self, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return get_scheme(self.scheme).dequantize(packed, self.shape, self.dtype, self.group_size)
+
+    def dequantize_expert(self, packed: tuple[torch.Tensor, ...], expert: int) -> torch.Tensor:
+        rows = expert_rows(packed, self.shape, self.group_size, expert)
+        return get_scheme(self.scheme).dequantize(rows, self.shape[1:], self.dtype, self.group_size)
+
+    def kernel_weights(self, packed: tuple[torch.Tensor, ...], expert: int | None):
+        """The kernel's copy of one expert (or of the 2D tensor), built on first use and kept."""
+        # keyed by the stored data too: a reload into the same module must not reuse stale copies
+        key = (expert, packed[0].data_ptr(), packed[1].data_ptr())
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        if key not in cache:
+            out_features, in_features = self.shape[-2], self.shape[-1]
+            if self.scheme == "int4":
+                nibbles, scale = expert_rows(packed, self.shape, self.group_size, expert)
+                cache[key] = int4_kernel_weights(nibbles, scale, out_features, in_features, self.group_size)
+            else:
+                dense = self.dequantize_packed(packed) if expert is None else self.dequantize_expert(packed, expert)
+                cache[key] = int8_kernel_weights(dense)
+        return cache[key]
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, group_size={self.group_size}, shape={tuple(self.shape)}, dtype={self.dtype}"
@@ -168,6 +201,14 @@ def apply_quantization(
         parametrize.register_parametrization(module, target.tensor_name, parametrization, unsafe=True)
         if param.ndim >= 3:
             _install_cache_hooks(module)
+    if targets and hasattr(model, "set_experts_implementation") and not torch.cuda.is_available():
+        # The packed kernels are reached through F.linear(x, W[expert]), i.e. transformers' eager expert loop,
+        # which also touches only the experts that received tokens; grouped_mm would dequantize all of them.
+        # Kept to CPU-only machines, where those kernels exist (the CUDA path dequantizes, as before).
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, AttributeError) as exc:  # a model without experts_implementation support
+            logger.debug("experts implementation left as it was: %s", exc)
     return targets
 
 
