@@ -74,6 +74,9 @@ def can_use_packed(scheme: str, group_size: int, shape: torch.Size, packed: tupl
     return False
 
 
+_OWN_ATTRIBUTES = frozenset({"parametrization", "packed", "expert", "shape", "dtype", "device", "kernel", "experts"})
+
+
 class PackedWeight:
     """A quantized weight (or one expert of a 3D one) that ``F.linear`` multiplies with packed kernels."""
 
@@ -85,6 +88,8 @@ class PackedWeight:
         self.shape = torch.Size(full[1:] if expert is not None else full)
         self.dtype = parametrization.dtype
         self.device = packed[0].device
+        self.kernel = None  # (weight, scales) for the kernel, built on first use
+        self.experts: dict[int, PackedWeight] = {}  # one handle per expert used, reused across forwards
 
     @property
     def ndim(self) -> int:
@@ -101,7 +106,11 @@ class PackedWeight:
             if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
                 index = int(index)
             if isinstance(index, int):
-                return PackedWeight(self.parametrization, self.packed, index % self.shape[0])
+                index %= self.shape[0]
+                handle = self.experts.get(index)
+                if handle is None:
+                    handle = self.experts[index] = PackedWeight(self.parametrization, self.packed, index)
+                return handle
         return self.dequantize()[index]
 
     def dequantize(self) -> torch.Tensor:
@@ -110,8 +119,10 @@ class PackedWeight:
         return self.parametrization.dequantize_expert(self.packed, self.expert)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weight, scales = self.parametrization.kernel_weights(self.packed, self.expert)
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        if self.kernel is None:
+            self.kernel = self.parametrization.kernel_weights(self.packed, self.expert)
+        weight, scales = self.kernel
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         scheme = self.parametrization.scheme
         if scheme == "int4":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.parametrization.group_size, scales)
@@ -143,7 +154,15 @@ class PackedWeight:
 
     def __getattr__(self, name: str) -> Any:
         # any tensor attribute or method (t(), float(), to(), ...): act on the dequantized tensor
-        if name.startswith("__") or name in ("parametrization", "packed", "expert", "shape", "dtype", "device"):
+        if name.startswith("__") or name in (
+            "parametrization",
+            "packed",
+            "expert",
+            "shape",
+            "dtype",
+            "device",
+            "kernel",
+        ):
             raise AttributeError(name)
         return getattr(self.dequantize(), name)
 

@@ -60,7 +60,11 @@ class QuantizedWeight(nn.Module):
         # inference on CPU: a handle that F.linear multiplies with the packed kernels (see packed_kernels.py);
         # checked before no_grad, because the kernels have no backward
         if can_use_packed(self.scheme, self.group_size, self.shape, packed):
-            return PackedWeight(self, packed)
+            # one handle per stored data, reused: it carries the kernel copies (rebuilt if the data is replaced)
+            handle = self.__dict__.get("_packed_handle")
+            if handle is None or any(a is not b for a, b in zip(handle.packed, packed)):
+                handle = self.__dict__["_packed_handle"] = PackedWeight(self, packed)
+            return handle
         with torch.no_grad():
             return self.dequantize_packed(packed)
 
@@ -72,19 +76,13 @@ class QuantizedWeight(nn.Module):
         return get_scheme(self.scheme).dequantize(rows, self.shape[1:], self.dtype, self.group_size)
 
     def kernel_weights(self, packed: tuple[torch.Tensor, ...], expert: int | None):
-        """The kernel's copy of one expert (or of the 2D tensor), built on first use and kept."""
-        # keyed by the stored data too: a reload into the same module must not reuse stale copies
-        key = (expert, packed[0].data_ptr(), packed[1].data_ptr())
-        cache = self.__dict__.setdefault("_kernel_cache", {})
-        if key not in cache:
-            out_features, in_features = self.shape[-2], self.shape[-1]
-            if self.scheme == "int4":
-                nibbles, scale = expert_rows(packed, self.shape, self.group_size, expert)
-                cache[key] = int4_kernel_weights(nibbles, scale, out_features, in_features, self.group_size)
-            else:
-                dense = self.dequantize_packed(packed) if expert is None else self.dequantize_expert(packed, expert)
-                cache[key] = int8_kernel_weights(dense)
-        return cache[key]
+        """The kernel's copy of one expert (or of the 2D tensor); ``PackedWeight`` keeps it after first use."""
+        out_features, in_features = self.shape[-2], self.shape[-1]
+        if self.scheme == "int4":
+            nibbles, scale = expert_rows(packed, self.shape, self.group_size, expert)
+            return int4_kernel_weights(nibbles, scale, out_features, in_features, self.group_size)
+        dense = self.dequantize_packed(packed) if expert is None else self.dequantize_expert(packed, expert)
+        return int8_kernel_weights(dense)
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, group_size={self.group_size}, shape={tuple(self.shape)}, dtype={self.dtype}"
