@@ -191,9 +191,13 @@ def prune_main(argv: Sequence[str]) -> int:
         logger.warning("nothing to remove: the model keeps all its experts")
     counts = getattr(model.config, "experts_per_layer", None)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
-        model.save_pretrained(tmp, export_stock=args.export_stock)
+        model.save_pretrained(tmp, export_stock=args.export_stock)  # generation_config.json comes along
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        else:
+            from hf_moeprune.quantization.cli import copy_tokenizer
+
+            copy_tokenizer(args.model, tmp)  # so that `generate` and `push` work on the output as on the input
     logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, counts)
     print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
     return 0

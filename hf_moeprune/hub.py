@@ -253,6 +253,81 @@ def expert_layout(config: dict[str, Any]) -> ExpertLayout:
     )
 
 
+def pruned_layout(config: dict[str, Any]) -> ExpertLayout | None:
+    """The expert layout when hf_moeprune removed experts, None for a model that keeps them all (e.g. one
+    that was only quantized or distilled: its card then has no pruning section)."""
+    model_type = config.get("model_type")
+    pruned = isinstance(model_type, str) and model_type.startswith(PRUNED_MODEL_TYPE_PREFIX)
+    if not pruned and not isinstance(config.get("moeprune_provenance"), dict):
+        return None
+    layout = expert_layout(config)
+    return layout if layout.kept_total < layout.original_total or layout.selection_bias else None
+
+
+def _family(config: dict[str, Any]) -> str:
+    model_type = str(config.get("model_type"))
+    return str(config.get("base_model_type") or model_type.removeprefix(PRUNED_MODEL_TYPE_PREFIX))
+
+
+def _quant_method(config: dict[str, Any]) -> str | None:
+    quantization = config.get("quantization_config")
+    return quantization.get("quant_method") if isinstance(quantization, dict) else None
+
+
+# checkpoint kind -> the load path its card shows; each is exercised by a test on that kind of checkpoint:
+# compressed_tensors: tests/test_compressed_tensors.py (stock transformers + compressed-tensors, no hf_moeprune);
+# hf_moeprune_quantized: tests/test_quantization.py (loads with hf_moeprune, fails loudly without it);
+# stock / pruned_format: tests/test_format.py and tests/test_hub.py (plain, and trust_remote_code without it).
+CHECKPOINT_KINDS = ("compressed_tensors", "hf_moeprune_quantized", "stock", "pruned_format")
+
+
+def checkpoint_kind(config: dict[str, Any]) -> str:
+    method = _quant_method(config)
+    if method == "compressed-tensors":
+        return "compressed_tensors"
+    if method == "hf_moeprune":
+        return "hf_moeprune_quantized"
+    if method is not None:
+        raise ValueError(
+            f"config.json has quantization_config.quant_method={method!r}; hf_moeprune writes cards for "
+            "'compressed-tensors' and 'hf_moeprune' checkpoints only, and cannot say how to load this one"
+        )
+    model_type = str(config.get("model_type"))
+    return "pruned_format" if model_type.startswith(PRUNED_MODEL_TYPE_PREFIX) else "stock"
+
+
+def _ct_scheme_text(config: dict[str, Any]) -> str | None:
+    if _quant_method(config) != "compressed-tensors":
+        return None
+    groups = config["quantization_config"].get("config_groups") or {}
+    weights = next(iter(groups.values()), {}).get("weights") or {}
+    bits, strategy, group = weights.get("num_bits"), weights.get("strategy"), weights.get("group_size")
+    layout = f"group size {group}" if strategy == "group" else "per output channel"
+    return f"W{bits}A16, symmetric int{bits}, {layout}"
+
+
+def quantization_from_config(config: dict[str, Any]) -> QuantizationInfo | None:
+    """What config.json says about the quantization (sizes are left to the caller, who measured them)."""
+    method = _quant_method(config)
+    quantization = config.get("quantization_config")
+    if method == "compressed-tensors":
+        groups = quantization.get("config_groups") or {}
+        bits = (next(iter(groups.values()), {}).get("weights") or {}).get("num_bits")
+        return QuantizationInfo(
+            method=f"compressed-tensors pack-quantized ({_ct_scheme_text(config)})",
+            bits=int(bits) if bits else 8,
+            modules="experts + attention" + (" + lm_head" if "lm_head" not in quantization.get("ignore", []) else ""),
+        )
+    if method == "hf_moeprune":
+        scheme = quantization.get("scheme", "int8")
+        return QuantizationInfo(
+            method=f"hf_moeprune {scheme} (group size {quantization.get('group_size')})",
+            bits=8 if scheme == "int8" else 4,
+            modules="experts + attention" + (" + lm_head" if quantization.get("include_lm_head") else ""),
+        )
+    return None
+
+
 def _check_repo_id(repo_id: Any, name: str = "repo_id") -> None:
     try:
         validate_repo_id(repo_id)
@@ -354,12 +429,17 @@ def build_model_card(
     if repo_id is not None:
         _check_repo_id(repo_id)
     config, folder = _load_config(model_dir_or_config)
-    layout = expert_layout(config)
+    layout = pruned_layout(config)
+    kind = checkpoint_kind(config)
+    family = layout.family if layout is not None else _family(config)
+    quantization = info.quantization or quantization_from_config(config)
     template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
     if not template.is_file():
         raise FileNotFoundError(f"model card template {str(template)!r} does not exist; pass template_path=")
 
-    tags = ["hf_moeprune", "moe", "mixture-of-experts", "expert-pruning", layout.family]
+    tags = ["hf_moeprune", "moe", "mixture-of-experts", *(["expert-pruning"] if layout else []), family]
+    if kind == "compressed_tensors":
+        tags.append("compressed-tensors")
     tags += [t for t in info.tags if t not in tags]
     card_data = ModelCardData(
         base_model=info.base_model,
@@ -377,11 +457,12 @@ def build_model_card(
             "ids": None if ids is None else ", ".join(map(str, ids)),
         }
         for i, (count, ids) in enumerate(zip(layout.experts_per_layer, layout.kept_expert_ids))
-    ]
-    counts = [c for c in layout.experts_per_layer if c is not None]
+    ] if layout is not None else []  # fmt: skip
+    counts = [c for c in layout.experts_per_layer if c is not None] if layout is not None else [0]
     has_tokenizer = folder is not None and any((folder / name).is_file() for name in TOKENIZER_FILES)
     parameters = stored_parameter_count(folder) if folder is not None else None
-    title = info.model_name or (repo_id.split("/")[-1] if repo_id else f"Pruned {layout.family} MoE")
+    default_title = f"Pruned {family} MoE" if layout is not None else f"{family} MoE"
+    title = info.model_name or (repo_id.split("/")[-1] if repo_id else default_title)
     return ModelCard.from_template(
         card_data,
         template_path=str(template),
@@ -392,12 +473,15 @@ def build_model_card(
         min_experts=min(counts),
         max_experts=max(counts),
         uniform=len(set(counts)) == 1,
-        sparsity_pct=f"{100 * layout.sparsity:.1f}",
+        sparsity_pct=f"{100 * layout.sparsity:.1f}" if layout is not None else None,
+        family=family,
+        kind=kind,
+        ct_scheme=_ct_scheme_text(config),
         parameters=_format_count(parameters) if parameters is not None else None,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         has_tokenizer=has_tokenizer,
         plot_file=plot_file,
-        quantization=info.quantization,
+        quantization=quantization,
         distillation=info.distillation,
         evaluation=info.evaluation,
     )
@@ -435,7 +519,7 @@ def write_model_card(
     out = Path(destination) if destination is not None else folder
     card_path = out / CARD_FILENAME
     plot_path = out / PLOT_FILENAME
-    want_plot = info.plot and _matplotlib_available()
+    want_plot = info.plot and _matplotlib_available() and pruned_layout(_load_config(folder)[0]) is not None
     if not overwrite:
         taken = [str(p) for p in (card_path, plot_path if want_plot else None) if p is not None and p.exists()]
         if taken:

@@ -65,6 +65,8 @@ def test_prune_subcommand_writes_atomically(workspace):
     )
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.experts_per_layer == [3, 8, 2]
+    # the tokenizer and generation config come along, so `generate` and `push` work on the output
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     with pytest.raises(SystemExit, match=r"layer 0: expert indices \[9\] out of range") as failed:
         main(
             [

@@ -182,9 +182,13 @@ def test_card_from_in_memory_config_and_optional_sections():
     assert "## Quantization" not in only_eval and "## Distillation" not in only_eval
 
 
-def test_card_refuses_unpruned_model_and_overwrite(pruned_dir):
-    with pytest.raises(ValueError, match="not pruned by hf_moeprune"):
-        build_model_card(tiny_config("mixtral").to_dict())
+def test_card_of_unpruned_model_and_overwrite(pruned_dir):
+    text = build_model_card(tiny_config("mixtral").to_dict()).content
+    assert "its experts were not pruned" in text and "## Pruning" not in text and "expert-pruning" not in text
+    (block,) = _python_blocks(text)
+    assert "hf_moeprune" not in block and "trust_remote_code" not in block
+    with pytest.raises(ValueError, match="quant_method='bitsandbytes'.*cannot say how to load"):
+        build_model_card({**tiny_config("mixtral").to_dict(), "quantization_config": {"quant_method": "bitsandbytes"}})
     with pytest.raises(FileNotFoundError, match="config.json"):
         build_model_card(pruned_dir / "missing")
     first = write_model_card(pruned_dir, CardInfo(method="first"))
@@ -400,3 +404,38 @@ def test_card_of_uniform_model_with_learned_bias_explains_the_format(tmp_path):
     assert "keep different numbers of experts" not in text
     # the remote-code snippet is offered, as for any hf_moeprune-format checkpoint
     assert any("trust_remote_code=True" in block for block in _python_blocks(text))
+
+
+# ---------------------------------------------------------------- push of every model the CLI writes
+
+
+def test_push_quantized_only_and_unpruned_models_with_honest_cards(hub, workspace, tmp_path):
+    from hf_moeprune.quantization.cli import quantize_main
+
+    ct, hfq = tmp_path / "ct", tmp_path / "hfq"
+    assert quantize_main([str(workspace / "model"), str(ct), "--scheme", "int4"]) == 0
+    assert quantize_main([str(workspace / "model"), str(hfq), "--scheme", "nf4"]) == 0
+    plain = tmp_path / "plain"  # e.g. what `distill` writes for an unpruned student: no pruning, no quantization
+    tiny_model("qwen2_moe").save_pretrained(plain)
+    for folder, repo in ((ct, "tester/ct"), (hfq, "tester/hfq"), (plain, "tester/plain")):
+        push_to_hub(folder, repo, token=TOKEN)
+        arrived = hub.files(repo)
+        assert arrived["config.json"] == (folder / "config.json").read_bytes()
+        assert PLOT_FILENAME not in arrived  # nothing was pruned: no per-layer plot
+    ct_card = hub.files("tester/ct")["README.md"].decode()
+    assert "compressed-tensors" in ct_card.split("---")[1]  # a Hub tag
+    assert "| Method | compressed-tensors pack-quantized (W4A16, symmetric int4, group size 16) |" in ct_card
+    assert "## Pruning" not in ct_card and "tokenizer.json" in hub.files("tester/ct")
+    (snippet,) = _python_blocks(ct_card)
+    assert "hf_moeprune" not in snippet and "trust_remote_code" not in snippet
+    # the card's own snippet, run where hf_moeprune cannot be imported, loads the weights and generates
+    result = run_without_package(snippet.replace('"tester/ct"', repr(str(ct))) + "print('CT_OK', type(model).__name__)")
+    assert "CT_OK MixtralForCausalLM" in result.stdout, result.stderr[-3000:]
+
+    hfq_card = hub.files("tester/hfq")["README.md"].decode()
+    assert "| Method | hf_moeprune nf4 (group size 64) |" in hfq_card
+    (snippet,) = _python_blocks(hfq_card)
+    assert snippet.startswith("import hf_moeprune") and "trust_remote_code" not in snippet
+    assert "Without hf_moeprune, loading fails with an error" in hfq_card
+    plain_card = hub.files("tester/plain")["README.md"].decode()
+    assert "its experts were not pruned" in plain_card and "## Quantization" not in plain_card

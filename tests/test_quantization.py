@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import run_without_package
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +22,7 @@ from hf_moeprune.quantization import (
     weight_files_size_bytes,
 )
 from hf_moeprune.quantization.cli import quantize_main
+from hf_moeprune.quantization.packed_kernels import PackedWeight, packed_kernels
 from hf_moeprune.quantization.schemes import absmax_dequantize, absmax_quantize, pack_int4, unpack_int4
 from hf_moeprune.tiny_models import tiny_model
 
@@ -236,7 +238,9 @@ def test_dequantize_gives_plain_parameters_with_the_quantized_values():
 
 def test_eager_experts_dequantize_each_tensor_once_per_forward(monkeypatch):
     model = quantize(tiny_model("mixtral"), "int8")
-    expected = _logits(model)
+    with packed_kernels(False):
+        model.set_experts_implementation("grouped_mm")
+        expected = _logits(model)
     model.set_experts_implementation("eager")
     scheme = get_scheme("int8")
     calls = []
@@ -247,7 +251,8 @@ def test_eager_experts_dequantize_each_tensor_once_per_forward(monkeypatch):
         return original(self, packed, shape, dtype, group_size)
 
     monkeypatch.setattr(type(scheme), "dequantize", counting)
-    out = _logits(model)
+    with packed_kernels(False):  # the dequantizing path (CUDA, nf4, training)
+        out = _logits(model)
     # without the cache scoped to the experts' forward, eager would dequantize once per routed expert
     assert len(calls) == len(quantized_targets(model))
     assert torch.nn.utils.parametrize._cache_enabled == 0 and not torch.nn.utils.parametrize._cache
@@ -305,14 +310,45 @@ def test_loaded_then_pruned_then_quantized_model_reloads_exactly(tmp_path):
     assert torch.equal(_logits(_save_and_reload(model, tmp_path / "q")), expected)
 
 
-def test_pruned_uniform_model_exports_stock_and_reloads_exactly(tmp_path):
+def test_pruned_uniform_model_keeps_the_pruned_format_when_quantized(tmp_path):
+    # a stock export would carry quant_method hf_moeprune under model_type qwen3_moe, which transformers without
+    # hf_moeprune skips (random weights); the pruned format makes it fail loudly instead (next test)
     model = tiny_model("qwen3_moe")
     prune_experts(model, {i: [6, 1, 3, 4] for i in range(3)})
     quantize(model, "int8")
     expected = _logits(model)
     reloaded = _save_and_reload(model, tmp_path)
-    assert type(reloaded).__name__ == "Qwen3MoeForCausalLM" and reloaded.config.num_experts == 4
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "moeprune_qwen3_moe"
+    assert hf_moeprune.is_pruned(reloaded) and reloaded.config.experts_per_layer == [4, 4, 4]
     assert torch.equal(_logits(reloaded), expected)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_hf_moeprune_format_fails_loudly_without_the_package(family, tmp_path):
+    model = tiny_model(family)
+    quantize(model, "int4")  # a stock (unpruned) model: saved in the pruned format all the same
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == f"moeprune_{family}" and config["quantization_config"]["quant_method"] == (
+        "hf_moeprune"
+    )
+    assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), _logits(model))
+    code = (
+        "from transformers import AutoModelForCausalLM\n"
+        "for remote in (False, True):\n"
+        "    try:\n"
+        f"        AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=remote)\n"
+        "    except Exception as exc:\n"
+        "        print(remote, type(exc).__name__, str(exc).replace(chr(10), ' '))\n"
+        "    else:\n"
+        "        print(remote, 'LOADED')\n"
+    )
+    result = run_without_package(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain, remote = result.stdout.strip().splitlines()[-2:]
+    assert plain.startswith("False ValueError") and "contains custom code" in plain, plain
+    assert remote.startswith("True ImportError") and "quantized in hf_moeprune's packed format" in remote, remote
+    assert "--format compressed-tensors" in remote
 
 
 def test_config_that_does_not_match_the_weights_is_refused(tmp_path):
@@ -379,3 +415,57 @@ def test_cli_quantizes_positionally_and_refuses_bad_input(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="not empty"):
         quantize_main([str(tmp_path / "fp"), str(tmp_path / "q")])
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == before
+
+
+# -- packed kernels (CPU inference without dequantizing) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("family, scheme, group_size, min_cosine", [
+    ("mixtral", "int4", 32, 0.9999), ("mixtral", "int8", 128, 0.9995), ("qwen3_moe", "int4", 64, 0.9999),
+])  # fmt: skip
+def test_packed_kernels_match_the_dequantized_reference(family, scheme, group_size, min_cosine, monkeypatch):
+    # widths that fit the kernels' groups (real models: 2048..7168); tiny defaults (32, 48) fall back
+    model = tiny_model(family, hidden_size=64, intermediate_size=128, moe_intermediate_size=128, head_dim=16)
+    quantize(model, scheme, group_size=group_size)
+    with packed_kernels(False):
+        reference = _logits(model)
+    calls = []
+    original = PackedWeight.linear
+
+    def counting(self, x, bias):
+        calls.append((self.parametrization.shape, self.expert, x.shape[0]))
+        return original(self, x, bias)
+
+    monkeypatch.setattr(PackedWeight, "linear", counting)
+    out = _logits(model)
+    assert _cosine(out, reference) > min_cosine
+    # bf16 activations (and, for int8, the per-channel copy): a small relative error, nothing systematic
+    assert (out - reference).norm() < (0.02 if scheme == "int4" else 0.04) * reference.norm()
+    experts_calls = [c for c in calls if c[1] is not None]
+    attention_calls = [c for c in calls if c[1] is None]
+    assert experts_calls and attention_calls  # both expert and attention matmuls ran on the kernels
+    # only experts that received tokens: one token, top-2 -> 2 experts x 2 matmuls per MoE layer
+    calls.clear()
+    _logits(model, IDS[:1, :1])
+    layers = len(hf_moeprune.get_adapter(model).moe_layer_indices(model))
+    assert len([c for c in calls if c[1] is not None]) == 2 * 2 * layers
+    # the kernel copies are kept per used expert only, outside the state dict
+    assert not any("kernel" in k for k in model.state_dict())
+    # with grad enabled (training, distillation through the model) the differentiable path is used
+    with torch.enable_grad():
+        calls.clear()
+        model(IDS).logits.sum()
+        assert not calls
+
+
+def test_packed_kernels_fall_back_for_other_uses():
+    model = tiny_model("gpt_oss", hidden_size=64, intermediate_size=128, head_dim=16)
+    quantize(model, "int4", group_size=32)  # GPT-OSS computes x @ W[e] on [in, out] experts: dequantized per expert
+    with packed_kernels(False):
+        reference = _logits(model)
+    assert _cosine(_logits(model), reference) > 0.9999
+    with torch.no_grad():
+        weight = model.model.layers[0].mlp.experts.gate_up_proj
+        assert isinstance(weight, PackedWeight) and weight.shape == (8, 64, 256)
+        assert torch.equal(weight[3].dequantize(), model.model.layers[0].mlp.experts.parametrizations.gate_up_proj[0]
+                           .dequantize_packed(weight.packed)[3])  # fmt: skip

@@ -417,7 +417,10 @@ class PrunedMoEMixin:
                 "saving in the hf_moeprune format, not as stock %s: the stock router cannot apply the learned "
                 "selection bias", self.config.base_model_type,
             )  # fmt: skip
-        if not (export_stock and len(counts) == 1) or biased:
+        # hf_moeprune-quantized weights stay in the pruned format: under a stock model_type, transformers without
+        # hf_moeprune would skip the unknown quant_method and load random weights; here it refuses (see above).
+        quantized = _quant_method(self.config) == HF_MOEPRUNE_QUANT_METHOD
+        if not (export_stock and len(counts) == 1) or biased or quantized:
             return super().save_pretrained(save_directory, *args, **kwargs)
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
@@ -474,6 +477,37 @@ class PrunedMoEMixin:
         )
 
 
+HF_MOEPRUNE_QUANT_METHOD = "hf_moeprune"  # the quant_method of hf_moeprune's packed format (issue 14)
+
+
+def _quant_method(config) -> str | None:
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        return quantization.get("quant_method")
+    return getattr(quantization, "quant_method", None)
+
+
+def refuse_unloadable_quantization(config) -> None:
+    """Fail loudly instead of building a model that would be filled with random weights.
+
+    transformers skips a quant_method it does not know with a warning only, and then every packed tensor is
+    "unexpected" and every weight "missing" (randomly initialised). hf_moeprune's packed tensors are read by
+    its own transformers quantizer, registered by ``import hf_moeprune``; this file runs without it under
+    ``trust_remote_code``, so it checks that the quantizer is there.
+    """
+    if _quant_method(config) != HF_MOEPRUNE_QUANT_METHOD:
+        return
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    if HF_MOEPRUNE_QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        raise ImportError(
+            "this checkpoint is quantized in hf_moeprune's packed format (quantization_config.quant_method="
+            "'hf_moeprune'), which only hf_moeprune's quantizer reads: `pip install hf_moeprune` and "
+            "`import hf_moeprune` before from_pretrained. To serve it without hf_moeprune, quantize the "
+            "full-precision model with `hf-moeprune quantize --format compressed-tensors` instead"
+        )
+
+
 def _count_field(config) -> str:
     """The config field holding the routed-expert count: recorded in the config, or (checkpoints saved before
     it was recorded) the first usual name whose value is the original count."""
@@ -495,6 +529,7 @@ def _top_k(config) -> int:
 
 def _make_init(stock_model_cls):
     def __init__(self, config):
+        refuse_unloadable_quantization(config)
         check_pruned_config(config)
         count_field = _count_field(config)
         counts = [c for c in config.experts_per_layer if c is not None]

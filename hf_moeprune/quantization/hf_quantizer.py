@@ -57,6 +57,9 @@ class MoEPruneHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
+            from hf_moeprune.quantization.quantizer import use_pruned_format
+
+            use_pruned_format(model)
             apply_quantization(model, self.quantization_config)
             return model
         # the loader flags every tensor it filled from the checkpoint; an unflagged packed tensor holds garbage

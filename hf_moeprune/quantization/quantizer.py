@@ -29,6 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_moeprune.quantization.config import QuantizationConfig
+from hf_moeprune.quantization.packed_kernels import (
+    PackedWeight,
+    can_use_packed,
+    expert_rows,
+    int4_kernel_weights,
+    int8_kernel_weights,
+)
 from hf_moeprune.quantization.schemes import get_scheme
 
 logger = logging.getLogger(__name__)
@@ -49,9 +56,33 @@ class QuantizedWeight(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return get_scheme(self.scheme).quantize(weight, self.group_size)
 
-    @torch.no_grad()
-    def forward(self, *packed: torch.Tensor) -> torch.Tensor:
+    def forward(self, *packed: torch.Tensor) -> torch.Tensor | PackedWeight:
+        # inference on CPU: a handle that F.linear multiplies with the packed kernels (see packed_kernels.py);
+        # checked before no_grad, because the kernels have no backward
+        if can_use_packed(self.scheme, self.group_size, self.shape, packed):
+            # one handle per stored data, reused: it carries the kernel copies (rebuilt if the data is replaced)
+            handle = self.__dict__.get("_packed_handle")
+            if handle is None or any(a is not b for a, b in zip(handle.packed, packed)):
+                handle = self.__dict__["_packed_handle"] = PackedWeight(self, packed)
+            return handle
+        with torch.no_grad():
+            return self.dequantize_packed(packed)
+
+    def dequantize_packed(self, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return get_scheme(self.scheme).dequantize(packed, self.shape, self.dtype, self.group_size)
+
+    def dequantize_expert(self, packed: tuple[torch.Tensor, ...], expert: int) -> torch.Tensor:
+        rows = expert_rows(packed, self.shape, self.group_size, expert)
+        return get_scheme(self.scheme).dequantize(rows, self.shape[1:], self.dtype, self.group_size)
+
+    def kernel_weights(self, packed: tuple[torch.Tensor, ...], expert: int | None):
+        """The kernel's copy of one expert (or of the 2D tensor); ``PackedWeight`` keeps it after first use."""
+        out_features, in_features = self.shape[-2], self.shape[-1]
+        if self.scheme == "int4":
+            nibbles, scale = expert_rows(packed, self.shape, self.group_size, expert)
+            return int4_kernel_weights(nibbles, scale, out_features, in_features, self.group_size)
+        dense = self.dequantize_packed(packed) if expert is None else self.dequantize_expert(packed, expert)
+        return int8_kernel_weights(dense)
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, group_size={self.group_size}, shape={tuple(self.shape)}, dtype={self.dtype}"
@@ -168,6 +199,14 @@ def apply_quantization(
         parametrize.register_parametrization(module, target.tensor_name, parametrization, unsafe=True)
         if param.ndim >= 3:
             _install_cache_hooks(module)
+    if targets and hasattr(model, "set_experts_implementation") and not torch.cuda.is_available():
+        # The packed kernels are reached through F.linear(x, W[expert]), i.e. transformers' eager expert loop,
+        # which also touches only the experts that received tokens; grouped_mm would dequantize all of them.
+        # Kept to CPU-only machines, where those kernels exist (the CUDA path dequantizes, as before).
+        try:
+            model.set_experts_implementation("eager")
+        except (ValueError, AttributeError) as exc:  # a model without experts_implementation support
+            logger.debug("experts implementation left as it was: %s", exc)
     return targets
 
 
@@ -180,6 +219,31 @@ def _attach(model: nn.Module, config: QuantizationConfig) -> None:
     model.quantization_method = config.quant_method
     if hasattr(model, "config"):
         model.config.quantization_config = config
+
+
+def use_pruned_format(model: nn.Module) -> None:
+    """Give a stock MoE model its pruned class (all experts kept), so its quantized checkpoint is written as
+    ``moeprune_<family>``: without hf_moeprune, transformers then refuses it (unknown model type, or the
+    shipped modeling file's check under trust_remote_code) instead of skipping the unknown quant_method
+    and filling the model with random weights."""
+    from hf_moeprune.adapters import get_adapter
+    from hf_moeprune.format import PRUNED_CLASSES, is_pruned, mark_pruned
+
+    if is_pruned(model) or not hasattr(model, "config"):
+        return
+    try:
+        adapter = get_adapter(model)
+    except ValueError:
+        adapter = None
+    if adapter is None or adapter.model_type not in PRUNED_CLASSES:
+        logger.warning(
+            "%s has no hf_moeprune pruned format: its quantized checkpoint keeps model_type %r, which transformers "
+            "without hf_moeprune would load with random weights (it skips unknown quant_methods)",
+            type(model).__name__,
+            getattr(model.config, "model_type", None),
+        )
+        return
+    mark_pruned(model, adapter)
 
 
 def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **config_fields: Any) -> nn.Module:
@@ -206,6 +270,7 @@ def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **conf
             "quantize the full-precision model instead"
         )
     before = model_size_bytes(model)
+    use_pruned_format(model)
     targets = apply_quantization(model, config)
     if not targets:
         raise ValueError(

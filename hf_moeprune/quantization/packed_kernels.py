@@ -1,0 +1,213 @@
+"""Matmuls straight from the packed weights, instead of dequantizing every tensor on every forward.
+
+Reading a quantized tensor (``module.weight``, ``experts.gate_up_proj``) during inference on CPU returns a
+``PackedWeight`` instead of a dequantized copy. ``F.linear(x, packed)`` (what ``nn.Linear`` and the eager
+expert loop of every Mixtral-style family call) then runs torch's weight-only kernels on bf16 activations:
+
+- int4: ``aten._weight_int4pack_mm_for_cpu`` on the stored codes, repacked once per tensor (per expert) by
+  ``aten._convert_weight_to_int4pack_for_cpu``. The kernel computes ``(q - 8) * scale + zero`` per group of
+  the input dimension; the int4 scheme's symmetric codes are ``q - 8`` with zero 0, so the weights it uses are
+  exactly the stored ones (scales rounded to bf16).
+- int8: ``aten._weight_int8pack_mm`` takes one scale per output channel, while the int8 scheme stores one per
+  group of 128: the kernel copy is re-quantized per output channel from the dequantized weight once (one more
+  int8 rounding, measured in the tests against the dequantized reference).
+
+Indexing a 3D expert tensor (``gate_up_proj[expert]``) prepares only that expert, so only the experts that
+received tokens are ever repacked or multiplied. Any other use of a ``PackedWeight`` (GPT-OSS's transposed
+``x @ W[e]``, a ``.float()``, grouped_mm) dequantizes just what is used and runs the op unchanged, as before.
+The kernel copies live next to the stored codes (not in the state dict), so they add the size of the packed
+weights once more in memory for the tensors that have been used.
+
+Used only where it is exact to the format and differentiation is not needed: CPU tensors, grad disabled,
+int4/int8, the layout ``[..., out, in]`` with groups inside rows (int4 groups of 32/64/128/256).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# torch's int4 CPU packing takes an inner-k-tiles argument that the CPU kernel does not use for its layout
+# (torch 2.13); 2 is accepted for every K that is a multiple of the group size.
+INNER_K_TILES = 2
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def packed_kernels(enabled: bool):
+    """Turn the packed kernels on or off inside a block (e.g. to time or compare the dequantizing path)."""
+    global _ENABLED
+    before, _ENABLED = _ENABLED, enabled
+    try:
+        yield
+    finally:
+        _ENABLED = before
+
+
+def _kernels_available() -> bool:
+    ops = torch.ops.aten
+    return all(hasattr(ops, name) for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"))
+
+
+_AVAILABLE = _kernels_available()
+
+
+def can_use_packed(scheme: str, group_size: int, shape: torch.Size, packed: tuple[torch.Tensor, ...]) -> bool:
+    """Whether reads of this quantized tensor may return a ``PackedWeight`` right now."""
+    if not (_ENABLED and _AVAILABLE) or torch.is_grad_enabled() or len(shape) not in (2, 3):
+        return False
+    if any(t.device.type != "cpu" for t in packed):
+        return False
+    in_features = shape[-1]
+    if scheme == "int4":
+        return group_size in INT4_KERNEL_GROUP_SIZES and in_features % group_size == 0
+    if scheme == "int8":
+        rows = shape[-1] * shape[-2]
+        return in_features % group_size == 0 or (group_size % in_features == 0 and rows % group_size == 0)
+    return False
+
+
+_OWN_ATTRIBUTES = frozenset({"parametrization", "packed", "expert", "shape", "dtype", "device", "kernel", "experts"})
+
+
+class PackedWeight:
+    """A quantized weight (or one expert of a 3D one) that ``F.linear`` multiplies with packed kernels."""
+
+    def __init__(self, parametrization, packed: tuple[torch.Tensor, ...], expert: int | None = None):
+        self.parametrization = parametrization
+        self.packed = packed
+        self.expert = expert
+        full = parametrization.shape
+        self.shape = torch.Size(full[1:] if expert is not None else full)
+        self.dtype = parametrization.dtype
+        self.device = packed[0].device
+        self.kernel = None  # (weight, scales) for the kernel, built on first use
+        self.experts: dict[int, PackedWeight] = {}  # one handle per expert used, reused across forwards
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if self.expert is None and len(self.shape) == 3:
+            if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
+                index = int(index)
+            if isinstance(index, int):
+                index %= self.shape[0]
+                handle = self.experts.get(index)
+                if handle is None:
+                    handle = self.experts[index] = PackedWeight(self.parametrization, self.packed, index)
+                return handle
+        return self.dequantize()[index]
+
+    def dequantize(self) -> torch.Tensor:
+        if self.expert is None:
+            return self.parametrization.dequantize_packed(self.packed)
+        return self.parametrization.dequantize_expert(self.packed, self.expert)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kernel is None:
+            self.kernel = self.parametrization.kernel_weights(self.packed, self.expert)
+        weight, scales = self.kernel
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        scheme = self.parametrization.scheme
+        if scheme == "int4":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.parametrization.group_size, scales)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+        out = out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        return out + bias if bias is not None else out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if isinstance(weight, PackedWeight) and weight.ndim == 2 and isinstance(x, torch.Tensor):
+                return weight.linear(x, bias)
+        return func(*_materialize(args), **_materialize(kwargs))
+
+    def __repr__(self) -> str:
+        where = f", expert={self.expert}" if self.expert is not None else ""
+        return f"PackedWeight({self.parametrization.scheme}, shape={tuple(self.shape)}{where})"
+
+    # Python operators used on weights by modeling code (e.g. ``x @ W[e]``) go through torch functions too.
+    def __matmul__(self, other):
+        return self.dequantize() @ _materialize(other)
+
+    def __rmatmul__(self, other):
+        return _materialize(other) @ self.dequantize()
+
+    def __getattr__(self, name: str) -> Any:
+        # any tensor attribute or method (t(), float(), to(), ...): act on the dequantized tensor
+        if name.startswith("__") or name in (
+            "parametrization",
+            "packed",
+            "expert",
+            "shape",
+            "dtype",
+            "device",
+            "kernel",
+        ):
+            raise AttributeError(name)
+        return getattr(self.dequantize(), name)
+
+
+def _materialize(value):
+    if isinstance(value, PackedWeight):
+        return value.dequantize()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialize(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    return value
+
+
+# -- kernel-side copies of the packed data (pure functions of the stored tensors) ----------------------
+
+
+def expert_rows(packed: tuple[torch.Tensor, ...], shape: torch.Size, group_size: int, expert: int | None):
+    """The stored (codes-or-nibbles, scales) rows of one expert (or the whole 2D tensor): groups never cross
+    rows here (checked by ``can_use_packed``), so one expert is a contiguous block of groups."""
+    codes, scale = packed[0], packed[1]
+    if expert is None:
+        return codes, scale
+    per_expert = shape[1] * shape[2] // group_size  # groups per expert (whole rows, or whole groups of rows)
+    return codes[expert * per_expert : (expert + 1) * per_expert], scale[
+        expert * per_expert : (expert + 1) * per_expert
+    ]
+
+
+def int4_kernel_weights(
+    nibbles: torch.Tensor, scale: torch.Tensor, out_features: int, in_features: int, group_size: int
+):
+    from hf_moeprune.quantization.schemes import unpack_int4
+
+    codes = unpack_int4(nibbles).reshape(out_features, in_features)
+    q = (codes.to(torch.int32) + 8).contiguous()
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+    scales = scale.reshape(out_features, in_features // group_size).t().to(torch.bfloat16)
+    scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).contiguous()
+    return weight, scales_and_zeros
+
+
+def int8_kernel_weights(dense: torch.Tensor):
+    """Per-output-channel symmetric int8 of a [out, in] weight (the kernel's layout)."""
+    absmax = dense.float().abs().amax(dim=1)
+    scale = absmax / 127
+    codes = torch.round(dense.float() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).clamp_(-127, 127)
+    return codes.to(torch.int8).contiguous(), scale.to(torch.bfloat16)
