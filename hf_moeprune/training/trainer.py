@@ -245,7 +245,7 @@ class MoEPruneTrainer(Trainer):
         logs = {f"moe/maxvio/layer_{layer}": max_violation(load) for layer, load in loads.items()}
         logs["moe/maxvio/mean"] = sum(logs.values()) / len(logs)
         logs["moe/routed_experts"] = float(sum(b.current for b in self.controller.budgets.values()))
-        self.log(logs)
+        self._log_event(logs)
 
     def _apply(self, decision: Decision) -> None:
         inst = self.instrumentation
@@ -258,7 +258,7 @@ class MoEPruneTrainer(Trainer):
         if decision.remove:
             self._remove(decision.remove)
         if decision.mask or decision.unmask or decision.remove:
-            self.log(self._event_logs())
+            self._log_event(self._event_logs())
 
     def _budget(self, layer: int) -> LayerBudget:
         return self.controller.budgets[layer]
@@ -286,10 +286,21 @@ class MoEPruneTrainer(Trainer):
             self.instrumentation.select(layer, torch.tensor(order))
         self.controller.follow(orders)
         summary = plan.summary()
-        self.log({
+        self._log_event({
             "moe/balancedness_before": summary["mean_balancedness_before"],
             "moe/balancedness_after": summary["mean_balancedness_after"],
         })  # fmt: skip
+
+    def _log_event(self, logs: dict[str, float]) -> None:
+        """Log pruning/balancing metrics from inside ``on_step_end`` without eating the step's own log.
+
+        ``Trainer.log`` ends in ``callback_handler.on_log``, which clears ``control.should_log``; the default flow
+        callback has already set it for this step, so the loss/grad_norm/learning_rate log that follows would be
+        skipped. The base ``Trainer.log`` is called (not ``self.log``) so that a subclass's ``log`` that flushes
+        its own per-step metrics (TRL's trainers do) keeps them for the step's regular log entry."""
+        should_log = self.control.should_log
+        Trainer.log(self, logs)
+        self.control.should_log = should_log
 
     def _event_logs(self) -> dict[str, float]:
         logs = {f"prune/experts/layer_{layer}": float(b.current) for layer, b in self.controller.budgets.items()}
