@@ -10,14 +10,15 @@ class OptimizerStateSlicer:
 
     Replaces the old parameter by the new one in every param group (same position, so group settings and
     the LR schedule carry on) and moves its state, slicing each per-expert tensor (AdamW ``exp_avg``,
-    ``exp_avg_sq``, ...) with the same index. Scalars such as AdamW's ``step`` are kept as they are.
+    ``exp_avg_sq``, ...) with the same index along ``dim`` (1 for LoRA factors whose experts are columns).
+    Scalars such as AdamW's ``step`` are kept as they are.
     """
 
     def __init__(self, optimizer):
         # accelerate wraps the torch optimizer; param groups and state live on the inner one
         self.optimizer = getattr(optimizer, "optimizer", optimizer) if optimizer is not None else None
 
-    def __call__(self, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> None:
+    def __call__(self, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor, dim: int = 0) -> None:
         if self.optimizer is None or not isinstance(old, torch.nn.Parameter):
             return
         for group in self.optimizer.param_groups:
@@ -29,8 +30,8 @@ class OptimizerStateSlicer:
         if state is None:
             return
         self.optimizer.state[new] = {
-            key: value.index_select(0, index.to(value.device))
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]
+            key: value.index_select(dim, index.to(value.device))
+            if torch.is_tensor(value) and value.dim() > dim and value.shape[dim] == old.shape[dim]
             else value
             for key, value in state.items()
         }

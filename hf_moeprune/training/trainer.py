@@ -18,6 +18,13 @@ from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
 from hf_moeprune.format import enable_selection_bias, mark_pruned
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
+from hf_moeprune.lora import (
+    experts_have_trainable_tensors,
+    has_adapters,
+    is_peft_model,
+    load_base_weights,
+    save_adapter_and_base,
+)
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
 from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.schedules import ScheduleSpec
@@ -32,6 +39,7 @@ from hf_moeprune.training.report import write_report
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "moeprune_state.pt"
+BASE_SUBDIR = "base_model"  # LoRA runs: the pruned base model next to the adapter
 # criteria that read the router-weighted expert output norms (the only statistic that needs per-expert outputs)
 REAP_CRITERIA = ("reap", "reap_frequency")
 
@@ -91,20 +99,23 @@ class MoEPruneTrainer(Trainer):
             # the balancing bias lives in the model (a router buffer), so checkpoints and the saved model keep it
             enable_selection_bias(base, self.adapter)
         self._budgets = self._make_budgets(base, args)
-        super().__init__(base, args, *pargs, **kwargs)
+        # a PeftModel is given to Trainer as it is (it saves, loads and counts trainable parameters as an adapter)
+        super().__init__(model if is_peft_model(model) else base, args, *pargs, **kwargs)
         self.statistics = ExpertStatistics(
             {layer: b.current for layer, b in self._budgets.items()},
             window=args.prune_stats_window,
             decay=args.prune_stats_decay,
         )
         self.instrumentation = RoutingInstrumentation(
-            self.model, self.adapter, self.statistics, record_reap=args.prune_criterion in REAP_CRITERIA
+            self.moe_model, self.adapter, self.statistics, record_reap=args.prune_criterion in REAP_CRITERIA
         )
         self.instrumentation.attach()
         self.controller: PruningController | None = None
         self._pending_controller_state: dict | None = None
         self._step_losses: list[torch.Tensor] = []
         self._needs_saliency = args.prune_criterion == "saliency"
+        if self._needs_saliency:
+            self._check_saliency_has_gradients()
         self._aux_coef = (
             args.router_aux_loss_coef
             if args.router_aux_loss_coef is not None
@@ -116,6 +127,27 @@ class MoEPruneTrainer(Trainer):
         self.add_callback(_PruningCallback(self))
 
     # -- set-up ------------------------------------------------------------------------------
+    @property
+    def moe_model(self) -> nn.Module:
+        """The transformers model whose experts are pruned (inside DDP, accelerate and peft wrappers)."""
+        return unwrap_model(self.model)
+
+    def _check_saliency_has_gradients(self) -> None:
+        model = self.moe_model
+        layers = self.adapter.decoder_layers(model)
+        frozen = [
+            i
+            for i in self.adapter.moe_layer_indices(model)
+            if not experts_have_trainable_tensors(self.adapter.experts(layers[i]), self.adapter.num_experts(layers[i]))
+        ]
+        if frozen:
+            raise ValueError(
+                f"prune_criterion='saliency' needs per-expert gradients, but the experts of MoE layer(s) {frozen} are "
+                "frozen and carry no per-expert adapter; train them, add LoRA on the experts (peft "
+                "target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']) or use a routing criterion "
+                "(reap, reap_frequency, frequency, prob_mass)"
+            )
+
     def _make_budgets(self, model, args: MoEPruneArguments) -> dict[int, LayerBudget]:
         top_k = self.adapter.top_k(model.config)
         multiple = math.lcm(args.prune_multiple_of, max(args.balance_ep_size, 1))
@@ -137,7 +169,7 @@ class MoEPruneTrainer(Trainer):
         args = self.args
         start = args.prune_start_step if args.prune_start_step is not None else max(1, int(0.1 * max_steps))
         end = args.prune_end_step if args.prune_end_step is not None else max(start, int(0.5 * max_steps))
-        original_ids = {layer: list(self.model.config.kept_expert_ids[layer]) for layer in self._budgets}
+        original_ids = {layer: list(self.moe_model.config.kept_expert_ids[layer]) for layer in self._budgets}
         self.controller = PruningController(
             budgets=self._budgets,
             original_ids=original_ids,
@@ -191,7 +223,7 @@ class MoEPruneTrainer(Trainer):
                 mask = inputs.get("attention_mask")
                 if self._aux_coef > 0:
                     aux = heterogeneous_load_balancing_loss(
-                        logits, self.adapter.top_k(self.model.config), mask, self.adapter.scores
+                        logits, self.adapter.top_k(self.moe_model.config), mask, self.adapter.scores
                     )
                     loss = loss + scale * self._aux_coef * aux.to(loss.device)
                 if self.args.router_z_loss_coef > 0:
@@ -232,7 +264,7 @@ class MoEPruneTrainer(Trainer):
         rate = self.args.router_bias_update_rate
         if rate <= 0 or not loads:
             return
-        layers = self.adapter.decoder_layers(self.model)
+        layers = self.adapter.decoder_layers(self.moe_model)
         for layer, load in loads.items():
             router = self.adapter.router(layers[layer])
             # DeepSeek-V3's native e_score_correction_bias, or the selection_bias buffer given to other families
@@ -271,13 +303,15 @@ class MoEPruneTrainer(Trainer):
         if self.args.balance_ep_size > 1:
             self._rearrange_for_expert_parallel(slicer)
         self._rewrap_distributed()
-        logger.info("experts per layer now %s", self.model.config.experts_per_layer)
+        logger.info("experts per layer now %s", self.moe_model.config.experts_per_layer)
 
     def _rearrange_for_expert_parallel(self, slicer: OptimizerStateSlicer) -> None:
         """Reorder experts so each expert-parallel rank's block gets equal load; the loads are the reduced
         statistics, so every process computes the same plan. Outputs do not change."""
         loads = {layer: stats.tokens for layer, stats in self.statistics.snapshot(self._reduce_sum).items()}
-        plan = plan_placement(loads, self.args.balance_ep_size, num_groups=self.adapter.num_groups(self.model.config))
+        plan = plan_placement(
+            loads, self.args.balance_ep_size, num_groups=self.adapter.num_groups(self.moe_model.config)
+        )
         orders = plan.orders_by_layer()
         if not orders:
             return
@@ -347,11 +381,14 @@ class MoEPruneTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Give the model the checkpoint's expert layout before its weights are loaded."""
         config_path = Path(resume_from_checkpoint) / "config.json"
+        base_dir = Path(resume_from_checkpoint) / BASE_SUBDIR
+        if not config_path.is_file() and (base_dir / "config.json").is_file():
+            config_path = base_dir / "config.json"  # a LoRA run: the adapter at the top, the pruned base below
         if config_path.is_file():
             saved = json.loads(config_path.read_text())
             saved_ids = saved.get("kept_expert_ids") or (saved.get("moeprune_provenance") or {}).get("kept_expert_ids")
             if saved_ids is not None:
-                current = self.model.config.kept_expert_ids
+                current = self.moe_model.config.kept_expert_ids
                 plan = {}
                 for layer, ids in enumerate(saved_ids):
                     if ids is None or ids == current[layer]:
@@ -367,7 +404,12 @@ class MoEPruneTrainer(Trainer):
                     prune_experts(self.model, plan)
                     for layer, kept in plan.items():
                         self.statistics.select(layer, torch.tensor(kept))
-                    logger.info("resumed expert layout %s from %s", self.model.config.experts_per_layer, config_path)
+                    logger.info(
+                        "resumed expert layout %s from %s", self.moe_model.config.experts_per_layer, config_path
+                    )
+        if has_adapters(self.moe_model) and base_dir.is_dir():
+            # the frozen base changes in training too (the balancing bias buffer): take it from the checkpoint
+            load_base_weights(self.moe_model, base_dir)
         state_path = Path(resume_from_checkpoint) / STATE_FILE
         if state_path.is_file():
             self._pending_controller_state = torch.load(state_path, weights_only=False)
@@ -388,12 +430,22 @@ class MoEPruneTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = unwrap_model(self.model)
-        model.save_pretrained(
-            output_dir,
-            state_dict=state_dict,
-            is_main_process=self.args.should_save,
-            export_stock=self._export_stock,
-        )
+        if has_adapters(model):
+            # the adapter at the top (what PeftModel.from_pretrained reads), the pruned base in BASE_SUBDIR
+            save_adapter_and_base(
+                self.model,
+                output_dir,
+                BASE_SUBDIR,
+                is_main_process=self.args.should_save,
+                export_stock=self._export_stock,
+            )
+        else:
+            model.save_pretrained(
+                output_dir,
+                state_dict=state_dict,
+                is_main_process=self.args.should_save,
+                export_stock=self._export_stock,
+            )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
