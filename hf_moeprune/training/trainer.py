@@ -30,7 +30,7 @@ from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.schedules import ScheduleSpec
 from hf_moeprune.pruning.statistics import ExpertStatistics
 from hf_moeprune.surgery import permute_experts, prune_experts, unwrap_model
-from hf_moeprune.training.arguments import MoEPruneArguments
+from hf_moeprune.training.arguments import MoEPruneArguments, MoEPruneArgumentsMixin
 from hf_moeprune.training.controller import Decision, PruningController
 from hf_moeprune.training.instrumentation import RoutingInstrumentation
 from hf_moeprune.training.optim import OptimizerStateSlicer
@@ -47,7 +47,7 @@ REAP_CRITERIA = ("reap", "reap_frequency")
 class _PruningCallback(TrainerCallback):
     """Hooks the trainer's pruning logic into the training loop at optimizer-step boundaries."""
 
-    def __init__(self, trainer: MoEPruneTrainer):
+    def __init__(self, trainer: MoEPruneMixin):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -71,21 +71,35 @@ class _PruningCallback(TrainerCallback):
         self.trainer._finish_pruning()
 
 
-class MoEPruneTrainer(Trainer):
-    """A ``transformers.Trainer`` that measures expert importance while it trains and removes the least important
-    experts physically (see ``MoEPruneArguments`` for every knob). The rest of training runs on the smaller
-    model; optimizer moments of the kept experts carry over, and ``save_model`` writes a model that
-    ``AutoModelForCausalLM.from_pretrained`` loads (after ``import hf_moeprune``)."""
+class MoEPruneMixin:
+    """Dynamic expert pruning for any ``transformers.Trainer`` subclass: measures expert importance while it trains
+    and removes the least important experts physically (see ``MoEPruneArgumentsMixin`` for every knob). The rest of
+    training runs on the smaller model; optimizer moments of the kept experts (and of their LoRA factors) carry
+    over, and ``save_model`` writes a model that ``AutoModelForCausalLM.from_pretrained`` loads (after
+    ``import hf_moeprune``), or for a LoRA run the adapter plus its pruned base.
 
-    args: MoEPruneArguments
+    Put it first: ``class MoEPruneSFTTrainer(MoEPruneMixin, SFTTrainer)``, configured by a config class that mixes
+    ``MoEPruneArgumentsMixin`` into the trainer's own (``MoEPruneSFTConfig``). The router load-balancing loss is
+    added here, per layer, for every family; a parent trainer's own aux loss (TRL's) is switched off so it counts
+    once."""
 
-    def __init__(self, model=None, args: MoEPruneArguments | None = None, *pargs, **kwargs):
-        if args is None:
-            args = MoEPruneArguments(output_dir="outputs/moeprune")
-        if not isinstance(args, MoEPruneArguments):
-            raise TypeError(f"MoEPruneTrainer needs MoEPruneArguments, got {type(args).__name__}")
-        if model is None:
-            raise ValueError("MoEPruneTrainer needs a model (model_init is not supported: pruning changes shapes)")
+    args: MoEPruneArgumentsMixin
+    default_args_class: type | None = None  # used when no args are given (MoEPruneTrainer: MoEPruneArguments)
+
+    def __init__(self, model=None, args: MoEPruneArgumentsMixin | None = None, *pargs, **kwargs):
+        name = type(self).__name__
+        if args is None and self.default_args_class is not None:
+            args = self.default_args_class(output_dir="outputs/moeprune")
+        if not isinstance(args, MoEPruneArgumentsMixin):
+            raise TypeError(
+                f"{name} needs arguments that include MoEPruneArgumentsMixin (MoEPruneArguments, MoEPruneSFTConfig or "
+                f"your own dataclass mixing it in), got {type(args).__name__}"
+            )
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"{name} needs a model instance, got {type(model).__name__} (model_init and model names are not "
+                "supported: pruning changes shapes)"
+            )
         base = unwrap_model(model)
         self.adapter = get_adapter(base)
         moe_layers = self.adapter.moe_layer_indices(base)
@@ -122,11 +136,24 @@ class MoEPruneTrainer(Trainer):
             else float(getattr(base.config, "router_aux_loss_coef", 0.0) or 0.0)
         )
         self._forward_takes_router_flag = "output_router_logits" in inspect.signature(base.forward).parameters
+        self._take_over_aux_loss(base)
         self._rewrapped = False
         self._export_stock = args.prune_export_stock
         self.add_callback(_PruningCallback(self))
 
     # -- set-up ------------------------------------------------------------------------------
+    def _take_over_aux_loss(self, base: nn.Module) -> None:
+        """TRL's trainers add the model's own aux loss (``aux_loss_enabled``, router logits switched on in the
+        config); this class adds its per-layer one. Keep one: this one, the same for every parent trainer."""
+        if getattr(self, "aux_loss_enabled", False):
+            self.aux_loss_enabled = False
+            text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+            text_config.output_router_logits = False
+            logger.info(
+                "%s: router aux loss (coef %g) added once, per layer, by MoEPruneMixin; the parent trainer's is off",
+                type(self).__name__, self._aux_coef,
+            )  # fmt: skip
+
     @property
     def moe_model(self) -> nn.Module:
         """The transformers model whose experts are pruned (inside DDP, accelerate and peft wrappers)."""
@@ -207,7 +234,10 @@ class MoEPruneTrainer(Trainer):
         inst.token_mask = inputs.get("attention_mask")
         inst.recording, inst.capture_logits = training, want_logits
         try:
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            # return_outputs passed through: TRL's trainers run an extra forward for outputs (and it would be
+            # recorded twice)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = result if return_outputs else (result, None)
         finally:
             inst.recording, inst.capture_logits, inst.token_mask = False, False, None
         if training:
@@ -462,3 +492,12 @@ class MoEPruneTrainer(Trainer):
         report = self.controller.report(stats)
         paths = write_report(report, self.args.output_dir)
         logger.info("pruning report written to %s", ", ".join(str(p) for p in paths))
+
+
+class MoEPruneTrainer(MoEPruneMixin, Trainer):
+    """A ``transformers.Trainer`` that measures expert importance while it trains and removes the least important
+    experts physically (see ``MoEPruneArguments`` for every knob); accepts full models, ``PeftModel`` and models
+    with injected LoRA adapters."""
+
+    args: MoEPruneArguments
+    default_args_class = MoEPruneArguments
