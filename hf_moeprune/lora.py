@@ -292,8 +292,11 @@ def merge_saved_lora(adapter_dir: str, output_dir: str, base_dir: str | None = N
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from hf_moeprune.utils import atomic_output_dir
+
     base_dir = base_dir if base_dir is not None else str(Path(adapter_dir) / "base_model")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     merged = merge_lora(model)
-    merged.save_pretrained(output_dir, export_stock=export_stock)
+    with atomic_output_dir(output_dir) as staging:
+        merged.save_pretrained(staging, export_stock=export_stock)
     logger.info("merged %s into %s: %s", adapter_dir, base_dir, output_dir)
