@@ -155,3 +155,14 @@ def test_sft_aux_loss_is_counted_once(sft_run):
     with torch.no_grad():
         fused = trainer.model(**inputs, fused_lm_head=True, output_router_logits=True)
     assert fused.aux_loss is not None and math.isfinite(fused.aux_loss.item())
+
+
+def test_mixin_order_and_arguments_are_checked(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_moeprune.training import MoEPruneMixin
+
+    with pytest.raises(TypeError, match=r"list MoEPruneMixin before SFTTrainer"):
+        type("Reversed", (SFTTrainer, MoEPruneMixin), {})
+    with pytest.raises(TypeError, match="needs arguments that include MoEPruneArgumentsMixin"):
+        trl_support.MoEPruneSFTTrainer(model=tiny_model("mixtral"), args=SFTConfig(str(tmp_path), use_cpu=True))

@@ -86,6 +86,17 @@ class MoEPruneMixin:
     args: MoEPruneArgumentsMixin
     default_args_class: type | None = None  # used when no args are given (MoEPruneTrainer: MoEPruneArguments)
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the other order silently trains without pruning: the trainer's compute_loss and __init__ come first
+        mro = cls.__mro__
+        first_trainer = next((i for i, c in enumerate(mro) if i and issubclass(c, Trainer)), None)
+        if first_trainer is not None and mro.index(MoEPruneMixin) > first_trainer:
+            raise TypeError(
+                f"{cls.__name__}: list MoEPruneMixin before {mro[first_trainer].__name__} in the bases, e.g. "
+                f"class {cls.__name__}(MoEPruneMixin, {mro[first_trainer].__name__})"
+            )
+
     def __init__(self, model=None, args: MoEPruneArgumentsMixin | None = None, *pargs, **kwargs):
         name = type(self).__name__
         if args is None and self.default_args_class is not None:
