@@ -17,17 +17,22 @@ from hf_moeprune.adapters import MoEAdapter, get_adapter
 from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
 from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
+from hf_moeprune.lora import is_peft_model, peeled, slice_adapters
 
 logger = logging.getLogger(__name__)
 
 # Called as (old_tensor, new_tensor, index) for every per-expert tensor replaced, so that callers can
-# carry optimizer state or other per-parameter data across surgery without keeping a full copy.
-TensorReplacedHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+# carry optimizer state or other per-parameter data across surgery without keeping a full copy. LoRA factors
+# whose experts lie along dim 1 (peft's fused-expert lora_B) are reported with a keyword ``dim=1``.
+TensorReplacedHook = Callable[..., None]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP/accelerate/compile wrappers."""
+    """The model inside DDP/accelerate/compile wrappers and peft's ``PeftModel``."""
     while True:
+        if is_peft_model(model):
+            model = model.get_base_model()
+            continue
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
             return model
@@ -130,26 +135,34 @@ def _apply(
     for layer_idx, positions in plan.items():
         index = torch.tensor(positions, dtype=torch.long)
         layer = layers[layer_idx]
-        # FSDP2 / expert-parallel shards (DTensors): kept rows are gathered across ranks, one tensor at a time
-        sharded = [name for name in adapter.tensor_names if is_sharded(_lookup(layer, name))]
-        if sharded and sharded_surgery is None:
-            sharded_surgery = ShardedSurgery(model)
-        for name in sharded:
-            old, new = sharded_surgery.replace(*get_submodule_attr(layer, name), index)
+        old_count = adapter.num_experts(layer)
+        # peft adapter wrappers (LoRA on the experts or the router) are set aside while the base tensors are
+        # resized, then their factors are sliced by the same index
+        owners = [name.rpartition(".")[0] for name in (*adapter.tensor_names, *adapter.count_attributes)]
+        with peeled(layer, owners) as chains:
+            # FSDP2 / expert-parallel shards (DTensors): kept rows are gathered across ranks, one tensor at a time
+            sharded = [name for name in adapter.tensor_names if is_sharded(_lookup(layer, name))]
+            if sharded and sharded_surgery is None:
+                sharded_surgery = ShardedSurgery(model)
+            for name in sharded:
+                old, new = sharded_surgery.replace(*get_submodule_attr(layer, name), index)
+                if on_tensor_replaced is not None:
+                    on_tensor_replaced(old, new, index)
+                del old, new
+            plain = [name for name in adapter.tensor_names if name not in sharded]
             if on_tensor_replaced is not None:
-                on_tensor_replaced(old, new, index)
-            del old, new
-        plain = [name for name in adapter.tensor_names if name not in sharded]
-        if on_tensor_replaced is not None:
-            before = {name: _lookup(layer, name) for name in plain}
-        resize_expert_tensors(layer, plain, adapter.count_attributes, len(positions), index)
-        if on_tensor_replaced is not None:
-            for name, old in before.items():
-                if old is not None:
-                    on_tensor_replaced(old, _lookup(layer, name), index)
-            del before
-        if sharded:
-            ShardedSurgery.finish_experts(adapter.experts(layer), len(positions))
+                before = {name: _lookup(layer, name) for name in plain}
+            resized = resize_expert_tensors(layer, plain, adapter.count_attributes, len(positions), index)
+            if on_tensor_replaced is not None:
+                for name, old in before.items():
+                    if old is not None:
+                        on_tensor_replaced(old, _lookup(layer, name), index)
+                del before
+            if sharded:
+                ShardedSurgery.finish_experts(adapter.experts(layer), len(positions))
+        for path, chain in chains.items():
+            attrs = {name[len(path) + 1 :] for name in (*resized, *sharded) if name.startswith(path + ".")}
+            slice_adapters(chain, attrs, index, old_count, on_tensor_replaced)
         config.kept_expert_ids[layer_idx] = [config.kept_expert_ids[layer_idx][p] for p in positions]
     counts = expert_counts(model, adapter)
     config.experts_per_layer = counts

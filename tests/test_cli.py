@@ -132,3 +132,31 @@ def test_prune_subcommand_bad_arguments_name_the_value(workspace, extra, message
     with pytest.raises((ValueError, SystemExit), match=message):
         main(["prune", str(workspace / "model"), "--output_dir", str(out), *extra])
     assert not out.exists()
+
+
+def test_train_lora_recipe_from_examples(workspace, capsys):
+    """The shipped LoRA recipe, with the model, data and a short run given as flags."""
+    from pathlib import Path
+
+    import torch
+    from peft import PeftModel
+
+    recipe = Path(__file__).parents[1] / "examples" / "lora_prune_recipe.yaml"
+    out = workspace / "lora-out"
+    flags = ["--model_name_or_path", str(workspace / "model"), "--data", str(workspace / "data.jsonl"),
+             "--text_field", "body", "--output_dir", str(out), "--block_size", "32", "--max_steps", "4",
+             "--prune_schedule", "oneshot", "--prune_start_step", "2", "--lora_r", "4", "--use_cpu", "true",
+             "--save_strategy", "no", "--disable_tqdm", "true", "--warmup_steps", "0"]  # fmt: skip
+    assert main(["--log-level", "WARNING", "train", str(recipe), *flags]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index('{\n  "output_dir"') :])
+    assert summary["routed_experts"] == 12 and summary["trainable_parameters"] < 30_000
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    assert sum(base.config.experts_per_layer if base.config.model_type.startswith("moeprune") else
+               [base.config.num_local_experts] * 3) == 12  # fmt: skip
+    ids = torch.randint(4, 128, (2, 10))
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert (out / "merged" / "tokenizer.json").exists()

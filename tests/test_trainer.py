@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -385,3 +386,31 @@ def test_rearranges_experts_for_expert_parallel_after_pruning(tmp_path):
     # the controller followed the permutation: its original ids agree with the model's config
     for layer, ids in trainer.controller.original_ids.items():
         assert trainer.model.config.kept_expert_ids[layer] == ids
+
+
+def test_loss_curve_is_logged_like_plain_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    common = dict(max_steps=8, per_device_train_batch_size=4, learning_rate=2e-3, report_to=[], save_strategy="no",
+                  logging_steps=2, use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)  # fmt: skip
+    plain = Trainer(model=tiny_model("mixtral"), args=TrainingArguments(str(tmp_path / "plain"), **common),
+                    train_dataset=_dataset())  # fmt: skip
+    plain.train()
+    expected = [h for h in plain.state.log_history if "loss" in h]
+    assert [h["step"] for h in expected] == [2, 4, 6, 8]
+    # no pruning and no aux loss: the same numbers as plain Trainer
+    same = _train(tmp_path / "same", prune_target=0.0, router_aux_loss_coef=0.0, prune_criterion="frequency",
+                  logging_steps=2)  # fmt: skip
+    logged = [h for h in same.state.log_history if "loss" in h]
+    assert [h["step"] for h in logged] == [2, 4, 6, 8]
+    for got, want in zip(logged, expected):
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (key, got, want)
+    # with pruning at step 3 and balance logs every step: the loss curve is still complete, events next to it
+    pruned = _train(tmp_path / "pruned", logging_steps=1, router_bias_update_rate=1e-3)
+    history = pruned.state.log_history
+    assert [h["step"] for h in history if "loss" in h] == list(range(1, 9))
+    assert all(math.isfinite(h["loss"]) and "grad_norm" in h and "learning_rate" in h for h in history if "loss" in h)
+    events = [h for h in history if "prune/experts/total" in h]
+    assert [(h["step"], h["prune/experts/total"]) for h in events] == [(3, 12.0)]
+    assert len([h for h in history if "moe/maxvio/mean" in h]) == 8

@@ -18,7 +18,9 @@ from hf_moeprune.format.modeling_moeprune import (
     PrunedMoEMixin,
     attach_selection_bias,
     check_pruned_config,
+    enable_router_logit_padding,
     heterogeneous_load_balancing_loss,
+    pad_router_logits,
     resize_expert_tensors,
 )
 
@@ -34,6 +36,7 @@ __all__ = [
     "heterogeneous_load_balancing_loss",
     "is_pruned",
     "mark_pruned",
+    "pad_router_logits",
     "register_auto_classes",
     "register_pruned_classes",
     "resize_expert_tensors",
@@ -98,6 +101,7 @@ def mark_pruned(model, adapter) -> None:
     config.__dict__.pop("model_type", None)
     model.__dict__.pop("_weight_conversions", None)
     model.__class__ = model_cls
+    enable_router_logit_padding(model)  # stock aux-loss code keeps working once layers differ in width
     check_pruned_config(config)
 
 

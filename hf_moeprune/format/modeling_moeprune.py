@@ -277,6 +277,39 @@ def resize_expert_tensors(
     return resized
 
 
+def pad_router_logits(router_logits) -> tuple[torch.Tensor, ...]:
+    """Every layer's router logits at the widest layer's width, the missing experts' columns ``-inf``.
+
+    Code written for stock models (transformers' ``load_balancing_loss_func``, which TRL calls, concatenates all
+    layers) then runs on per-layer expert counts: a ``-inf`` logit has probability 0 and is never in the top-k, so
+    every routing decision and every expert's share are unchanged; only the stock function's ``num_experts`` factor
+    is the widest count."""
+    tensors = tuple(router_logits)
+    width = max(t.shape[-1] for t in tensors)
+    return tuple(
+        t if t.shape[-1] == width else nn.functional.pad(t, (0, width - t.shape[-1]), value=float("-inf"))
+        for t in tensors
+    )
+
+
+def _pad_router_logits_hook(module, args, output):
+    logits = getattr(output, "router_logits", None)
+    if not isinstance(logits, (tuple, list)) or len({t.shape[-1] for t in logits}) <= 1:
+        return None
+    output.router_logits = pad_router_logits(logits)
+    return output
+
+
+def enable_router_logit_padding(model: nn.Module) -> None:
+    """Pad the backbone's ``router_logits`` output (not the routers: routing never sees the padding). On the
+    backbone, because TRL's fused LM head calls it directly, bypassing the causal-LM forward."""
+    backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module) or getattr(backbone, "_moeprune_pads_router_logits", False):
+        return
+    backbone.register_forward_hook(_pad_router_logits_hook)
+    backbone._moeprune_pads_router_logits = True
+
+
 def heterogeneous_load_balancing_loss(
     router_logits,
     top_k: int,
@@ -295,6 +328,8 @@ def heterogeneous_load_balancing_loss(
         router_logits = list(router_logits.values())
     losses = []
     for logits in router_logits:
+        if logits.shape[0] and not bool(torch.isfinite(logits[0]).all()):
+            logits = logits[:, torch.isfinite(logits[0])]  # padded by pad_router_logits: the layer's own width
         num_experts = logits.shape[-1]
         probs = torch.softmax(logits.float(), dim=-1) if score_fn is None else score_fn(logits)
         probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -546,6 +581,7 @@ def _make_init(stock_model_cls):
         self._resize_to_config(config)
         if getattr(config, "selection_bias_routing", None) is not None:
             attach_selection_bias(self, config)
+        enable_router_logit_padding(self)
 
     return __init__
 

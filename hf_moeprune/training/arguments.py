@@ -12,8 +12,10 @@ from hf_moeprune.pruning.schedules import get_schedule
 
 
 @dataclass
-class MoEPruneArguments(TrainingArguments):
-    """Training arguments for :class:`MoEPruneTrainer`. Every default works without tuning."""
+class MoEPruneArgumentsMixin:
+    """The fields of dynamic expert pruning and router balancing, to mix into any ``TrainingArguments`` subclass
+    (``MoEPruneArguments`` for ``Trainer``, ``MoEPruneSFTConfig`` for TRL's ``SFTConfig``, or your own:
+    ``@dataclass class MyConfig(MoEPruneArgumentsMixin, DPOConfig): pass``). Every default works without tuning."""
 
     prune_criterion: str = field(
         default="reap",
@@ -112,6 +114,7 @@ class MoEPruneArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # the TrainingArguments subclass this is mixed into validates its own fields first
         super().__post_init__()
         get_criterion(self.prune_criterion)
         get_schedule(self.prune_schedule)
@@ -161,3 +164,8 @@ class MoEPruneArguments(TrainingArguments):
                 f"prune_laep_alpha={self.prune_laep_alpha} must be > 0 and prune_laep_beta={self.prune_laep_beta} "
                 "in [0, 1]"
             )
+
+
+@dataclass
+class MoEPruneArguments(MoEPruneArgumentsMixin, TrainingArguments):
+    """Training arguments for :class:`MoEPruneTrainer`: ``TrainingArguments`` plus the pruning fields."""

@@ -89,6 +89,48 @@ def check_output_dir(args, overwrite: bool, needs_pruning_state: bool = True) ->
     return None
 
 
+class LoraArguments:
+    """peft LoRA for ``hf-moeprune train`` (``lora_r: 0``, the default, is full fine-tuning)."""
+
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = full fine-tuning (no adapters)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (update scale alpha / r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "nn.Linear modules that get LoRA (peft target_modules)."},
+    )
+    lora_target_parameters: list[str] = field(
+        default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        metadata={"help": "Fused expert tensors that get per-expert LoRA (peft target_parameters); sliced with the "
+                  "experts when experts are removed. Pass 'none' for attention-only LoRA."},
+    )  # fmt: skip
+    lora_merge: bool = field(
+        default=False, metadata={"help": "Also write the adapter merged into the pruned base to output_dir/merged."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r} must be >= 0 (0 = full fine-tuning)")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha} must be > 0")
+        if [t.lower() for t in self.lora_target_parameters] == ["none"]:
+            self.lora_target_parameters = []
+        if self.lora_r and not (self.lora_target_modules or self.lora_target_parameters):
+            raise ValueError("lora_r > 0 needs lora_target_modules or lora_target_parameters")
+        if self.lora_merge and not self.lora_r:
+            raise ValueError("lora_merge=true needs a LoRA run (lora_r > 0)")
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            target_modules=list(self.lora_target_modules) or None,
+            target_parameters=list(self.lora_target_parameters) or None,
+            task_type="CAUSAL_LM",
+        )
+
+
 def train_main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,8 +138,10 @@ def train_main(argv: Sequence[str]) -> int:
     from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
     from hf_moeprune.utils import parse_args, replace_model_files
 
-    model_args, data_args, args, output = parse_args(
-        (ModelArguments, DataArguments, MoEPruneArguments, OutputArguments), argv, prog="hf-moeprune train"
+    model_args, data_args, lora_args, args, output = parse_args(
+        (ModelArguments, DataArguments, LoraArguments, MoEPruneArguments, OutputArguments),
+        argv,
+        prog="hf-moeprune train",
     )
     if not Path(data_args.data).exists():
         raise FileNotFoundError(f"--data {data_args.data!r} does not exist")
@@ -112,6 +156,10 @@ def train_main(argv: Sequence[str]) -> int:
         trust_remote_code=model_args.trust_remote_code,
         experts_implementation=model_args.experts_implementation,
     )
+    if lora_args.lora_r:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_args.peft_config())
     trainer = MoEPruneTrainer(
         model=model,
         args=args,
@@ -127,15 +175,28 @@ def train_main(argv: Sequence[str]) -> int:
         shutil.rmtree(staged)
     trainer.save_model(str(staged))
     if args.should_save:
-        replace_model_files(staged, args.output_dir)
+        # a LoRA run saves the adapter at the top (its config is what PeftModel reads first), the base below
+        marker = "adapter_config.json" if (staged / "adapter_config.json").is_file() else "config.json"
+        replace_model_files(staged, args.output_dir, marker=marker)
+    config = trainer.moe_model.config
     summary = {
         "output_dir": args.output_dir,
         "train_loss": result.training_loss,
-        "experts_per_layer": trainer.model.config.experts_per_layer,
-        "routed_experts": sum(c for c in trainer.model.config.experts_per_layer if c),
-        "original_routed_experts": trainer.model.config.original_num_experts
-        * sum(1 for c in trainer.model.config.experts_per_layer if c),
+        "experts_per_layer": config.experts_per_layer,
+        "routed_experts": sum(c for c in config.experts_per_layer if c),
+        "original_routed_experts": config.original_num_experts * sum(1 for c in config.experts_per_layer if c),
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
+    if lora_args.lora_r:
+        from hf_moeprune.lora import merge_saved_lora
+        from hf_moeprune.training.trainer import BASE_SUBDIR
+
+        summary["base_model"] = str(Path(args.output_dir) / BASE_SUBDIR)
+        if lora_args.lora_merge and args.should_save:
+            merged = Path(args.output_dir) / "merged"
+            merge_saved_lora(args.output_dir, str(merged))
+            tokenizer.save_pretrained(merged)
+            summary["merged_model"] = str(merged)
     if "validation" in data:
         metrics = trainer.evaluate()
         summary["eval_loss"] = metrics["eval_loss"]

@@ -22,6 +22,7 @@ from torch import nn
 from hf_moeprune.adapters import MoEAdapter
 from hf_moeprune.distributed import is_sharded
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
+from hf_moeprune.lora import expert_adapter_saliency, innermost
 from hf_moeprune.pruning.statistics import ExpertStatistics
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,10 @@ class RoutingInstrumentation:
         """Add |theta . grad| per expert (first-order Taylor) from the current gradients."""
         layers = self.adapter.decoder_layers(self.model)
         for idx in self.statistics.layers:
-            experts = self.adapter.experts(layers[idx])
-            dot = None
+            wrapped = self.adapter.experts(layers[idx])
+            experts = innermost(wrapped)  # the experts module inside any peft LoRA wrappers
+            # frozen experts (LoRA): the per-expert LoRA factors' own theta . grad
+            dot = expert_adapter_saliency(wrapped, experts.num_experts)
             for param in experts.parameters(recurse=False):
                 if param.grad is None or param.dim() == 0 or param.shape[0] != self._num_experts(idx):
                     continue

@@ -12,14 +12,15 @@ class OptimizerStateSlicer:
 
     Replaces the old parameter by the new one in every param group (same position, so group settings and
     the LR schedule carry on) and moves its state, slicing each per-expert tensor (AdamW ``exp_avg``,
-    ``exp_avg_sq``, ...) with the same index. Scalars such as AdamW's ``step`` are kept as they are.
+    ``exp_avg_sq``, ...) with the same index along ``dim`` (1 for LoRA factors whose experts are columns).
+    Scalars such as AdamW's ``step`` are kept as they are.
     """
 
     def __init__(self, optimizer):
         # accelerate wraps the torch optimizer; param groups and state live on the inner one
         self.optimizer = getattr(optimizer, "optimizer", optimizer) if optimizer is not None else None
 
-    def __call__(self, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor) -> None:
+    def __call__(self, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor, dim: int = 0) -> None:
         if self.optimizer is None or not isinstance(old, torch.nn.Parameter):
             return
         for group in self.optimizer.param_groups:
@@ -30,14 +31,14 @@ class OptimizerStateSlicer:
         state = self.optimizer.state.pop(old, None)
         if state is None:
             return
-        self.optimizer.state[new] = {key: self._follow(value, old, new, index) for key, value in state.items()}
+        self.optimizer.state[new] = {key: self._follow(value, old, new, index, dim) for key, value in state.items()}
 
     @staticmethod
-    def _follow(value, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor):
-        if not (torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == old.shape[0]):
+    def _follow(value, old: torch.Tensor, new: torch.Tensor, index: torch.Tensor, dim: int):
+        if not (torch.is_tensor(value) and value.dim() > dim and value.shape[dim] == old.shape[dim]):
             return value
         if is_sharded(value):
-            # FSDP2 / expert parallelism: the moments are sharded like the parameter; gather this one tensor,
-            # keep its rows, and shard it exactly as the new parameter is sharded
+            # FSDP2 / expert parallelism: the moments are sharded like the parameter (experts on dim 0); gather
+            # this one tensor, keep its rows, and shard it exactly as the new parameter is sharded
             return reshard_like(select_rows(value, index), new)
-        return value.index_select(0, index.to(value.device))
+        return value.index_select(dim, index.to(value.device))

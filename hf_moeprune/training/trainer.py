@@ -19,12 +19,19 @@ from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balanci
 from hf_moeprune.distributed import check_trainer_setup
 from hf_moeprune.format import enable_selection_bias, mark_pruned
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
+from hf_moeprune.lora import (
+    experts_have_trainable_tensors,
+    has_adapters,
+    is_peft_model,
+    load_base_weights,
+    save_adapter_and_base,
+)
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
 from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.schedules import ScheduleSpec
 from hf_moeprune.pruning.statistics import ExpertStatistics
 from hf_moeprune.surgery import permute_experts, prune_experts, unwrap_model
-from hf_moeprune.training.arguments import MoEPruneArguments
+from hf_moeprune.training.arguments import MoEPruneArguments, MoEPruneArgumentsMixin
 from hf_moeprune.training.checkpoint import (
     CheckpointError,
     checkpoint_problem,
@@ -40,6 +47,7 @@ from hf_moeprune.utils import fault_point, without_secrets
 
 logger = logging.getLogger(__name__)
 
+BASE_SUBDIR = "base_model"  # LoRA runs: the pruned base model next to the adapter
 # criteria that read the router-weighted expert output norms (the only statistic that needs per-expert outputs)
 REAP_CRITERIA = ("reap", "reap_frequency")
 
@@ -47,7 +55,7 @@ REAP_CRITERIA = ("reap", "reap_frequency")
 class _PruningCallback(TrainerCallback):
     """Hooks the trainer's pruning logic into the training loop at optimizer-step boundaries."""
 
-    def __init__(self, trainer: MoEPruneTrainer):
+    def __init__(self, trainer: MoEPruneMixin):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -68,21 +76,46 @@ class _PruningCallback(TrainerCallback):
         self.trainer._finish_pruning()
 
 
-class MoEPruneTrainer(Trainer):
-    """A ``transformers.Trainer`` that measures expert importance while it trains and removes the least important
-    experts physically (see ``MoEPruneArguments`` for every knob). The rest of training runs on the smaller
-    model; optimizer moments of the kept experts carry over, and ``save_model`` writes a model that
-    ``AutoModelForCausalLM.from_pretrained`` loads (after ``import hf_moeprune``)."""
+class MoEPruneMixin:
+    """Dynamic expert pruning for any ``transformers.Trainer`` subclass: measures expert importance while it trains
+    and removes the least important experts physically (see ``MoEPruneArgumentsMixin`` for every knob). The rest of
+    training runs on the smaller model; optimizer moments of the kept experts (and of their LoRA factors) carry
+    over, and ``save_model`` writes a model that ``AutoModelForCausalLM.from_pretrained`` loads (after
+    ``import hf_moeprune``), or for a LoRA run the adapter plus its pruned base.
 
-    args: MoEPruneArguments
+    Put it first: ``class MoEPruneSFTTrainer(MoEPruneMixin, SFTTrainer)``, configured by a config class that mixes
+    ``MoEPruneArgumentsMixin`` into the trainer's own (``MoEPruneSFTConfig``). The router load-balancing loss is
+    added here, per layer, for every family; a parent trainer's own aux loss (TRL's) is switched off so it counts
+    once."""
 
-    def __init__(self, model=None, args: MoEPruneArguments | None = None, *pargs, **kwargs):
-        if args is None:
-            args = MoEPruneArguments(output_dir="outputs/moeprune")
-        if not isinstance(args, MoEPruneArguments):
-            raise TypeError(f"MoEPruneTrainer needs MoEPruneArguments, got {type(args).__name__}")
-        if model is None:
-            raise ValueError("MoEPruneTrainer needs a model (model_init is not supported: pruning changes shapes)")
+    args: MoEPruneArgumentsMixin
+    default_args_class: type | None = None  # used when no args are given (MoEPruneTrainer: MoEPruneArguments)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the other order silently trains without pruning: the trainer's compute_loss and __init__ come first
+        mro = cls.__mro__
+        first_trainer = next((i for i, c in enumerate(mro) if i and issubclass(c, Trainer)), None)
+        if first_trainer is not None and mro.index(MoEPruneMixin) > first_trainer:
+            raise TypeError(
+                f"{cls.__name__}: list MoEPruneMixin before {mro[first_trainer].__name__} in the bases, e.g. "
+                f"class {cls.__name__}(MoEPruneMixin, {mro[first_trainer].__name__})"
+            )
+
+    def __init__(self, model=None, args: MoEPruneArgumentsMixin | None = None, *pargs, **kwargs):
+        name = type(self).__name__
+        if args is None and self.default_args_class is not None:
+            args = self.default_args_class(output_dir="outputs/moeprune")
+        if not isinstance(args, MoEPruneArgumentsMixin):
+            raise TypeError(
+                f"{name} needs arguments that include MoEPruneArgumentsMixin (MoEPruneArguments, MoEPruneSFTConfig or "
+                f"your own dataclass mixing it in), got {type(args).__name__}"
+            )
+        if not isinstance(model, nn.Module):
+            raise ValueError(
+                f"{name} needs a model instance, got {type(model).__name__} (model_init and model names are not "
+                "supported: pruning changes shapes)"
+            )
         base = unwrap_model(model)
         check_trainer_setup(base, args)  # DeepSpeed: refused before anything reads the (partitioned) experts
         self.adapter = get_adapter(base)
@@ -97,31 +130,68 @@ class MoEPruneTrainer(Trainer):
             # the balancing bias lives in the model (a router buffer), so checkpoints and the saved model keep it
             enable_selection_bias(base, self.adapter)
         self._budgets = self._make_budgets(base, args)
-        super().__init__(base, args, *pargs, **kwargs)
+        # a PeftModel is given to Trainer as it is (it saves, loads and counts trainable parameters as an adapter)
+        super().__init__(model if is_peft_model(model) else base, args, *pargs, **kwargs)
         self.statistics = ExpertStatistics(
             {layer: b.current for layer, b in self._budgets.items()},
             window=args.prune_stats_window,
             decay=args.prune_stats_decay,
         )
         self.instrumentation = RoutingInstrumentation(
-            self.model, self.adapter, self.statistics, record_reap=args.prune_criterion in REAP_CRITERIA
+            self.moe_model, self.adapter, self.statistics, record_reap=args.prune_criterion in REAP_CRITERIA
         )
         self.instrumentation.attach()
         self.controller: PruningController | None = None
         self._pending_controller_state: dict | None = None
         self._step_losses: list[torch.Tensor] = []
         self._needs_saliency = args.prune_criterion == "saliency"
+        if self._needs_saliency:
+            self._check_saliency_has_gradients()
         self._aux_coef = (
             args.router_aux_loss_coef
             if args.router_aux_loss_coef is not None
             else float(getattr(base.config, "router_aux_loss_coef", 0.0) or 0.0)
         )
         self._forward_takes_router_flag = "output_router_logits" in inspect.signature(base.forward).parameters
+        self._take_over_aux_loss(base)
         self._rewrapped = False
         self._export_stock = args.prune_export_stock
         self.add_callback(_PruningCallback(self))
 
     # -- set-up ------------------------------------------------------------------------------
+    def _take_over_aux_loss(self, base: nn.Module) -> None:
+        """TRL's trainers add the model's own aux loss (``aux_loss_enabled``, router logits switched on in the
+        config); this class adds its per-layer one. Keep one: this one, the same for every parent trainer."""
+        if getattr(self, "aux_loss_enabled", False):
+            self.aux_loss_enabled = False
+            text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+            text_config.output_router_logits = False
+            logger.info(
+                "%s: router aux loss (coef %g) added once, per layer, by MoEPruneMixin; the parent trainer's is off",
+                type(self).__name__, self._aux_coef,
+            )  # fmt: skip
+
+    @property
+    def moe_model(self) -> nn.Module:
+        """The transformers model whose experts are pruned (inside DDP, accelerate and peft wrappers)."""
+        return unwrap_model(self.model)
+
+    def _check_saliency_has_gradients(self) -> None:
+        model = self.moe_model
+        layers = self.adapter.decoder_layers(model)
+        frozen = [
+            i
+            for i in self.adapter.moe_layer_indices(model)
+            if not experts_have_trainable_tensors(self.adapter.experts(layers[i]), self.adapter.num_experts(layers[i]))
+        ]
+        if frozen:
+            raise ValueError(
+                f"prune_criterion='saliency' needs per-expert gradients, but the experts of MoE layer(s) {frozen} are "
+                "frozen and carry no per-expert adapter; train them, add LoRA on the experts (peft "
+                "target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']) or use a routing criterion "
+                "(reap, reap_frequency, frequency, prob_mass)"
+            )
+
     def _make_budgets(self, model, args: MoEPruneArguments) -> dict[int, LayerBudget]:
         top_k = self.adapter.top_k(model.config)
         multiple = math.lcm(args.prune_multiple_of, max(args.balance_ep_size, 1))
@@ -143,7 +213,7 @@ class MoEPruneTrainer(Trainer):
         args = self.args
         start = args.prune_start_step if args.prune_start_step is not None else max(1, int(0.1 * max_steps))
         end = args.prune_end_step if args.prune_end_step is not None else max(start, int(0.5 * max_steps))
-        original_ids = {layer: list(self.model.config.kept_expert_ids[layer]) for layer in self._budgets}
+        original_ids = {layer: list(self.moe_model.config.kept_expert_ids[layer]) for layer in self._budgets}
         self.controller = PruningController(
             budgets=self._budgets,
             original_ids=original_ids,
@@ -181,7 +251,10 @@ class MoEPruneTrainer(Trainer):
         inst.token_mask = inputs.get("attention_mask")
         inst.recording, inst.capture_logits = training, want_logits
         try:
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            # return_outputs passed through: TRL's trainers run an extra forward for outputs (and it would be
+            # recorded twice)
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = result if return_outputs else (result, None)
         finally:
             inst.recording, inst.capture_logits, inst.token_mask = False, False, None
         if training:
@@ -197,7 +270,7 @@ class MoEPruneTrainer(Trainer):
                 mask = inputs.get("attention_mask")
                 if self._aux_coef > 0:
                     aux = heterogeneous_load_balancing_loss(
-                        logits, self.adapter.top_k(self.model.config), mask, self.adapter.scores
+                        logits, self.adapter.top_k(self.moe_model.config), mask, self.adapter.scores
                     )
                     loss = loss + scale * self._aux_coef * aux.to(loss.device)
                 if self.args.router_z_loss_coef > 0:
@@ -238,7 +311,7 @@ class MoEPruneTrainer(Trainer):
         rate = self.args.router_bias_update_rate
         if rate <= 0 or not loads:
             return
-        layers = self.adapter.decoder_layers(self.model)
+        layers = self.adapter.decoder_layers(self.moe_model)
         for layer, load in loads.items():
             router = self.adapter.router(layers[layer])
             # DeepSeek-V3's native e_score_correction_bias, or the selection_bias buffer given to other families
@@ -251,7 +324,7 @@ class MoEPruneTrainer(Trainer):
         logs = {f"moe/maxvio/layer_{layer}": max_violation(load) for layer, load in loads.items()}
         logs["moe/maxvio/mean"] = sum(logs.values()) / len(logs)
         logs["moe/routed_experts"] = float(sum(b.current for b in self.controller.budgets.values()))
-        self.log(logs)
+        self._log_event(logs)
 
     def _apply(self, decision: Decision) -> None:
         inst = self.instrumentation
@@ -264,7 +337,7 @@ class MoEPruneTrainer(Trainer):
         if decision.remove:
             self._remove(decision.remove)
         if decision.mask or decision.unmask or decision.remove:
-            self.log(self._event_logs())
+            self._log_event(self._event_logs())
 
     def _budget(self, layer: int) -> LayerBudget:
         return self.controller.budgets[layer]
@@ -277,13 +350,15 @@ class MoEPruneTrainer(Trainer):
         if self.args.balance_ep_size > 1:
             self._rearrange_for_expert_parallel(slicer)
         self._rewrap_distributed()
-        logger.info("experts per layer now %s", self.model.config.experts_per_layer)
+        logger.info("experts per layer now %s", self.moe_model.config.experts_per_layer)
 
     def _rearrange_for_expert_parallel(self, slicer: OptimizerStateSlicer) -> None:
         """Reorder experts so each expert-parallel rank's block gets equal load; the loads are the reduced
         statistics, so every process computes the same plan. Outputs do not change."""
         loads = {layer: stats.tokens for layer, stats in self.statistics.snapshot(self._reduce_sum).items()}
-        plan = plan_placement(loads, self.args.balance_ep_size, num_groups=self.adapter.num_groups(self.model.config))
+        plan = plan_placement(
+            loads, self.args.balance_ep_size, num_groups=self.adapter.num_groups(self.moe_model.config)
+        )
         orders = plan.orders_by_layer()
         if not orders:
             return
@@ -292,10 +367,21 @@ class MoEPruneTrainer(Trainer):
             self.instrumentation.select(layer, torch.tensor(order))
         self.controller.follow(orders)
         summary = plan.summary()
-        self.log({
+        self._log_event({
             "moe/balancedness_before": summary["mean_balancedness_before"],
             "moe/balancedness_after": summary["mean_balancedness_after"],
         })  # fmt: skip
+
+    def _log_event(self, logs: dict[str, float]) -> None:
+        """Log pruning/balancing metrics from inside ``on_step_end`` without eating the step's own log.
+
+        ``Trainer.log`` ends in ``callback_handler.on_log``, which clears ``control.should_log``; the default flow
+        callback has already set it for this step, so the loss/grad_norm/learning_rate log that follows would be
+        skipped. The base ``Trainer.log`` is called (not ``self.log``) so that a subclass's ``log`` that flushes
+        its own per-step metrics (TRL's trainers do) keeps them for the step's regular log entry."""
+        should_log = self.control.should_log
+        Trainer.log(self, logs)
+        self.control.should_log = should_log
 
     def _event_logs(self) -> dict[str, float]:
         logs = {f"prune/experts/layer_{layer}": float(b.current) for layer, b in self.controller.budgets.items()}
@@ -362,11 +448,14 @@ class MoEPruneTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """Give the model the checkpoint's expert layout before its weights are loaded."""
         config_path = Path(resume_from_checkpoint) / "config.json"
+        base_dir = Path(resume_from_checkpoint) / BASE_SUBDIR
+        if not config_path.is_file() and (base_dir / "config.json").is_file():
+            config_path = base_dir / "config.json"  # a LoRA run: the adapter at the top, the pruned base below
         if config_path.is_file():
             saved = json.loads(config_path.read_text())
             saved_ids = saved.get("kept_expert_ids") or (saved.get("moeprune_provenance") or {}).get("kept_expert_ids")
             if saved_ids is not None:
-                current = self.model.config.kept_expert_ids
+                current = self.moe_model.config.kept_expert_ids
                 plan = {}
                 for layer, ids in enumerate(saved_ids):
                     if ids is None or ids == current[layer]:
@@ -384,11 +473,16 @@ class MoEPruneTrainer(Trainer):
                     prune_experts(self.model, plan, on_tensor_replaced=OptimizerStateSlicer(self.optimizer))
                     for layer, kept in plan.items():
                         self.statistics.select(layer, torch.tensor(kept))
-                    logger.info("resumed expert layout %s from %s", self.model.config.experts_per_layer, config_path)
+                    logger.info(
+                        "resumed expert layout %s from %s", self.moe_model.config.experts_per_layer, config_path
+                    )
+        if has_adapters(self.moe_model) and base_dir.is_dir():
+            # the frozen base changes in training too (the balancing bias buffer): take it from the checkpoint
+            load_base_weights(self.moe_model, base_dir)
         self._pending_controller_state = load_pruning_state(resume_from_checkpoint)
         for layer, b in self._pending_controller_state["budgets"].items():
             budget = LayerBudget(**b)
-            have = len(self.model.config.kept_expert_ids[int(layer)])
+            have = len(self.moe_model.config.kept_expert_ids[int(layer)])
             if budget.current != have:
                 raise CheckpointError(
                     f"checkpoint {str(resume_from_checkpoint)!r}: the pruning state has {budget.current} experts in "
@@ -410,12 +504,22 @@ class MoEPruneTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = unwrap_model(self.model)
-        model.save_pretrained(
-            output_dir,
-            state_dict=state_dict,
-            is_main_process=self.args.should_save,
-            export_stock=self._export_stock,
-        )
+        if has_adapters(model):
+            # the adapter at the top (what PeftModel.from_pretrained reads), the pruned base in BASE_SUBDIR
+            save_adapter_and_base(
+                self.model,
+                output_dir,
+                BASE_SUBDIR,
+                is_main_process=self.args.should_save,
+                export_stock=self._export_stock,
+            )
+        else:
+            model.save_pretrained(
+                output_dir,
+                state_dict=state_dict,
+                is_main_process=self.args.should_save,
+                export_stock=self._export_stock,
+            )
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         # the pickled arguments without the Hub token: the folder may be pushed or shared
@@ -433,3 +537,12 @@ class MoEPruneTrainer(Trainer):
         report = self.controller.report(stats)
         paths = write_report(report, self.args.output_dir)
         logger.info("pruning report written to %s", ", ".join(str(p) for p in paths))
+
+
+class MoEPruneTrainer(MoEPruneMixin, Trainer):
+    """A ``transformers.Trainer`` that measures expert importance while it trains and removes the least important
+    experts physically (see ``MoEPruneArguments`` for every knob); accepts full models, ``PeftModel`` and models
+    with injected LoRA adapters."""
+
+    args: MoEPruneArguments
+    default_args_class = MoEPruneArguments
