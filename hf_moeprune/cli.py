@@ -65,10 +65,14 @@ class PruneCLIArguments:
         metadata={"help": "explicit plan: JSON object mapping layer index to the expert indices to keep, "
                   "e.g. '{\"0\": [0, 2, 5]}'; give either --keep or --data"},
     )  # fmt: skip
+    plan: str | None = field(
+        default=None,
+        metadata={"help": "explicit plan from a JSON file (the same object as --keep)"},
+    )
     data: str | None = field(
         default=None,
         metadata={"help": "one-shot pruning from statistics on this calibration text (a saved dataset, .jsonl, "
-                  "a text file or a folder); give either --keep or --data"},
+                  "a text file or a folder); give one of --keep, --plan or --data"},
     )  # fmt: skip
     criterion: str = field(
         default="reap", metadata={"help": "expert score: reap | reap_frequency | frequency | prob_mass | saliency"}
@@ -86,16 +90,27 @@ class PruneCLIArguments:
     export_stock: bool = field(
         default=True, metadata={"help": "write the stock architecture when every layer keeps the same count"}
     )
+    streaming: bool = field(
+        default=True,
+        metadata={"help": "apply a known plan shard by shard without loading the model (local safetensors "
+                  "checkpoints; others are loaded in memory, with the reason logged)"},
+    )  # fmt: skip
+    max_shard_size: str = field(
+        default="5GB", metadata={"help": "largest output shard of the streamed path (bounds its memory too)"}
+    )
 
     def __post_init__(self):
         from hf_moeprune.pruning.allocation import AllocationSpec
         from hf_moeprune.pruning.criteria import get_criterion
+        from hf_moeprune.streaming import parse_size
 
-        if (self.keep is None) == (self.data is None):
+        given = [name for name in ("keep", "plan", "data") if getattr(self, name) is not None]
+        if len(given) != 1:
             raise ValueError(
-                f"give exactly one of --keep (an explicit plan) or --data (one-shot from statistics); "
-                f"got keep={self.keep!r}, data={self.data!r}"
+                f"give exactly one of --keep (an explicit plan), --plan (a plan file) or --data (one-shot from "
+                f"statistics); got {', '.join(given) or 'none'}"
             )
+        parse_size(self.max_shard_size)
         get_criterion(self.criterion)  # names the known criteria
         AllocationSpec(self.allocation)
         if not 0.0 <= self.target < 1.0:
@@ -105,6 +120,27 @@ class PruneCLIArguments:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.min_experts is not None and self.min_experts < 1:
             raise ValueError(f"min_experts={self.min_experts} must be >= 1")
+
+
+def _read_plan(args) -> dict[int, list[int]] | None:
+    """The explicit plan of ``--keep`` (JSON text) or ``--plan`` (a JSON file); None for one-shot from data."""
+    import json
+    from pathlib import Path
+
+    if args.keep is None and args.plan is None:
+        return None
+    source = f"--keep {args.keep!r}" if args.keep is not None else f"--plan {args.plan!r}"
+    if args.plan is not None:
+        if not Path(args.plan).is_file():
+            raise SystemExit(f"{source}: no such file")
+        text = Path(args.plan).read_text()
+    else:
+        text = args.keep
+    try:
+        plan = json.loads(text)
+        return {int(k): [int(i) for i in v] for k, v in plan.items()}
+    except (json.JSONDecodeError, AttributeError, ValueError, TypeError) as exc:
+        raise SystemExit(f"{source} is not a JSON object of layer -> expert list: {exc}") from None
 
 
 def prune_main(argv: Sequence[str]) -> int:
@@ -117,12 +153,19 @@ def prune_main(argv: Sequence[str]) -> int:
 
     argv = positionals_to_flags(argv, ("--model",))
     (args,) = parse_args((PruneCLIArguments,), argv, prog="hf-moeprune prune")
-    keep = None
-    if args.keep is not None:
+    keep = _read_plan(args)
+    if keep and args.streaming:
+        from hf_moeprune.streaming import StreamingUnsupported, prune_checkpoint
+
         try:
-            keep = {int(k): v for k, v in json.loads(args.keep).items()}
-        except (json.JSONDecodeError, AttributeError, ValueError) as exc:
-            raise SystemExit(f"--keep {args.keep!r} is not a JSON object of layer -> expert list: {exc}") from None
+            skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size)
+        except StreamingUnsupported as exc:
+            logger.warning("loading the whole model instead of streaming: %s", exc)
+        else:
+            counts = skeleton.config.experts_per_layer
+            logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, counts)
+            print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
+            return 0
     model = AutoModelForCausalLM.from_pretrained(args.model)
     tokenizer = None
     if keep is None:
