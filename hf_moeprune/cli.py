@@ -74,8 +74,17 @@ class PruneCLIArguments:
         metadata={"help": "one-shot pruning from statistics on this calibration text (a saved dataset, .jsonl, "
                   "a text file or a folder); give one of --keep, --plan or --data"},
     )  # fmt: skip
+    stats_in: str | None = field(
+        default=None,
+        metadata={"help": "plan from statistics saved earlier with --stats_out (no calibration pass); give one of "
+                  "--keep, --plan, --data or --stats_in"},
+    )  # fmt: skip
+    stats_out: str | None = field(
+        default=None, metadata={"help": "also save the collected statistics to this new folder (for other targets)"}
+    )
     criterion: str = field(
-        default="reap", metadata={"help": "expert score: reap | reap_frequency | frequency | prob_mass | saliency"}
+        default="reap",
+        metadata={"help": "expert score: reap | reap_frequency | ean | frequency | prob_mass | saliency"},
     )
     target: float = field(default=0.5, metadata={"help": "fraction of all routed experts to remove"})
     allocation: str = field(
@@ -83,9 +92,36 @@ class PruneCLIArguments:
     )
     min_experts: int | None = field(default=None, metadata={"help": "floor per layer (default: top-k)"})
     multiple_of: int = field(default=1, metadata={"help": "keep per-layer counts divisible by this (e.g. ep_size)"})
+    protect_super_experts: bool = field(
+        default=False,
+        metadata={"help": "never remove experts with outlier maximum activations (Super Experts): above the "
+                  "super_expert_quantile of all experts' maxima and >= super_expert_ratio x the largest"},
+    )  # fmt: skip
+    super_expert_quantile: float = field(default=0.995, metadata={"help": "see --protect_super_experts"})
+    super_expert_ratio: float = field(default=0.1, metadata={"help": "see --protect_super_experts"})
+    merge: bool = field(
+        default=False,
+        metadata={"help": "fold each removed expert into its most similar kept expert (frequency-weighted average; "
+                  "similarity of mean outputs on the calibration set) instead of dropping it"},
+    )  # fmt: skip
+    layerwise: bool = field(
+        default=True,
+        metadata={"help": "calibrate one decoder layer at a time from the safetensors checkpoint (memory: one "
+                  "layer + the calibration hidden states); saliency and non-local models load the whole model"},
+    )  # fmt: skip
+    device: str | None = field(default=None, metadata={"help": "layer-wise calibration device (default: cuda if any)"})
     text_field: str = field(default="text", metadata={"help": "column holding the text"})
-    block_size: int = field(default=128, metadata={"help": "tokens per calibration block"})
-    max_blocks: int = field(default=256, metadata={"help": "calibration blocks to route (at most)"})
+    messages_field: str = field(
+        default="messages", metadata={"help": "JSONL field of chat turns, rendered with the tokenizer's chat template"}
+    )
+    calibration: str = field(
+        default="packed",
+        metadata={"help": "packed: block_size token blocks across documents | samples: one padded sequence per "
+                  "document or conversation, cut to max_length"},
+    )  # fmt: skip
+    block_size: int = field(default=128, metadata={"help": "tokens per calibration block (packed)"})
+    max_length: int = field(default=512, metadata={"help": "tokens per calibration sample at most (samples)"})
+    max_blocks: int = field(default=256, metadata={"help": "calibration blocks or samples to route (at most)"})
     batch_size: int = field(default=8, metadata={"help": "blocks per forward pass"})
     export_stock: bool = field(
         default=True, metadata={"help": "write the stock architecture when every layer keeps the same count"}
@@ -104,18 +140,22 @@ class PruneCLIArguments:
         from hf_moeprune.pruning.criteria import get_criterion
         from hf_moeprune.streaming import parse_size
 
-        given = [name for name in ("keep", "plan", "data") if getattr(self, name) is not None]
+        given = [name for name in ("keep", "plan", "data", "stats_in") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
                 f"give exactly one of --keep (an explicit plan), --plan (a plan file) or --data (one-shot from "
-                f"statistics); got {', '.join(given) or 'none'}"
+                f"statistics) or --stats_in (saved statistics); got {', '.join(given) or 'none'}"
             )
+        if self.calibration not in ("packed", "samples"):
+            raise ValueError(f"calibration={self.calibration!r}; known: ['packed', 'samples']")
+        if self.stats_out is not None and self.data is None:
+            raise ValueError("--stats_out saves the statistics of a calibration pass; it needs --data")
         parse_size(self.max_shard_size)
         get_criterion(self.criterion)  # names the known criteria
         AllocationSpec(self.allocation)
         if not 0.0 <= self.target < 1.0:
             raise ValueError(f"target={self.target} must be in [0, 1)")
-        for name in ("multiple_of", "block_size", "max_blocks", "batch_size"):
+        for name in ("multiple_of", "block_size", "max_length", "max_blocks", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.min_experts is not None and self.min_experts < 1:
@@ -143,22 +183,118 @@ def _read_plan(args) -> dict[int, list[int]] | None:
         raise SystemExit(f"{source} is not a JSON object of layer -> expert list: {exc}") from None
 
 
+def _calibration_batches(args, tokenizer) -> tuple[list[dict], dict]:
+    """Calibration batches of ``--data`` and their description for the output's provenance."""
+    import torch
+
+    from hf_moeprune.data import (
+        calibration_blocks,
+        calibration_samples,
+        load_calibration_texts,
+        pack_token_ids,
+        pad_batches,
+    )
+
+    texts, chat = load_calibration_texts(args.data, tokenizer, args.text_field, args.messages_field)
+    if args.calibration == "packed":
+        if chat:
+            ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            blocks = torch.tensor(pack_token_ids(ids, tokenizer.eos_token_id, args.block_size)[: args.max_blocks])
+            if blocks.numel() == 0:
+                raise ValueError(f"{args.data} holds fewer than block_size={args.block_size} tokens")
+        else:
+            blocks = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
+        batches = [{"input_ids": blocks[i : i + args.batch_size]} for i in range(0, len(blocks), args.batch_size)]
+        info = {"samples": len(blocks), "block_size": args.block_size}
+    else:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        samples = calibration_samples(texts, tokenizer, args.max_length, args.max_blocks)
+        batches = pad_batches(samples, args.batch_size, pad or 0)
+        info = {"samples": len(samples), "max_length": args.max_length, "longest_sample": max(map(len, samples))}
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    return batches, {"data": args.data, "calibration": args.calibration, "chat_template": chat, "tokens": tokens,
+                     **info}  # fmt: skip
+
+
 def prune_main(argv: Sequence[str]) -> int:
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_moeprune.streaming import StreamingUnsupported
     from hf_moeprune.surgery import prune_experts
     from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
 
     argv = positionals_to_flags(argv, ("--model",))
     (args,) = parse_args((PruneCLIArguments,), argv, prog="hf-moeprune prune")
     keep = _read_plan(args)
-    if keep and args.streaming:
-        from hf_moeprune.streaming import StreamingUnsupported, prune_checkpoint
+    model = tokenizer = merge = None
+    provenance: dict = {}
+    if keep is None:
+        from hf_moeprune.oneshot import (
+            ExpertOutputObserver,
+            MaxActivationObserver,
+            collect_statistics,
+            collect_statistics_layerwise,
+            load_statistics,
+            plan_oneshot,
+            save_statistics,
+            super_experts,
+        )
+        from hf_moeprune.streaming import meta_skeleton
+
+        if args.stats_in is not None:
+            stats, extra, provenance = load_statistics(args.stats_in)
+            planner = meta_skeleton(args.model)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+            batches, provenance = _calibration_batches(args, tokenizer)
+            observers = [MaxActivationObserver()] + ([ExpertOutputObserver()] if args.merge else [])
+            stats = None
+            if args.layerwise and args.criterion != "saliency":
+                try:
+                    planner, stats = collect_statistics_layerwise(args.model, batches, args.device, observers=observers)
+                except StreamingUnsupported as exc:
+                    logger.warning("calibrating the whole loaded model instead of layer by layer: %s", exc)
+            elif args.layerwise:
+                logger.warning("calibrating the whole loaded model: saliency needs gradients through the full model")
+            if stats is None:
+                model = planner = AutoModelForCausalLM.from_pretrained(args.model)
+                stats = collect_statistics(model, batches, saliency=args.criterion == "saliency", observers=observers)
+            extra = {name: values for o in observers for name, values in o.values.items()}
+            if args.stats_out is not None:
+                save_statistics(args.stats_out, stats, observers, {"model": args.model, **provenance})
+                logger.info("saved expert statistics to %s", args.stats_out)
+        protect = None
+        if args.protect_super_experts:
+            if "max_activation" not in extra:
+                raise SystemExit(f"--protect_super_experts: statistics from {args.stats_in} lack max_activation")
+            protect = super_experts(extra["max_activation"], args.super_expert_quantile, args.super_expert_ratio)
+            logger.info(
+                "super experts (never removed): %s",
+                {k: v.nonzero().flatten().tolist() for k, v in protect.items() if v.any()},
+            )
+        keep = plan_oneshot(planner, stats, args.criterion, args.target, args.allocation,
+                            min_experts=args.min_experts, multiple_of=args.multiple_of, protect=protect)  # fmt: skip
+        if args.merge:
+            from hf_moeprune.pruning.merging import merge_assignment
+
+            if "output_sum" not in extra:
+                raise SystemExit(
+                    f"--merge: statistics from {args.stats_in} lack expert outputs; save them with --merge"
+                )
+            merge = {layer: (merge_assignment(extra["output_sum"][layer], kept), stats[layer].tokens)
+                     for layer, kept in keep.items()}  # fmt: skip
+        provenance = {"moeprune_calibration": {**provenance, "criterion": args.criterion, "target": args.target,
+                                               "allocation": args.allocation, "merge": args.merge,
+                                               "protect_super_experts": args.protect_super_experts}}  # fmt: skip
+    if keep and args.streaming and model is None:
+        from hf_moeprune.streaming import prune_checkpoint
 
         try:
-            skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size)
+            save_tokenizer = tokenizer.save_pretrained if tokenizer is not None else None
+            skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size,
+                                        merge=merge, extra_config=provenance, on_written=save_tokenizer)  # fmt: skip
         except StreamingUnsupported as exc:
             logger.warning("loading the whole model instead of streaming: %s", exc)
         else:
@@ -166,22 +302,18 @@ def prune_main(argv: Sequence[str]) -> int:
             logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, counts)
             print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
             return 0
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    tokenizer = None
-    if keep is None:
-        from hf_moeprune.data import calibration_blocks
-        from hf_moeprune.oneshot import collect_statistics, plan_oneshot
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(args.model)
+    if merge:
+        from hf_moeprune.pruning.merging import merge_experts
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
-        batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
-        stats = collect_statistics(model, batches, saliency=args.criterion == "saliency")
-        keep = plan_oneshot(model, stats, args.criterion, args.target, args.allocation,
-                            min_experts=args.min_experts, multiple_of=args.multiple_of)  # fmt: skip
+        merge_experts(model, {layer: m[0] for layer, m in merge.items()}, {layer: m[1] for layer, m in merge.items()})
     if keep:
         prune_experts(model, keep)
     else:
         logger.warning("nothing to remove: the model keeps all its experts")
+    for name, value in provenance.items():
+        setattr(model.config, name, value)
     counts = getattr(model.config, "experts_per_layer", None)
     with atomic_output_dir(args.output_dir) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,15 +161,19 @@ class CheckpointReader:
         return out
 
 
-def meta_skeleton(path: str | os.PathLike, config=None) -> nn.Module:
-    """The model of ``path`` built on the meta device (no weights), in the dtype ``from_pretrained`` would load."""
+def meta_skeleton(path: str | os.PathLike, config=None, include_buffers: bool = False) -> nn.Module:
+    """The model of ``path`` built on the meta device (no weights), in the dtype ``from_pretrained`` would load.
+
+    With ``include_buffers`` the buffers are real CPU tensors (small; the rotary embeddings' frequencies are
+    computed at construction and are not in the checkpoint), as a forward pass needs them."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = config if config is not None else AutoConfig.from_pretrained(path)
     dtype = getattr(config, "dtype", None) or torch.get_default_dtype()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=not include_buffers):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
@@ -304,18 +308,25 @@ def prune_checkpoint(
     output_dir: str | os.PathLike,
     export_stock: bool = True,
     max_shard_size: int | str = "5GB",
+    merge: Mapping[int, tuple[Mapping[int, int], torch.Tensor]] | None = None,
+    extra_config: Mapping[str, object] | None = None,
+    on_written: Callable[[Path], None] | None = None,
 ) -> nn.Module:
     """Apply the plan ``keep`` (layer -> expert positions to keep) to the checkpoint at ``path`` and write the
     result to the (new) folder ``output_dir``, shard by shard, without loading the model.
 
     The files equal what ``from_pretrained`` + ``prune_experts`` + ``save_pretrained`` write (same config, same
-    tensor bytes; the shard boundaries follow ``max_shard_size``). Returns the meta-device skeleton of the pruned
+    tensor bytes; the shard boundaries follow ``max_shard_size``). ``merge`` maps a layer to (removed -> kept
+    assignment, per-expert token frequencies): those experts are folded into the kept ones first
+    (``hf_moeprune.pruning.merging``). ``extra_config`` fields are added to the written config; ``on_written`` may
+    add files to the output folder before it appears. Returns the meta-device skeleton of the pruned
     model (its config is the one written). Raises ``StreamingUnsupported`` before writing anything when the
     checkpoint cannot be streamed (not a local safetensors folder, quantized).
     """
     from transformers import AutoConfig
 
     from hf_moeprune.adapters import get_adapter
+    from hf_moeprune.pruning.merging import merged_rows
     from hf_moeprune.surgery import prune_experts
     from hf_moeprune.utils import atomic_output_dir
 
@@ -328,6 +339,9 @@ def prune_checkpoint(
     adapter = get_adapter(model)
     prefixes = _layer_prefixes(model, adapter)
     prune_experts(model, keep)  # validates the plan and gives the skeleton the pruned config, class and shapes
+    for name, value in (extra_config or {}).items():
+        setattr(model.config, name, value)
+    merge = {int(layer): m for layer, m in (merge or {}).items() if m[0]}
     index = {int(layer): torch.tensor([int(p) for p in kept], dtype=torch.long) for layer, kept in keep.items()}
     pruned_state = model.state_dict()
     with atomic_output_dir(output_dir) as tmp:
@@ -341,11 +355,17 @@ def prune_checkpoint(
         writer = ShardWriter(tmp, max_bytes)
         units = sorted(loader.units, key=lambda u: -1 if u is None else u)
         for unit in units:
-            expert_names = set()
+            expert_names, merged_names = set(), set()
             if unit in index:
                 expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
+            if unit in merge:
+                merged_names = {
+                    f"{prefixes[unit]}{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors
+                }
             for group in loader.groups(unit):
                 for name in list(group):
+                    if name in merged_names:
+                        group[name] = merged_rows(group[name], *merge[unit])
                     if name in expert_names:
                         group[name] = group[name].index_select(0, index[unit])
                     expected = pruned_state.get(name)
@@ -358,5 +378,7 @@ def prune_checkpoint(
                 del group
             logger.info("streamed %s", "embeddings/head" if unit is None else f"layer {unit}")
         shards = writer.close(model.num_parameters())
+        if on_written is not None:
+            on_written(tmp)
     logger.info("wrote %s (%d shard(s), %.1f MB) by streaming", output_dir, len(shards), writer.total_size / 1e6)
     return model
