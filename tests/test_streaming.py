@@ -119,3 +119,65 @@ def test_prune_cli_streams_a_plan_file(tmp_path, caplog):
     with pytest.raises(SystemExit, match="is not a JSON object"):
         main(["prune", str(tmp_path / "src"), "--output_dir", str(tmp_path / "x"), "--plan", str(bad)])
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_cli_one_shot_layerwise_merge_and_saved_statistics(workspace, tmp_path):
+    """`prune --data --merge` calibrates layer by layer and streams the merged result: the same bytes as the
+    in-memory path; `--stats_out` then `--stats_in` reproduce the plan without a second calibration pass."""
+    model, data = str(workspace / "model"), str(workspace / "data.jsonl")
+    common = ["--text_field", "body", "--block_size", "32", "--max_blocks", "8", "--target", "0.5", "--merge", "true"]
+    assert main(["prune", model, "--output_dir", str(tmp_path / "s"), "--data", data, *common,
+                 "--stats_out", str(tmp_path / "stats")]) == 0  # fmt: skip
+    assert main(["prune", model, "--output_dir", str(tmp_path / "m"), "--data", data, *common,
+                 "--layerwise", "false", "--streaming", "false"]) == 0  # fmt: skip
+    assert _tensors(tmp_path / "s") == _tensors(tmp_path / "m")
+    merged = _tensors(tmp_path / "s")
+    assert main(["prune", model, "--output_dir", str(tmp_path / "r"), "--stats_in", str(tmp_path / "stats"),
+                 "--target", "0.5", "--merge", "true"]) == 0  # fmt: skip
+    assert _tensors(tmp_path / "r") == merged
+    assert main(["prune", model, "--output_dir", str(tmp_path / "plain"), "--stats_in", str(tmp_path / "stats"),
+                 "--target", "0.5"]) == 0  # fmt: skip
+    plain = _tensors(tmp_path / "plain")
+    assert plain.keys() == merged.keys()
+    assert any(plain[k] != merged[k] for k in plain if ".experts." in k), "merging changed kept experts"
+    assert all(plain[k] == merged[k] for k in plain if ".experts." not in k)
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    calibration = config["moeprune_calibration"]
+    assert calibration["samples"] == 8 and calibration["block_size"] == 32 and calibration["merge"] is True
+    assert (tmp_path / "s" / "tokenizer.json").exists()
+
+
+def test_prune_cli_chat_samples_unpacked(workspace, tmp_path):
+    """Chat-formatted JSONL goes through the tokenizer's chat template, one padded sample per conversation."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hf_moeprune.cli import PruneCLIArguments, _calibration_batches
+
+    model = tmp_path / "chat-model"
+    shutil.copytree(workspace / "model", model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.chat_template = "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    tokenizer.save_pretrained(model)
+    rows = [{"messages": [{"role": "user", "content": "def loads ( s ) :"}, {"role": "assistant", "content": "return"
+             " " * i + "None"}]} for i in range(5)] + [{"messages": [{"role": "user", "content": "import json " * 40}]}]  # fmt: skip
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    args = PruneCLIArguments(str(model), str(tmp_path / "o"), data=str(data), calibration="samples", max_length=24,
+                             batch_size=4)  # fmt: skip
+    batches, info = _calibration_batches(args, AutoTokenizer.from_pretrained(model))
+    assert info["chat_template"] is True and info["samples"] == 6 and info["longest_sample"] == 24
+    assert [b["input_ids"].shape[0] for b in batches] == [4, 2]
+    first = AutoTokenizer.from_pretrained(model).decode(batches[0]["input_ids"][0][batches[0]["attention_mask"][0] > 0])
+    assert first.startswith("<s> <unk> : def loads ( s ) : </s> <s>")  # role names are not in the toy vocabulary
+    assert info["tokens"] == sum(int(b["attention_mask"].sum()) for b in batches) < 6 * 24
+    assert main(["prune", str(model), "--output_dir", str(tmp_path / "o"), "--data", str(data), "--calibration",
+                 "samples", "--max_length", "24", "--target", "0.25"]) == 0  # fmt: skip
+    calibration = json.loads((tmp_path / "o" / "config.json").read_text())["moeprune_calibration"]
+    assert calibration["samples"] == 6 and calibration["max_length"] == 24 and calibration["chat_template"] is True
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"prompt": "y"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: row has neither 'messages' nor 'text'"):
+        main(["prune", str(model), "--output_dir", str(tmp_path / "x"), "--data", str(bad), "--calibration", "samples"])
+    assert not (tmp_path / "x").exists()
