@@ -76,3 +76,48 @@ def test_merging_changes_the_kept_expert_by_frequency():
         expected = sum(freq[i] * reference[i].double() for i in [kept, *members]) / total
         got = model.model.layers[0].mlp.experts.down_proj[kept].double()
         assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_trainer_merges_at_its_removal_event(tmp_path, monkeypatch):
+    """`prune_merge=True`: at the removal step the kept experts become the frequency-weighted average of their
+    group (grouped by weight similarity), exactly as `merged_rows` computes it from the unmerged weights."""
+    from datasets import Dataset
+
+    import hf_moeprune.training.trainer as trainer_module
+    from hf_moeprune.pruning.merging import weight_similarity
+    from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+
+    ids = (torch.randint(0, 100, (16, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(16)) % 128
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    seen = {}
+    real = trainer_module.prune_experts
+
+    def run(merge: bool):
+        args = MoEPruneArguments(output_dir=str(tmp_path / str(merge)), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=2e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
+                                 data_seed=0, prune_target=0.5, prune_schedule="oneshot", prune_start_step=3,
+                                 prune_end_step=3, disable_tqdm=True, prune_report=False, prune_merge=merge)  # fmt: skip
+        trainer = MoEPruneTrainer(model=tiny_model("mixtral"), args=args, train_dataset=data)
+
+        def spy(model, plan, **kwargs):
+            layer = model.model.layers[1].mlp.experts
+            seen[merge] = {
+                "plan": plan,
+                "down": layer.down_proj.detach().clone(),
+                "vectors": weight_similarity(model, 1),
+                "tokens": trainer.controller.decision_stats[1].tokens.clone(),
+            }
+            return real(model, plan, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "prune_experts", spy)
+        trainer.train()
+
+    run(False)
+    run(True)
+    plain, merged = seen[False], seen[True]
+    assert plain["plan"] == merged["plan"] and torch.equal(plain["tokens"], merged["tokens"])
+    assignment = merge_assignment(plain["vectors"], plain["plan"][1])
+    expected = merged_rows(plain["down"], assignment, plain["tokens"])
+    kept = plain["plan"][1]
+    assert torch.equal(merged["down"][kept], expected[kept])
+    assert not torch.equal(merged["down"][kept], plain["down"][kept]), "merging changed the kept experts"

@@ -79,3 +79,42 @@ def merge_experts(
             if isinstance(value, torch.Tensor):
                 with torch.no_grad():
                     value.copy_(merged_rows(value, assignment, frequencies[int(layer)]))
+
+
+def weight_similarity(model: nn.Module, layer: int) -> torch.Tensor:
+    """``[experts, features]``: each expert's weights flattened, for merging when no calibration outputs exist
+    (at the trainer's removal events); cosine similarity of these rows compares experts by their parameters."""
+    from hf_moeprune.adapters import get_adapter
+    from hf_moeprune.format.modeling_moeprune import get_submodule_attr
+
+    adapter = get_adapter(model)
+    experts = adapter.experts(adapter.decoder_layers(model)[layer])
+    parts = []
+    for name in adapter.expert_tensors:
+        try:
+            owner, attr = get_submodule_attr(experts, name)
+        except AttributeError:
+            continue
+        value = getattr(owner, attr, None)
+        if isinstance(value, torch.Tensor):
+            parts.append(value.detach().float().flatten(1))
+    return torch.cat(parts, dim=1)
+
+
+def merge_before_removal(
+    model: nn.Module,
+    keep: Mapping[int, Sequence[int]],
+    frequencies: Mapping[int, torch.Tensor],
+    output_sum: Mapping[int, torch.Tensor] | None = None,
+) -> dict[int, dict[int, int]]:
+    """Fold the experts ``keep`` drops into kept ones (by calibration outputs when given, else by weights), in place;
+    returns the assignments. ``prune_experts(model, keep)`` then removes the folded experts."""
+    from hf_moeprune.surgery import unwrap_model
+
+    model = unwrap_model(model)
+    assignments = {}
+    for layer, kept in keep.items():
+        vectors = output_sum[layer] if output_sum is not None else weight_similarity(model, int(layer))
+        assignments[int(layer)] = merge_assignment(vectors, kept)
+    merge_experts(model, assignments, frequencies)
+    return assignments
