@@ -199,7 +199,9 @@ def collect_statistics_layerwise(
     adapter = get_adapter(model)
     loader = ModuleLoader.create(path, model)
     _buffers_to(model, device)
+    # the LM head is not needed for routing statistics (unless it is tied to the input embeddings)
     head = {id(p) for p in model.get_output_embeddings().parameters()} if model.get_output_embeddings() else set()
+    head -= {id(p) for p in model.get_input_embeddings().parameters()}
     head_names = {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in head}
     outside = {n: t for n, t in loader.load_module_state(None).items() if n not in head_names}
     materialize(model, outside, device)

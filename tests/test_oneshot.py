@@ -63,13 +63,17 @@ def _padded_batches():
 
 # mixtral: legacy per-expert keys; deepseek_v3: dense first layer, correction bias; qwen3_next: linear-attention
 # layers with their own mask (gpt_oss's sliding windows and jamba's Mamba layers were checked the same way by hand)
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "qwen3_next"])
-def test_layerwise_statistics_equal_the_full_model(tmp_path, family):
+# qwen3_moe with tied embeddings: the LM head is skipped only when it is not the input embedding
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("mixtral", {}), ("deepseek_v3", {}), ("qwen3_next", {}), ("qwen3_moe", {"tie_word_embeddings": True})],
+)
+def test_layerwise_statistics_equal_the_full_model(tmp_path, family, overrides):
     from transformers import AutoModelForCausalLM
 
     from hf_moeprune.oneshot import ExpertOutputObserver, MaxActivationObserver, collect_statistics_layerwise
 
-    tiny_model(family).save_pretrained(tmp_path, max_shard_size="60KB")
+    tiny_model(family, **overrides).save_pretrained(tmp_path, max_shard_size="60KB")
     model = AutoModelForCausalLM.from_pretrained(tmp_path)
     full_obs = [MaxActivationObserver(), ExpertOutputObserver()]
     full = collect_statistics(model, _padded_batches(), progress=False, observers=full_obs)
