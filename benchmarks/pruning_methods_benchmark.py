@@ -5,7 +5,8 @@ Base: the demo Mixtral pretrained on Python stdlib code + docstrings. Task: fine
 - no pruning (full fine-tune; one run, the reference);
 - dynamic pruning during fine-tuning (MoEPruneTrainer), each criterion with uniform allocation, and the
   layer-adaptive LAEP rule (with the REAP criterion);
-- post-hoc one-shot pruning of the fine-tuned model: frequency and REAP, statistics from prose training
+- post-hoc one-shot pruning of the fine-tuned model: frequency, REAP and EAN, REAP protecting super experts,
+  and REAP with merging (removed experts folded into the most similar kept ones), statistics from prose training
   blocks (the usual calibration set);
 - random pruning of the fine-tuned model (uniform allocation, seeded).
 Reported per run: held-out loss / perplexity on prose (target) and code (what was forgotten), median step
@@ -33,7 +34,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_moeprune
 from hf_moeprune.demo import build_corpus, load_or_train_base_model
 from hf_moeprune.demo.pipeline import domain_blocks, held_out_loss
-from hf_moeprune.oneshot import collect_statistics, plan_oneshot
+from hf_moeprune.oneshot import (
+    ExpertOutputObserver,
+    MaxActivationObserver,
+    collect_statistics,
+    plan_oneshot,
+    super_experts,
+)
+from hf_moeprune.pruning.merging import merge_before_removal
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,7 +113,9 @@ def main() -> None:
     record("base (no fine-tune)", 0.0, base, {})
     full, cost = finetune(model_dir, prose["train"], opts.steps, opts.batch, prune_target=0.0)
     record("full fine-tune", 0.0, full, cost)
-    full_stats = collect_statistics(full, calibration, progress=False)
+    observers = [MaxActivationObserver(), ExpertOutputObserver()]
+    full_stats = collect_statistics(full, calibration, progress=False, observers=observers)
+    max_activation, output_sum = observers[0].values["max_activation"], observers[1].values["output_sum"]
 
     for sparsity in sparsities:
         schedule = dict(prune_target=sparsity, prune_schedule="gradual", prune_start_step=start_step,
@@ -117,10 +127,19 @@ def main() -> None:
         model, cost = finetune(model_dir, prose["train"], opts.steps, opts.batch, prune_criterion="reap",
                                prune_layer_adaptive=True, prune_allocation="laep", **schedule)  # fmt: skip
         record("dynamic reap + LAEP", sparsity, model, cost)
-        for criterion in ("frequency", "reap"):
+        for criterion in ("frequency", "reap", "ean"):
             model = copy.deepcopy(full)
             hf_moeprune.prune_experts(model, plan_oneshot(model, full_stats, criterion, sparsity))
             record(f"post-hoc {criterion}", sparsity, model, {})
+        model = copy.deepcopy(full)
+        plan = plan_oneshot(model, full_stats, "reap", sparsity, protect=super_experts(max_activation))
+        hf_moeprune.prune_experts(model, plan)
+        record("post-hoc reap + super experts", sparsity, model, {})
+        model = copy.deepcopy(full)
+        plan = plan_oneshot(model, full_stats, "reap", sparsity)
+        merge_before_removal(model, plan, {layer: s.tokens for layer, s in full_stats.items()}, output_sum)
+        hf_moeprune.prune_experts(model, plan)
+        record("post-hoc reap + merging", sparsity, model, {})
         generator = torch.Generator().manual_seed(int(sparsity * 100))
         random_scores = {layer: torch.rand(len(s.tokens), generator=generator) for layer, s in full_stats.items()}
         model = copy.deepcopy(full)

@@ -179,3 +179,85 @@ def _pieces(text: str):
             end = space if space > start else end
         yield text[start:end]
         start = end
+
+
+def load_calibration_texts(
+    path: str, tokenizer, text_field: str = "text", messages_field: str = "messages"
+) -> tuple[list[str], bool]:
+    """Calibration texts of ``path`` and whether they came through the tokenizer's chat template.
+
+    A ``.jsonl`` file whose rows hold ``messages_field`` (a list of ``{"role", "content"}`` turns, the format chat
+    models are fine-tuned on) is rendered with ``tokenizer.apply_chat_template``, so calibration sees the tokens
+    the model sees when it serves; other rows need ``text_field``. Other paths load as ``load_text_dataset``.
+    """
+    import json
+
+    source = Path(path)
+    if source.suffix != ".jsonl":
+        return list(load_text_dataset(path, text_field)["train"]["text"]), False
+    if not source.is_file():
+        raise FileNotFoundError(f"data path {path!r} does not exist")
+    texts, chat = [], False
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON object: {exc}") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        if messages_field in row:
+            messages = row[messages_field]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise ValueError(f"{path}:{number}: {messages_field!r} must be a list of {{role, content}} objects")
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise ValueError(
+                    f"{path}:{number}: chat messages need a tokenizer with a chat_template; "
+                    f"{getattr(tokenizer, 'name_or_path', tokenizer)!r} has none"
+                )
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+            chat = True
+        elif text_field in row:
+            if row[text_field] and str(row[text_field]).strip():
+                texts.append(str(row[text_field]))
+        else:
+            raise ValueError(f"{path}:{number}: row has neither {messages_field!r} nor {text_field!r}: {sorted(row)}")
+    if not texts:
+        raise ValueError(f"data {path!r} holds no calibration text")
+    logger.info("loaded %d calibration rows from %s (chat template: %s)", len(texts), path, chat)
+    return texts, chat
+
+
+def calibration_samples(texts: Iterable[str], tokenizer, max_length: int, max_samples: int) -> list[list[int]]:
+    """One token sequence per text (unpacked: no sample sees another's tokens), cut to ``max_length``; the first
+    ``max_samples`` non-empty ones. A rendered chat template already holds its special tokens, so none are added."""
+    if max_length < 1 or max_samples < 1:
+        raise ValueError(f"max_length={max_length} and max_samples={max_samples} must be >= 1")
+    samples = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_length]
+        if ids:
+            samples.append(ids)
+        if len(samples) == max_samples:
+            break
+    if not samples:
+        raise ValueError("no calibration text produced any token")
+    return samples
+
+
+def pad_batches(samples: list[list[int]], batch_size: int, pad_token_id: int) -> list[dict]:
+    """Right-padded batches with an attention mask (padding is excluded from every statistic)."""
+    import torch
+
+    batches = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, sample in enumerate(chunk):
+            ids[row, : len(sample)] = torch.tensor(sample, dtype=torch.long)
+            mask[row, : len(sample)] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches

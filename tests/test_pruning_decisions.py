@@ -74,7 +74,11 @@ def test_criteria_values():
     assert get_criterion("reap")(stats).tolist() == [0.5, 0.0, 2.0]
     assert get_criterion("reap_frequency")(stats).tolist() == [5.0, 0.0, 8.0]
     assert get_criterion("saliency")(stats).tolist() == [0.1, 0.3, 0.2]
-    with pytest.raises(ValueError, match=r"unknown prune_criterion 'nope'; known: \['frequency'"):
+    with pytest.raises(ValueError, match="no ean_sum"):
+        get_criterion("ean")(stats)
+    ean = LayerStats(stats.tokens, stats.prob_mass, stats.reap_sum, stats.saliency, ean_sum=torch.tensor([7.0, 0, 9]))
+    assert get_criterion("ean")(ean).tolist() == [7.0, 0.0, 9.0]
+    with pytest.raises(ValueError, match=r"unknown prune_criterion 'nope'; known: \['ean', 'frequency'"):
         get_criterion("nope")
 
 

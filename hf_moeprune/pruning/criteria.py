@@ -68,6 +68,15 @@ def _reap_tokens(stats: LayerStats) -> torch.Tensor:
     return stats.tokens if stats.reap_tokens is None else stats.reap_tokens
 
 
+@register_criterion("ean")
+def ean(stats: LayerStats) -> torch.Tensor:
+    """EAN (expert activation norm; Jaiswal et al. 2025, a baseline in the REAP paper): sum over routed tokens of
+    ||expert output||, without the gate weight."""
+    if stats.ean_sum is None:
+        raise ValueError("these statistics carry no ean_sum (recorded before EAN existed); collect them again")
+    return stats.ean_sum.clone()
+
+
 @register_criterion("saliency")
 def saliency(stats: LayerStats) -> torch.Tensor:
     """First-order Taylor estimate of the loss change when the expert is removed: |theta . grad|."""

@@ -5,6 +5,8 @@ Quantities (each a float tensor [experts] per MoE layer):
 - ``prob_mass``: router probability mass the expert received (softmax/sigmoid scores summed over tokens);
 - ``reap_sum``: sum over routed tokens of gate weight x L2 norm of the expert's output (REAP numerator);
 - ``saliency``: first-order Taylor importance |theta . grad| of the expert's parameters, per optimizer step;
+- ``ean_sum``: sum over routed tokens of the L2 norm of the expert's output, without the gate weight (EAN, the
+  expert activation norm of "Finding Fantastic Experts in MoEs", a REAP baseline); recorded with ``reap_sum``;
 - ``reap_tokens``: tokens routed to the expert on the steps where ``reap_sum`` was recorded (REAP's denominator;
   equal to ``tokens`` unless REAP is recorded on every N-th step only, ``prune_reap_interval``).
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-STAT_NAMES = ("tokens", "prob_mass", "reap_sum", "saliency", "reap_tokens")
+STAT_NAMES = ("tokens", "prob_mass", "reap_sum", "saliency", "reap_tokens", "ean_sum")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class LayerStats:
     reap_sum: torch.Tensor
     saliency: torch.Tensor
     reap_tokens: torch.Tensor | None = None  # None: REAP was recorded on every step (denominator = tokens)
+    ean_sum: torch.Tensor | None = None  # None: statistics from before EAN was recorded
 
     @property
     def num_experts(self) -> int:
@@ -127,6 +130,7 @@ class ExpertStatistics:
         self.window, self.decay, self.steps = state["window"], state["decay"], state["steps"]
         self._acc, self._step = state["acc"], state["step"]
         self._history = deque(state["history"], maxlen=self.window or None)
-        for store in [self._acc, self._step, *self._history]:  # states saved before reap_tokens existed
+        for store in [self._acc, self._step, *self._history]:  # states saved before reap_tokens/ean_sum existed
             for stats in store.values():
                 stats.setdefault("reap_tokens", stats["tokens"].clone())
+                stats.setdefault("ean_sum", torch.zeros_like(stats["tokens"]))

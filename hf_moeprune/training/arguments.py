@@ -93,6 +93,13 @@ class MoEPruneArgumentsMixin:
             "removal, experts are reordered so each rank's contiguous block gets equal measured load (0 = off)."
         },
     )
+    prune_merge: bool = field(
+        default=False,
+        metadata={
+            "help": "At each removal, fold every removed expert into its most similar kept expert (cosine similarity "
+            "of the expert weights; frequency-weighted average by the tracked token counts) instead of dropping it."
+        },
+    )
     prune_export_stock: bool = field(
         default=True,
         metadata={"help": "save_model writes the stock architecture when every layer keeps the same expert count."},

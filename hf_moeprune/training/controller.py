@@ -92,6 +92,8 @@ class PruningController:
         self.events: list[PruningEvent] = []
         self.stability: list[tuple[int, float]] = []
         self.usage_before: dict[int, list[float]] | None = None
+        # statistics behind the latest removal, before they were narrowed to the kept experts (expert merging)
+        self.decision_stats: dict[int, LayerStats] | None = None
         self._previous_window_scores: dict[int, torch.Tensor] | None = None
         self._recent_losses: deque[float] = deque(maxlen=max(grace_steps, 1))
 
@@ -113,6 +115,7 @@ class PruningController:
         if self.grace is not None:
             self.grace.losses.append(loss)
             if step >= self.grace.end_step:
+                self.decision_stats = stats()
                 return self._end_grace(step)
             return Decision()
 
@@ -131,6 +134,7 @@ class PruningController:
             self._log_events(step, "masked", removed, stats())
             return Decision(mask=removed)
         self._log_events(step, "removed", removed, stats())
+        self.decision_stats = stats()
         self._commit(plan)
         return Decision(remove=plan)
 

@@ -29,10 +29,22 @@ logger = logging.getLogger(__name__)
 
 
 class RoutingInstrumentation:
-    def __init__(self, model: nn.Module, adapter: MoEAdapter, statistics: ExpertStatistics, record_reap: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: MoEAdapter,
+        statistics: ExpertStatistics,
+        record_reap: bool = True,
+        reap_in_eval: bool = False,
+    ):
         self.model = model
         # REAP needs each expert's own output; without it the experts keep their stock (cheaper) path
         self.record_reap = record_reap
+        # one-shot calibration runs in eval() mode (no router jitter, no dropout) and still needs REAP
+        self.reap_in_eval = reap_in_eval
+        # optional per-expert observers of the per-pair outputs (one-shot: EAN, maximum activations, merging),
+        # called as (layer, experts, hidden_states, top_k_index, per_pair_outputs, token_weights)
+        self.output_observers: list = []
         self.adapter = adapter
         self.statistics = statistics
         self.recording = False
@@ -126,7 +138,7 @@ class RoutingInstrumentation:
             # The path depends on the module's mode, not on `recording`: activation checkpointing recomputes
             # the forward during backward (recording off) and must see the same operations.
             # reap_active only changes between optimizer steps, so a recomputation sees the same path too
-            if not experts.training or not self.reap_active:
+            if not (experts.training or self.reap_in_eval) or not self.reap_active:
                 return original_forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
             num_tokens, top_k = top_k_index.shape
             pairs = hidden_states.repeat_interleave(top_k, dim=0)
@@ -136,17 +148,24 @@ class RoutingInstrumentation:
             if not self.recording:
                 return combined.to(hidden_states.dtype)
             with torch.no_grad():
-                norms = per_pair.detach().float().norm(dim=-1) * top_k_weights.detach().float().reshape(-1)
+                output_norms = per_pair.detach().float().norm(dim=-1)
+                norms = output_norms * top_k_weights.detach().float().reshape(-1)
                 token_weights = self._token_weights(num_tokens, norms.device)
                 if token_weights is not None:
                     norms = norms * token_weights.repeat_interleave(top_k)
-                reap = torch.bincount(top_k_index.reshape(-1), weights=norms, minlength=self._num_experts(layer))
+                    output_norms = output_norms * token_weights.repeat_interleave(top_k)
+                flat_index = top_k_index.reshape(-1)
+                reap = torch.bincount(flat_index, weights=norms, minlength=self._num_experts(layer))
                 self.statistics.add(layer, "reap_sum", reap)
+                ean = torch.bincount(flat_index, weights=output_norms, minlength=self._num_experts(layer))
+                self.statistics.add(layer, "ean_sum", ean)
                 pair_weights = None if token_weights is None else token_weights.repeat_interleave(top_k)
                 counts = torch.bincount(
                     top_k_index.reshape(-1), weights=pair_weights, minlength=self._num_experts(layer)
                 )
                 self.statistics.add(layer, "reap_tokens", counts)
+                for observe in self.output_observers:
+                    observe(layer, experts, hidden_states, top_k_index, per_pair.detach(), token_weights)
             return combined.to(hidden_states.dtype)
 
         return forward

@@ -344,6 +344,12 @@ class MoEPruneMixin:
 
     def _remove(self, plan: dict[int, list[int]]) -> None:
         slicer = OptimizerStateSlicer(self.optimizer)
+        if self.args.prune_merge:
+            from hf_moeprune.pruning.merging import merge_before_removal
+
+            # the statistics the decision saw (the controller has already narrowed its own to the kept experts)
+            tokens = {layer: s.tokens for layer, s in self.controller.decision_stats.items()}
+            merge_before_removal(self.model, plan, tokens)
         prune_experts(self.model, plan, on_tensor_replaced=slicer)
         for layer, kept in plan.items():
             self.instrumentation.select(layer, torch.tensor(kept))

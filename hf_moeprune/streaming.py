@@ -1,0 +1,384 @@
+"""Checkpoints bigger than memory: read and write safetensors tensor group by tensor group.
+
+Two users:
+- ``prune_checkpoint`` applies a known plan (``hf-moeprune prune --keep/--plan``) without loading the model: a
+  meta-device skeleton carries the surgery (so config, class and key names are exactly what the in-memory path
+  produces), and the weights go from the input shards to the output shards one conversion group at a time
+  (e.g. one layer's ``gate_up_proj``, built from Mixtral's per-expert ``w1``/``w3`` keys by transformers' own
+  conversion mapping). Peak memory: about one output shard plus one expert tensor of one layer.
+- ``CheckpointReader.load_module_state`` materialises one decoder layer (or the embeddings) for layer-wise
+  calibration (``hf_moeprune.oneshot.collect_statistics_layerwise``).
+
+The key conversions (legacy checkpoint names <-> the fused tensors transformers v5 models hold) are
+transformers' private loading machinery (``transformers.core_model_loading`` and ``conversion_mapping``); every
+use of it is in the three ``_*conversion*`` functions below, checked against transformers 5.24.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+class StreamingUnsupported(ValueError):
+    """The checkpoint cannot be streamed (the caller falls back to loading the whole model); the message says why."""
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` -> 5e9 bytes (the units ``save_pretrained``'s ``max_shard_size`` accepts); ints pass through."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", str(size).upper())
+        if match is None:
+            raise ValueError(f"size {size!r} is not a byte count like 500MB, 5GB or 2GiB")
+        value = int(float(match.group(1)) * _SIZE_UNITS.get(match.group(2) or "", 1))
+    if value < 1:
+        raise ValueError(f"size {size!r} must be at least one byte")
+    return value
+
+
+def layer_of_key(key: str) -> int | None:
+    """The decoder-layer index a checkpoint or model key belongs to (None: embeddings, final norm, head)."""
+    match = _LAYER_KEY.search(key)
+    return int(match.group(1)) if match else None
+
+
+# -- transformers' key conversions (private API, transformers 5.24) -----------------------------------------------
+def _load_conversions(model: nn.Module) -> list:
+    """The transforms ``from_pretrained`` applies to this model's checkpoint keys (with the legacy renamings)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return get_model_conversion_mapping(model)
+
+
+def _apply_load_conversions(
+    model: nn.Module, conversions: list, meta_state: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Checkpoint-named tensors -> model-named tensors, as ``convert_and_load_state_dict_in_model`` forms them
+    (same renaming, same converter grouping, cast to the dtype of the parameter they fill). Keys the model does
+    not have are dropped, as loading drops unexpected keys."""
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    prefix = model.base_model_prefix
+    groups: dict[str, object] = {}
+    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if renamed not in meta_state and key in meta_state:
+            renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
+        if renamed not in meta_state:
+            logger.debug("checkpoint key %s is not a weight of the model; dropped (as from_pretrained drops it)", key)
+            continue
+        if pattern is not None:
+            mapping = groups.setdefault(renamed, deepcopy(pattern_to_converter[pattern]))
+        else:
+            mapping = groups.setdefault(renamed, WeightRenaming(key, renamed))
+            pattern = key
+        mapping.add_tensor(renamed, key, pattern, tensor)
+    out = {}
+    for first_name, mapping in groups.items():
+        for name, value in mapping.convert(first_name, model=model, config=model.config).items():
+            value = value[0] if isinstance(value, list) else value
+            out[name] = value.to(meta_state[name].dtype) if name in meta_state else value
+    return out
+
+
+def _revert_conversions(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model-named tensors -> the names ``save_pretrained`` writes for ``model`` (e.g. per-expert keys for a stock
+    Mixtral, fused tensors as they are for the hf_moeprune format)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+@dataclass
+class CheckpointReader:
+    """A local safetensors checkpoint (one file or an index of shards), read tensor by tensor."""
+
+    folder: Path
+    weight_map: dict[str, str]  # checkpoint key -> file name inside ``folder``
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> CheckpointReader:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise StreamingUnsupported(f"{str(path)!r} is not a local folder (a Hub id is loaded in memory)")
+        index, single = folder / SAFE_WEIGHTS_INDEX_NAME, folder / SAFE_WEIGHTS_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise StreamingUnsupported(f"{index} is not a safetensors index with a weight_map: {exc}") from None
+        elif single.is_file():
+            with safe_open(single, "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SAFE_WEIGHTS_NAME)
+        else:
+            raise StreamingUnsupported(f"{folder} holds no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise StreamingUnsupported(f"{index} names shard file(s) {missing} that are not in {folder}")
+        return cls(folder, dict(weight_map))
+
+    def keys_by_layer(self) -> dict[int | None, list[str]]:
+        units: dict[int | None, list[str]] = defaultdict(list)
+        for key in self.weight_map:
+            units[layer_of_key(key)].append(key)
+        return dict(units)
+
+    def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``keys`` (copied out of the memory-mapped files, one file open at a time)."""
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            by_file[self.weight_map[key]].append(key)
+        out = {}
+        for filename, names in by_file.items():
+            with safe_open(self.folder / filename, "pt") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+def meta_skeleton(path: str | os.PathLike, config=None, include_buffers: bool = False) -> nn.Module:
+    """The model of ``path`` built on the meta device (no weights), in the dtype ``from_pretrained`` would load.
+
+    With ``include_buffers`` the buffers are real CPU tensors (small; the rotary embeddings' frequencies are
+    computed at construction and are not in the checkpoint), as a forward pass needs them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = config if config is not None else AutoConfig.from_pretrained(path)
+    dtype = getattr(config, "dtype", None) or torch.get_default_dtype()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    with init_empty_weights(include_buffers=not include_buffers):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if (Path(path) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def _check_streamable(config) -> None:
+    if getattr(config, "quantization_config", None) is not None:
+        raise StreamingUnsupported("the checkpoint is quantized (its quantizer decides how tensors load)")
+
+
+@dataclass
+class ModuleLoader:
+    """Materialises parts of a meta skeleton from the checkpoint: the tensors of one decoder layer (or of the
+    embeddings/norm/head) converted to the model's names and dtypes."""
+
+    reader: CheckpointReader
+    model: nn.Module
+    conversions: list = field(default_factory=list)
+    meta_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    units: dict[int | None, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, model: nn.Module) -> ModuleLoader:
+        _check_streamable(model.config)
+        reader = CheckpointReader.open(path)
+        return cls(reader, model, _load_conversions(model), model.state_dict(), reader.keys_by_layer())
+
+    def groups(self, layer: int | None) -> Iterator[dict[str, torch.Tensor]]:
+        """Model-named tensors of ``layer``, one conversion group at a time (e.g. all per-expert ``w1``/``w3``
+        keys of the layer together, since they form one ``gate_up_proj``)."""
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        converters = [c for c in self.conversions if isinstance(c, WeightConverter)]
+        renamings = [c for c in self.conversions if not isinstance(c, WeightConverter)]
+        by_target: dict[str, list[str]] = defaultdict(list)
+        for key in self.units.get(layer, []):
+            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, self.meta_state)
+            by_target[target].append(key)
+        for keys in by_target.values():
+            tensors = _apply_load_conversions(self.model, self.conversions, self.meta_state, self.reader.read(keys))
+            if tensors:
+                yield tensors
+
+    def load_module_state(self, layer: int | None) -> dict[str, torch.Tensor]:
+        """Every model-named tensor of ``layer`` (None: everything outside the decoder layers)."""
+        out = {}
+        for group in self.groups(layer):
+            out.update(group)
+        return out
+
+
+def materialize(model: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+    """Replace meta parameters/buffers named in ``state`` (full model names) by the given tensors, on ``device``."""
+    for name, tensor in state.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        old = getattr(owner, attr)
+        value = tensor.to(device)
+        if isinstance(old, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+        else:
+            owner._buffers[attr] = value
+
+
+def release(module: nn.Module) -> None:
+    """Send a materialised module's tensors back to the meta device (frees their memory)."""
+    module.to("meta")
+
+
+# -- writing ------------------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Collects named tensors and writes ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_shard_bytes``
+    (a single tensor bigger than that gets a shard of its own, as in ``save_pretrained``), then the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int, metadata: Mapping[str, str] | None = None):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {"format": "pt"})
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.total_size = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            size = tensor.numel() * tensor.element_size()
+            if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._pending[name] = tensor.contiguous()
+            self._pending_bytes += size
+            self.total_size += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f".shard-{len(self._written):05d}.safetensors"
+        save_file(self._pending, self.folder / name, metadata=self.metadata)
+        self._written.append((name, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self, total_parameters: int) -> list[str]:
+        """Write the last shard, give the shards their final names and, for several, write the index last."""
+        self._flush()
+        if len(self._written) == 1:
+            os.replace(self.folder / self._written[0][0], self.folder / SAFE_WEIGHTS_NAME)
+            return [SAFE_WEIGHTS_NAME]
+        count = len(self._written)
+        weight_map, names = {}, []
+        for i, (tmp, keys) in enumerate(self._written, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / final)
+            weight_map.update(dict.fromkeys(keys, final))
+            names.append(final)
+        index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_size},
+                 "weight_map": weight_map}  # fmt: skip
+        tmp_index = self.folder / f".{SAFE_WEIGHTS_INDEX_NAME}.tmp"
+        tmp_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp_index, self.folder / SAFE_WEIGHTS_INDEX_NAME)
+        return names
+
+
+# -- streaming surgery --------------------------------------------------------------------------------------------
+def _layer_prefixes(model: nn.Module, adapter) -> dict[int, str]:
+    names = {id(module): name for name, module in model.named_modules()}
+    return {i: names[id(layer)] + "." for i, layer in enumerate(adapter.decoder_layers(model))}
+
+
+def prune_checkpoint(
+    path: str | os.PathLike,
+    keep: Mapping[int, Sequence[int]],
+    output_dir: str | os.PathLike,
+    export_stock: bool = True,
+    max_shard_size: int | str = "5GB",
+    merge: Mapping[int, tuple[Mapping[int, int], torch.Tensor]] | None = None,
+    extra_config: Mapping[str, object] | None = None,
+    on_written: Callable[[Path], None] | None = None,
+) -> nn.Module:
+    """Apply the plan ``keep`` (layer -> expert positions to keep) to the checkpoint at ``path`` and write the
+    result to the (new) folder ``output_dir``, shard by shard, without loading the model.
+
+    The files equal what ``from_pretrained`` + ``prune_experts`` + ``save_pretrained`` write (same config, same
+    tensor bytes; the shard boundaries follow ``max_shard_size``). ``merge`` maps a layer to (removed -> kept
+    assignment, per-expert token frequencies): those experts are folded into the kept ones first
+    (``hf_moeprune.pruning.merging``). ``extra_config`` fields are added to the written config; ``on_written`` may
+    add files to the output folder before it appears. Returns the meta-device skeleton of the pruned
+    model (its config is the one written). Raises ``StreamingUnsupported`` before writing anything when the
+    checkpoint cannot be streamed (not a local safetensors folder, quantized).
+    """
+    from transformers import AutoConfig
+
+    from hf_moeprune.adapters import get_adapter
+    from hf_moeprune.pruning.merging import merged_rows
+    from hf_moeprune.surgery import prune_experts
+    from hf_moeprune.utils import atomic_output_dir
+
+    max_bytes = parse_size(max_shard_size)
+    CheckpointReader.open(path)  # not streamable: say so before anything else is read
+    config = AutoConfig.from_pretrained(path)
+    _check_streamable(config)
+    model = meta_skeleton(path, config)
+    loader = ModuleLoader.create(path, model)
+    adapter = get_adapter(model)
+    prefixes = _layer_prefixes(model, adapter)
+    prune_experts(model, keep)  # validates the plan and gives the skeleton the pruned config, class and shapes
+    for name, value in (extra_config or {}).items():
+        setattr(model.config, name, value)
+    merge = {int(layer): m for layer, m in (merge or {}).items() if m[0]}
+    index = {int(layer): torch.tensor([int(p) for p in kept], dtype=torch.long) for layer, kept in keep.items()}
+    pruned_state = model.state_dict()
+    with atomic_output_dir(output_dir) as tmp:
+        # config, generation config and (for the hf_moeprune format) the modeling file, written by the same code as
+        # the in-memory path; an empty state dict writes an empty weights file, replaced below
+        model.save_pretrained(tmp, state_dict={}, export_stock=export_stock)
+        for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME):
+            (tmp / name).unlink(missing_ok=True)
+        # the class save_pretrained wrote (stock or pruned) decides the tensor names on disk
+        written = meta_skeleton(tmp)
+        writer = ShardWriter(tmp, max_bytes)
+        units = sorted(loader.units, key=lambda u: -1 if u is None else u)
+        for unit in units:
+            expert_names, merged_names = set(), set()
+            if unit in index:
+                expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
+            if unit in merge:
+                merged_names = {
+                    f"{prefixes[unit]}{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors
+                }
+            for group in loader.groups(unit):
+                for name in list(group):
+                    if name in merged_names:
+                        group[name] = merged_rows(group[name], *merge[unit])
+                    if name in expert_names:
+                        group[name] = group[name].index_select(0, index[unit])
+                    expected = pruned_state.get(name)
+                    if expected is not None and tuple(expected.shape) != tuple(group[name].shape):
+                        raise RuntimeError(
+                            f"{name}: streamed tensor has shape {tuple(group[name].shape)}, the pruned model "
+                            f"expects {tuple(expected.shape)}"
+                        )
+                writer.add(_revert_conversions(written, group))
+                del group
+            logger.info("streamed %s", "embeddings/head" if unit is None else f"layer {unit}")
+        shards = writer.close(model.num_parameters())
+        if on_written is not None:
+            on_written(tmp)
+    logger.info("wrote %s (%d shard(s), %.1f MB) by streaming", output_dir, len(shards), writer.total_size / 1e6)
+    return model
