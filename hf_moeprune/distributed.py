@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,10 +35,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DistributedSetupError",
     "ShardedSurgery",
+    "check_expert_parallel_count",
     "check_trainer_setup",
     "deepspeed_setup",
+    "expert_parallel_size",
     "is_sharded",
-    "peak_memory_bytes",
+    "reshard_like",
+    "select_rows",
 ]
 
 
@@ -141,9 +143,6 @@ def select_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     if is_sharded(tensor):
         tensor = tensor.full_tensor()
     return tensor.detach().index_select(0, index.to(tensor.device))
-
-
-TensorReplacedHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class ShardedSurgery:
@@ -301,12 +300,3 @@ _ALTERNATIVES = (
     "(hf_moeprune.balancing.load_expert_parallel); or prune without DeepSpeed and fine-tune the pruned model "
     "with DeepSpeed afterwards"
 )
-
-
-def peak_memory_bytes() -> int:
-    """This process's peak resident memory so far (CPU: ru_maxrss), in bytes."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)

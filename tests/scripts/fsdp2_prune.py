@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from hf_moeprune import permute_experts, prune_experts
-from hf_moeprune.distributed import is_sharded, peak_memory_bytes
+from hf_moeprune.distributed import is_sharded
 from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training.optim import OptimizerStateSlicer
 
@@ -65,10 +65,8 @@ def main(out: str) -> None:
         ref_optimizer.state[ref_params[name]] = {"step": torch.tensor(2.0), **copy.deepcopy(state)}
 
     local_rows_before = model.model.layers[0].mlp.experts.gate_up_proj.to_local().shape[0]
-    rss_before = peak_memory_bytes()
     prune_experts(model, KEEP, on_tensor_replaced=OptimizerStateSlicer(optimizer))
     permute_experts(model, ORDER, on_tensor_replaced=OptimizerStateSlicer(optimizer))
-    rss_after = peak_memory_bytes()
     prune_experts(reference, KEEP, on_tensor_replaced=OptimizerStateSlicer(ref_optimizer))
     permute_experts(reference, ORDER, on_tensor_replaced=OptimizerStateSlicer(ref_optimizer))
 
@@ -97,8 +95,6 @@ def main(out: str) -> None:
         "optimizer_holds_new_params": holds_new and len(optimizer.state) == len(ref_optimizer.state),
         "logits_equal": torch.equal(logits, ref_logits),
         "max_logit_diff": float((logits - ref_logits).abs().max()),
-        "peak_rss_before": rss_before,
-        "peak_rss_after": rss_after,
     }
     # training goes on: the sharded model and the reference take the same two steps on the same global batch
     before = full(experts.gate_up_proj.detach()).clone()
