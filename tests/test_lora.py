@@ -134,7 +134,7 @@ def test_lora_save_reload_and_merge_give_the_same_logits(lora_run, tmp_path):
 def test_lora_resume_after_removal_is_exact(lora_run):
     tmp, common, trainer, _ = lora_run
     checkpoint = tmp / "run" / "checkpoint-5"
-    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "moeprune_state.pt").is_file()
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "moeprune_state.json").is_file()
     fresh = MoEPruneTrainer(model=_peft(), args=_args(tmp, **common), train_dataset=_dataset())
     fresh.train(resume_from_checkpoint=str(checkpoint))
     expected, resumed = trainer.model.state_dict(), fresh.model.state_dict()
