@@ -274,6 +274,10 @@ def prune_main(argv: Sequence[str]) -> int:
     if args.data is not None and not Path(args.data).exists():
         raise FileNotFoundError(f"--data {args.data!r} does not exist")
     keep = _read_plan(args)
+    from hf_moeprune.streaming import meta_skeleton
+
+    planner = meta_skeleton(args.model)  # no weights: the config's layout, checked before any calibration or write
+    check_top_k_fits(planner)
     model = tokenizer = merge = None
     provenance: dict = {}
     if keep is None:
@@ -291,7 +295,6 @@ def prune_main(argv: Sequence[str]) -> int:
 
         if args.stats_in is not None:
             stats, extra, provenance = load_statistics(args.stats_in)
-            planner = meta_skeleton(args.model)
         else:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
             batches, provenance = _calibration_batches(args, tokenizer)
@@ -339,7 +342,14 @@ def prune_main(argv: Sequence[str]) -> int:
         from hf_moeprune.streaming import prune_checkpoint
 
         try:
-            save_tokenizer = tokenizer.save_pretrained if tokenizer is not None else None
+            if tokenizer is not None:
+                save_tokenizer = tokenizer.save_pretrained
+            else:  # so that `generate` and `push` work on the output as on the input
+                from hf_moeprune.quantization.cli import copy_tokenizer
+
+                def save_tokenizer(folder):
+                    copy_tokenizer(args.model, folder)
+
             skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size,
                                         merge=merge, extra_config=provenance, on_written=save_tokenizer)  # fmt: skip
         except StreamingUnsupported as exc:

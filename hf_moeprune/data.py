@@ -197,6 +197,7 @@ def load_calibration_texts(
         return list(load_text_dataset(path, text_field)["train"]["text"]), False
     if not source.is_file():
         raise FileNotFoundError(f"data path {path!r} does not exist")
+    check_text_files(source)  # the same messages as training data: empty file, bad UTF-8 or JSON at file:line
     texts, chat = [], False
     for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():

@@ -116,7 +116,7 @@ def test_prune_cli_streams_a_plan_file(tmp_path, caplog):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "s").config.experts_per_layer == [3, 8, 2]
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
-    with pytest.raises(SystemExit, match="is not a JSON object"):
+    with pytest.raises(SystemExit, match="must be a non-empty JSON object of layer -> expert indices"):
         main(["prune", str(tmp_path / "src"), "--output_dir", str(tmp_path / "x"), "--plan", str(bad)])
     assert not (tmp_path / "x").exists()
 
@@ -178,6 +178,6 @@ def test_prune_cli_chat_samples_unpacked(workspace, tmp_path):
     assert calibration["samples"] == 6 and calibration["max_length"] == 24 and calibration["chat_template"] is True
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{"prompt": "y"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: row has neither 'messages' nor 'text'"):
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: row has neither 'messages' nor 'text'"):
         main(["prune", str(model), "--output_dir", str(tmp_path / "x"), "--data", str(bad), "--calibration", "samples"])
     assert not (tmp_path / "x").exists()

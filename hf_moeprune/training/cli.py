@@ -89,6 +89,7 @@ def check_output_dir(args, overwrite: bool, needs_pruning_state: bool = True) ->
     return None
 
 
+@dataclass
 class LoraArguments:
     """peft LoRA for ``hf-moeprune train`` (``lora_r: 0``, the default, is full fine-tuning)."""
 
