@@ -23,6 +23,7 @@ from hf_moeprune import prune_experts
 from hf_moeprune.adapters import ADAPTERS, UNSUPPORTED
 from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES
 from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, identify_routing
+from hf_moeprune.balancing.loads import measure_expert_loads
 from hf_moeprune.tiny_models import tiny_model
 
 SUPPORTED = sorted(ADAPTERS)
@@ -116,6 +117,9 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     if len(moe_layers) > 1:
         assert len(set(counts)) == 2  # a real per-layer layout
     expected = _logits(model)
+    loads = measure_expert_loads(model, [{"input_ids": IDS}], progress=False)  # routing statistics via the adapter
+    assert [loads[i].numel() for i in moe_layers] == counts
+    assert all(loads[i].sum() == IDS.numel() * adapter.top_k(model.config) for i in moe_layers)
 
     # export_stock=False: the hf_moeprune format even where one MoE layer makes the layout uniform
     model.save_pretrained(tmp_path / "pruned", export_stock=False)

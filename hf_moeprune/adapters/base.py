@@ -318,8 +318,8 @@ def get_adapter(model_or_config) -> MoEAdapter:
             adapter = discover_adapter(model)
         except DiscoveryError as exc:
             raise ValueError(
-                f"model_type {model_type!r} is not a registered MoE family and its layout could not be derived: {exc}; "
-                f"registered: {sorted(ADAPTERS)}"
+                f"model_type {model_type!r} is not a supported MoE family; supported: {sorted(ADAPTERS)} (it is not "
+                f"registered and its layout could not be derived: {exc})"
             ) from None
         logger.warning(
             "model_type %r is not registered with hf_moeprune; using the adapter derived from the model (routing %r, "
