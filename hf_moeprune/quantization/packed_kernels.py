@@ -63,7 +63,7 @@ def can_use_packed(scheme: str, group_size: int, shape: torch.Size, packed: tupl
     """Whether reads of this quantized tensor may return a ``PackedWeight`` right now."""
     if not (_ENABLED and _AVAILABLE) or torch.is_grad_enabled() or len(shape) not in (2, 3):
         return False
-    if any(t.device.type != "cpu" for t in packed):
+    if packed[0].device.type != "cpu":  # codes and scales always share a device
         return False
     in_features = shape[-1]
     if scheme == "int4":
