@@ -83,6 +83,11 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         rest = candidate.name[len(path.name) + 2 :]
         kind, _, tail = rest.partition("-")
         pid = tail.split("-", 1)[0]
+        if kind == "tmp" and not pid.isdigit():
+            # named by an earlier version (no process id): whether its run is alive cannot be told
+            logger.warning("%s looks left by an interrupted run of an earlier version; remove it if no run uses it",
+                           candidate)  # fmt: skip
+            continue
         if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
             continue
         if kind == "old" and not path.exists():

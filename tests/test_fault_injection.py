@@ -170,3 +170,19 @@ def test_prune_overwrite_killed_mid_swap_restores_the_old_output(workspace, tmp_
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
     assert main(["--log-level", "WARNING", *base, "--keep", '{"0": [4, 5]}', "--overwrite"]) == 0
     assert json.loads((out / "config.json").read_text())["experts_per_layer"][0] == 2
+
+
+def test_stale_temporaries_of_dead_runs_are_removed_live_ones_kept(tmp_path, caplog):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "model"
+    stale = tmp_path / f".model.tmp-{dead.pid}-abc"
+    live = tmp_path / f".model.tmp-{os.getpid()}-def"
+    legacy = tmp_path / ".model.tmp-k2j4h5"
+    for folder in (stale, live, legacy):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / f".model.jsonl.tmp-{dead.pid}-x").write_text("{}")  # generate's kind, another output: untouched
+    assert remove_stale_temporaries(out) == [stale]
+    assert live.is_dir() and legacy.is_dir() and not stale.exists()
+    assert "earlier version" in caplog.text
