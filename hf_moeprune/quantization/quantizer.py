@@ -327,7 +327,8 @@ def select_quantized_experts(module: nn.Module, tensor_name: str, index: torch.T
     quantized = [p for p in chain if isinstance(p, QuantizedWeight)]
     if len(chain) != 1 or len(quantized) != 1:
         raise ValueError(
-            f"{tensor_name}: expert surgery handles one hf_moeprune QuantizedWeight parametrization, found {list(chain)}"
+            f"{tensor_name}: expert surgery handles one hf_moeprune QuantizedWeight parametrization, "
+            f"found {list(chain)}"
         )
     weight = quantized[0]
     num_experts, per_expert = weight.shape[0], math.prod(weight.shape[1:])
