@@ -107,16 +107,16 @@ def _lora(model):
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qlora")
-    trainer = MoEPruneTrainer(model=_qlora(), args=_args(tmp, prune_allocation="global", logging_steps=1),
-                              train_dataset=_dataset())  # fmt: skip
+    common = dict(prune_allocation="global", logging_steps=1, save_strategy="steps", save_steps=5)
+    trainer = MoEPruneTrainer(model=_qlora(), args=_args(tmp, **common), train_dataset=_dataset())
     watch = _Watch(trainer, 3)
     trainer.add_callback(watch)
     trainer.train()
-    return trainer, watch
+    return trainer, watch, tmp, common
 
 
 def test_qlora_run_removes_packed_experts_and_keeps_training(qlora_run):
-    trainer, watch = qlora_run
+    trainer, watch, _, _ = qlora_run
     moe = trainer.moe_model
     counts = moe.config.experts_per_layer
     assert sum(counts) == 12 and len(set(counts)) > 1, counts  # half of 24, non-uniform
@@ -138,7 +138,7 @@ def test_qlora_run_removes_packed_experts_and_keeps_training(qlora_run):
 
 
 def test_qlora_save_reload_and_merge(qlora_run, tmp_path):
-    trainer, _ = qlora_run
+    trainer, _, _, _ = qlora_run
     out = tmp_path / "final"
     trainer.save_model(str(out))
     ids = torch.randint(0, 128, (2, 9))
@@ -154,3 +154,16 @@ def test_qlora_save_reload_and_merge(qlora_run, tmp_path):
     assert not quantized_targets(plain) and not any("lora" in k for k in plain.state_dict())
     assert plain.config.experts_per_layer == trainer.moe_model.config.experts_per_layer
     torch.testing.assert_close(_logits(plain, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_resume_after_removal_is_exact(qlora_run):
+    trainer, _, tmp, common = qlora_run
+    checkpoint = tmp / "run" / "checkpoint-5"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "base_model").is_dir()
+    fresh = MoEPruneTrainer(model=_qlora(), args=_args(tmp, **common), train_dataset=_dataset())
+    fresh.train(resume_from_checkpoint=str(checkpoint))
+    expected, resumed = trainer.model.state_dict(), fresh.model.state_dict()
+    assert expected.keys() == resumed.keys()
+    for key in expected:  # packed codes, scales and adapters alike
+        assert torch.equal(resumed[key], expected[key]), key
+    assert fresh.moe_model.config.kept_expert_ids == trainer.moe_model.config.kept_expert_ids
