@@ -18,7 +18,11 @@ from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count,
 from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 from hf_moeprune.lora import is_peft_model, peeled, slice_adapters
-from hf_moeprune.quantization.quantizer import is_quantized_tensor, select_quantized_experts
+from hf_moeprune.quantization.quantizer import (
+    check_quantized_experts,
+    is_quantized_tensor,
+    select_quantized_experts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +134,9 @@ def _apply(
     layers = adapter.decoder_layers(model)
     for layer_idx, positions in plan.items():  # before anything changes: a split that cannot work is refused
         check_expert_parallel_count(adapter.experts(layers[layer_idx]), len(positions), layer_idx)
+        for name in adapter.tensor_names:
+            if _is_packed(layers[layer_idx], name):
+                check_quantized_experts(*get_submodule_attr(layers[layer_idx], name))
     mark_pruned(model, adapter)
     config = model.config
     sharded_surgery = None

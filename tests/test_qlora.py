@@ -77,6 +77,17 @@ def test_removal_slices_packed_codes_and_scales(scheme):
     assert math.isfinite(loss.item())
 
 
+def test_groups_straddling_experts_are_refused_before_anything_changes():
+    model = hf_moeprune.quantize(tiny_model("mixtral"), scheme="int8", group_size=5000)  # experts: 3072 values
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = [list(ids) for ids in model.config.kept_expert_ids]
+    with pytest.raises(ValueError, match="straddle experts of 3072 values"):
+        hf_moeprune.prune_experts(model, {0: [0, 1, 2]})
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.config.kept_expert_ids == kept and model.model.layers[0].mlp.experts.num_experts == 8
+
+
 class _Watch(TrainerCallback):
     """Packed experts and adapter weights right before and right after the removal step."""
 

@@ -317,12 +317,9 @@ def is_quantized_tensor(module: nn.Module, tensor_name: str) -> bool:
     )
 
 
-def select_quantized_experts(module: nn.Module, tensor_name: str, index: torch.Tensor) -> None:
-    """Keep experts ``index`` (dim 0, in that order) of a quantized 3D-or-more expert tensor, in place, on its
-    packed form: every packed tensor (codes, scales/absmax) is cut into equal per-expert blocks of groups and the
-    blocks of the kept experts are selected. No value is re-quantized, so each kept expert dequantizes to exactly
-    what it did before. Needs groups that never straddle two experts (``group_size`` divides one expert's size,
-    true for power-of-two groups and real model widths); refused otherwise."""
+def check_quantized_experts(module: nn.Module, tensor_name: str) -> QuantizedWeight:
+    """The parametrization of a packed expert tensor whose experts can be sliced out of its packed form; raises a
+    ValueError naming the tensor otherwise (called before surgery changes anything)."""
     chain = module.parametrizations[tensor_name]
     quantized = [p for p in chain if isinstance(p, QuantizedWeight)]
     if len(chain) != 1 or len(quantized) != 1:
@@ -340,11 +337,27 @@ def select_quantized_experts(module: nn.Module, tensor_name: str, index: torch.T
         )
     position = 0
     while hasattr(chain, f"original{position}"):
-        old = getattr(chain, f"original{position}")
-        if old.shape[0] % num_experts:
+        packed = getattr(chain, f"original{position}")
+        if packed.shape[0] % num_experts:
             raise ValueError(
-                f"{tensor_name}: packed tensor {tuple(old.shape)} does not split into {num_experts} experts"
+                f"{tensor_name}: packed tensor {tuple(packed.shape)} does not split into {num_experts} experts"
             )
+        position += 1
+    return weight
+
+
+def select_quantized_experts(module: nn.Module, tensor_name: str, index: torch.Tensor) -> None:
+    """Keep experts ``index`` (dim 0, in that order) of a quantized 3D-or-more expert tensor, in place, on its
+    packed form: every packed tensor (codes, scales/absmax) is cut into equal per-expert blocks of groups and the
+    blocks of the kept experts are selected. No value is re-quantized, so each kept expert dequantizes to exactly
+    what it did before. Needs groups that never straddle two experts (``group_size`` divides one expert's size,
+    true for power-of-two groups and real model widths); refused otherwise."""
+    weight = check_quantized_experts(module, tensor_name)
+    chain = module.parametrizations[tensor_name]
+    num_experts = weight.shape[0]
+    position = 0
+    while hasattr(chain, f"original{position}"):
+        old = getattr(chain, f"original{position}")
         blocks = old.detach().reshape(num_experts, -1, *old.shape[1:])
         data = blocks.index_select(0, index.to(old.device)).reshape(-1, *old.shape[1:])
         # setattr on the ParametrizationList would run right_inverse (quantize again): replace the storage
