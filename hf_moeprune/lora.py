@@ -269,7 +269,16 @@ def load_base_weights(model: nn.Module, base_dir: Path) -> None:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its (pruned) base weights and return the plain model; its
-    ``save_pretrained`` then writes a model that ``AutoModelForCausalLM.from_pretrained`` loads."""
+    ``save_pretrained`` then writes a model that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+    A QLoRA base (packed by ``hf_moeprune.quantize``) is dequantized first: an update cannot be folded into packed
+    4-bit codes without re-quantizing it away, so the merged model is a plain full-precision one."""
+    from hf_moeprune.quantization.quantizer import dequantize, quantized_targets
+    from hf_moeprune.surgery import unwrap_model
+
+    base = unwrap_model(model)
+    if quantized_targets(base):
+        dequantize(base)
     if is_peft_model(model):
         return model.merge_and_unload()
     if has_adapters(model):

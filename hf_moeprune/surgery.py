@@ -18,6 +18,11 @@ from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count,
 from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 from hf_moeprune.lora import is_peft_model, peeled, slice_adapters
+from hf_moeprune.quantization.quantizer import (
+    check_quantized_experts,
+    is_quantized_tensor,
+    select_quantized_experts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +134,9 @@ def _apply(
     layers = adapter.decoder_layers(model)
     for layer_idx, positions in plan.items():  # before anything changes: a split that cannot work is refused
         check_expert_parallel_count(adapter.experts(layers[layer_idx]), len(positions), layer_idx)
+        for name in adapter.tensor_names:
+            if _is_packed(layers[layer_idx], name):
+                check_quantized_experts(*get_submodule_attr(layers[layer_idx], name))
     mark_pruned(model, adapter)
     config = model.config
     sharded_surgery = None
@@ -149,7 +157,12 @@ def _apply(
                 if on_tensor_replaced is not None:
                     on_tensor_replaced(old, new, index)
                 del old, new
-            plain = [name for name in adapter.tensor_names if name not in sharded]
+            # hf_moeprune-quantized expert tensors (QLoRA bases): their packed codes and scales are sliced per
+            # expert; they are never trainable (integer storage), so no optimizer state follows them
+            packed = [name for name in adapter.tensor_names if name not in sharded and _is_packed(layer, name)]
+            for name in packed:
+                select_quantized_experts(*get_submodule_attr(layer, name), index)
+            plain = [name for name in adapter.tensor_names if name not in sharded and name not in packed]
             if on_tensor_replaced is not None:
                 before = {name: _lookup(layer, name) for name in plain}
             resized = resize_expert_tensors(layer, plain, adapter.count_attributes, len(positions), index)
@@ -161,7 +174,7 @@ def _apply(
             if sharded:
                 ShardedSurgery.finish_experts(adapter.experts(layer), len(positions))
         for path, chain in chains.items():
-            attrs = {name[len(path) + 1 :] for name in (*resized, *sharded) if name.startswith(path + ".")}
+            attrs = {name[len(path) + 1 :] for name in (*resized, *sharded, *packed) if name.startswith(path + ".")}
             slice_adapters(chain, attrs, index, old_count, on_tensor_replaced)
         config.kept_expert_ids[layer_idx] = [config.kept_expert_ids[layer_idx][p] for p in positions]
     counts = expert_counts(model, adapter)
@@ -170,6 +183,14 @@ def _apply(
     setattr(config, adapter.num_experts_field, largest)
     if hasattr(model, "num_experts"):
         model.num_experts = largest
+
+
+def _is_packed(layer: nn.Module, dotted: str) -> bool:
+    try:
+        owner, attr = get_submodule_attr(layer, dotted)
+    except AttributeError:
+        return False
+    return is_quantized_tensor(owner, attr)
 
 
 def _lookup(layer: nn.Module, dotted: str) -> torch.Tensor | None:

@@ -85,7 +85,9 @@ class MoEPruneHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # adapters on top of the packed base train (QLoRA): the packed tensors themselves never do (integer
+        # storage, frozen by quantize), and Trainer still refuses a quantized model without adapters
+        return True
 
 
 def _packed_was_loaded(model, full_name: str) -> bool:

@@ -17,6 +17,7 @@ expert under ``eager``; a cache scoped to the experts module's forward (below) m
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -307,6 +308,63 @@ def dequantize(model: nn.Module) -> nn.Module:
     if hasattr(getattr(model, "config", None), "quantization_config"):
         del model.config.quantization_config
     return model
+
+
+def is_quantized_tensor(module: nn.Module, tensor_name: str) -> bool:
+    """Whether ``module.<tensor_name>`` is stored packed by hf_moeprune (a ``QuantizedWeight`` parametrization)."""
+    return parametrize.is_parametrized(module, tensor_name) and any(
+        isinstance(p, QuantizedWeight) for p in module.parametrizations[tensor_name]
+    )
+
+
+def check_quantized_experts(module: nn.Module, tensor_name: str) -> QuantizedWeight:
+    """The parametrization of a packed expert tensor whose experts can be sliced out of its packed form; raises a
+    ValueError naming the tensor otherwise (called before surgery changes anything)."""
+    chain = module.parametrizations[tensor_name]
+    quantized = [p for p in chain if isinstance(p, QuantizedWeight)]
+    if len(chain) != 1 or len(quantized) != 1:
+        raise ValueError(
+            f"{tensor_name}: expert surgery handles one hf_moeprune QuantizedWeight parametrization, "
+            f"found {list(chain)}"
+        )
+    weight = quantized[0]
+    num_experts, per_expert = weight.shape[0], math.prod(weight.shape[1:])
+    if per_expert % weight.group_size:
+        raise ValueError(
+            f"{tensor_name}: quantization groups of {weight.group_size} values straddle experts of {per_expert} "
+            "values, so experts cannot be removed from the packed tensor; quantize with a group_size that divides "
+            "one expert's size, or prune before quantizing"
+        )
+    position = 0
+    while hasattr(chain, f"original{position}"):
+        packed = getattr(chain, f"original{position}")
+        if packed.shape[0] % num_experts:
+            raise ValueError(
+                f"{tensor_name}: packed tensor {tuple(packed.shape)} does not split into {num_experts} experts"
+            )
+        position += 1
+    return weight
+
+
+def select_quantized_experts(module: nn.Module, tensor_name: str, index: torch.Tensor) -> None:
+    """Keep experts ``index`` (dim 0, in that order) of a quantized 3D-or-more expert tensor, in place, on its
+    packed form: every packed tensor (codes, scales/absmax) is cut into equal per-expert blocks of groups and the
+    blocks of the kept experts are selected. No value is re-quantized, so each kept expert dequantizes to exactly
+    what it did before. Needs groups that never straddle two experts (``group_size`` divides one expert's size,
+    true for power-of-two groups and real model widths); refused otherwise."""
+    weight = check_quantized_experts(module, tensor_name)
+    chain = module.parametrizations[tensor_name]
+    num_experts = weight.shape[0]
+    position = 0
+    while hasattr(chain, f"original{position}"):
+        old = getattr(chain, f"original{position}")
+        blocks = old.detach().reshape(num_experts, -1, *old.shape[1:])
+        data = blocks.index_select(0, index.to(old.device)).reshape(-1, *old.shape[1:])
+        # setattr on the ParametrizationList would run right_inverse (quantize again): replace the storage
+        chain._parameters[f"original{position}"] = nn.Parameter(data, requires_grad=False)
+        position += 1
+    weight.shape = torch.Size((len(index), *weight.shape[1:]))
+    weight.__dict__.pop("_packed_handle", None)  # kernel copies of the old experts
 
 
 def model_size_bytes(model: nn.Module) -> int:
