@@ -351,7 +351,8 @@ def prune_main(argv: Sequence[str]) -> int:
                     copy_tokenizer(args.model, folder)
 
             skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size,
-                                        merge=merge, extra_config=provenance, on_written=save_tokenizer)  # fmt: skip
+                                        merge=merge, extra_config=provenance, on_written=save_tokenizer,
+                                        overwrite=args.overwrite)  # fmt: skip
         except StreamingUnsupported as exc:
             logger.warning("loading the whole model instead of streaming: %s", exc)
         else:

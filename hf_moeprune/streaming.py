@@ -311,6 +311,7 @@ def prune_checkpoint(
     merge: Mapping[int, tuple[Mapping[int, int], torch.Tensor]] | None = None,
     extra_config: Mapping[str, object] | None = None,
     on_written: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
 ) -> nn.Module:
     """Apply the plan ``keep`` (layer -> expert positions to keep) to the checkpoint at ``path`` and write the
     result to the (new) folder ``output_dir``, shard by shard, without loading the model.
@@ -319,7 +320,8 @@ def prune_checkpoint(
     tensor bytes; the shard boundaries follow ``max_shard_size``). ``merge`` maps a layer to (removed -> kept
     assignment, per-expert token frequencies): those experts are folded into the kept ones first
     (``hf_moeprune.pruning.merging``). ``extra_config`` fields are added to the written config; ``on_written`` may
-    add files to the output folder before it appears. Returns the meta-device skeleton of the pruned
+    add files to the output folder before it appears; ``overwrite`` replaces a non-empty ``output_dir`` once the new
+    one is complete. Returns the meta-device skeleton of the pruned
     model (its config is the one written). Raises ``StreamingUnsupported`` before writing anything when the
     checkpoint cannot be streamed (not a local safetensors folder, quantized).
     """
@@ -344,7 +346,7 @@ def prune_checkpoint(
     merge = {int(layer): m for layer, m in (merge or {}).items() if m[0]}
     index = {int(layer): torch.tensor([int(p) for p in kept], dtype=torch.long) for layer, kept in keep.items()}
     pruned_state = model.state_dict()
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         # config, generation config and (for the hf_moeprune format) the modeling file, written by the same code as
         # the in-memory path; an empty state dict writes an empty weights file, replaced below
         model.save_pretrained(tmp, state_dict={}, export_stock=export_stock)
