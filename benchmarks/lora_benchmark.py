@@ -162,7 +162,7 @@ def demo(cli) -> None:
 
     steps = cli.steps or 40
     started = time.perf_counter()
-    model_dir = str(load_or_train_base_model())
+    model_dir = cli.model or str(load_or_train_base_model())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prose, held_out = domain_blocks(build_corpus(), tokenizer, cli.eval_blocks)
 
@@ -230,6 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 8; --demo: 40)")
     parser.add_argument("--demo", action="store_true", help="LoRA vs LoRA + 50%% pruning on the demo prose task")
+    parser.add_argument("--model", default=None, help="--demo: base model folder (default: the demo base model)")
     parser.add_argument("--batch", type=int, default=8, help="--demo: blocks of 128 tokens per step")
     parser.add_argument("--lr", type=float, default=2e-3, help="--demo: peak learning rate of both runs")
     parser.add_argument("--eval-blocks", type=int, default=64, help="--demo: held-out blocks per domain")
