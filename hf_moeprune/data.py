@@ -54,11 +54,40 @@ def load_text_dataset(path: str, text_field: str = "text", validation_fraction: 
     return loaded
 
 
+def _text_lines(path: Path):
+    """``(line number, line)`` of each non-blank line; a line that is not UTF-8 fails naming the file and line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+            if line.strip():
+                yield number, line
+
+
+def _jsonl_rows(path: Path):
+    """``(line number, row)`` of each record of a ``.jsonl`` file; a line that is not a JSON object fails naming
+    the file and line."""
+    import json
+
+    for number, line in _text_lines(path):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not an object")
+        yield number, row
+
+
+def _empty_file_error(path: Path) -> ValueError:
+    return ValueError(f"data file {str(path)!r} is empty (no records)")
+
+
 def check_text_files(source: Path) -> None:
     """Fail with the file and line of the first line that is not UTF-8 (and, in a ``.jsonl`` file, not a JSON
     object), and on a data file without any record, before ``datasets`` reads it (its errors name neither)."""
-    import json
-
     if source.is_dir():
         if (source / "dataset_dict.json").exists() or (source / "dataset_info.json").exists():
             return  # a saved dataset (Arrow), not text
@@ -66,25 +95,9 @@ def check_text_files(source: Path) -> None:
     else:
         files = [source]
     for path in files:
-        records = 0
-        with path.open("rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ValueError(f"{path}:{number}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
-                if not line.strip():
-                    continue
-                records += 1
-                if path.suffix == ".jsonl":
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not an object")
+        records = sum(1 for _ in (_jsonl_rows(path) if path.suffix == ".jsonl" else _text_lines(path)))
         if records == 0 and not source.is_dir():
-            raise ValueError(f"data file {str(path)!r} is empty (no records)")
+            raise _empty_file_error(path)
 
 
 def pack_token_ids(sequences: Iterable[list[int]], separator: int, block_size: int) -> list[list[int]]:
@@ -190,24 +203,16 @@ def load_calibration_texts(
     models are fine-tuned on) is rendered with ``tokenizer.apply_chat_template``, so calibration sees the tokens
     the model sees when it serves; other rows need ``text_field``. Other paths load as ``load_text_dataset``.
     """
-    import json
 
     source = Path(path)
     if source.suffix != ".jsonl":
         return list(load_text_dataset(path, text_field)["train"]["text"]), False
     if not source.is_file():
         raise FileNotFoundError(f"data path {path!r} does not exist")
-    check_text_files(source)  # the same messages as training data: empty file, bad UTF-8 or JSON at file:line
-    texts, chat = [], False
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{number}: not a JSON object: {exc}") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+    texts, chat, records = [], False, 0
+    # the same reader (and messages: bad UTF-8 or JSON at file:line, empty file) as training data
+    for number, row in _jsonl_rows(source):
+        records += 1
         if messages_field in row:
             messages = row[messages_field]
             if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -224,6 +229,8 @@ def load_calibration_texts(
                 texts.append(str(row[text_field]))
         else:
             raise ValueError(f"{path}:{number}: row has neither {messages_field!r} nor {text_field!r}: {sorted(row)}")
+    if records == 0:
+        raise _empty_file_error(source)
     if not texts:
         raise ValueError(f"data {path!r} holds no calibration text")
     logger.info("loaded %d calibration rows from %s (chat template: %s)", len(texts), path, chat)
