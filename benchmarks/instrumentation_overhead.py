@@ -19,8 +19,8 @@ import hf_moeprune  # noqa: F401
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.balancing.router import heterogeneous_load_balancing_loss
 from hf_moeprune.demo import load_or_train_base_model
+from hf_moeprune.observation import RoutingInstrumentation
 from hf_moeprune.pruning.statistics import ExpertStatistics
-from hf_moeprune.training.instrumentation import RoutingInstrumentation
 
 OUT = Path(__file__).parent / "results" / "instrumentation_overhead"
 

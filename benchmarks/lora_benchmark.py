@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from benchmarks_common import StepTimer, TrainingMemory  # noqa: E402
 
 import hf_moeprune  # noqa: E402
-from hf_moeprune.tiny_models import tiny_model  # noqa: E402
+from hf_moeprune.demo.tiny_models import tiny_model  # noqa: E402
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

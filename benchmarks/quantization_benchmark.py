@@ -35,8 +35,8 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 import hf_moeprune
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.quantization import DEFAULT_SKIP_PATTERNS, model_size_bytes, quantize, weight_files_size_bytes
-from hf_moeprune.tiny_models import tiny_model
 
 logger = logging.getLogger("quantization_benchmark")
 

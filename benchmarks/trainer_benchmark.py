@@ -77,7 +77,7 @@ def run(trainer_cls, args_cls, model_dir, data, steps, batch=16, **prune):
 
 def expert_heavy_model(demo_dir: str, tokenizer) -> str:
     """A random-init Mixtral whose expert weights are most of its memory, saved with the demo tokenizer."""
-    from hf_moeprune.tiny_models import tiny_model
+    from hf_moeprune.demo.tiny_models import tiny_model
 
     model = tiny_model(
         "mixtral", vocab_size=len(tokenizer), hidden_size=256, intermediate_size=256, num_local_experts=64,

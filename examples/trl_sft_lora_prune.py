@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_moeprune  # noqa: F401  (registers the pruned model classes with the Auto* factories)
 from hf_moeprune.demo.base_model import TokenizerConfig, train_tokenizer
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.lora import merge_saved_lora
-from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training.trl_support import MoEPruneSFTConfig, MoEPruneSFTTrainer
 
 

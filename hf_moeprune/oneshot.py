@@ -24,12 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_moeprune.adapters import get_adapter
+from hf_moeprune.observation import attach_observer, new_statistics, observe_routing
 from hf_moeprune.pruning.allocation import AllocationSpec, allocate, select_experts
 from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.criteria import get_criterion
-from hf_moeprune.pruning.statistics import STAT_NAMES, ExpertStatistics, LayerStats
+from hf_moeprune.pruning.statistics import STAT_NAMES, LayerStats
 from hf_moeprune.surgery import prune_experts, unwrap_model
-from hf_moeprune.training.instrumentation import RoutingInstrumentation
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +91,6 @@ class ExpertOutputObserver(OutputObserver):
         store[layer] = total if layer not in store else store[layer] + total
 
 
-def _start(model: nn.Module, adapter, observers: Sequence[OutputObserver]):
-    layers = adapter.decoder_layers(model)
-    stats = ExpertStatistics({i: adapter.num_experts(layers[i]) for i in adapter.moe_layer_indices(model)})
-    inst = RoutingInstrumentation(model, adapter, stats, reap_in_eval=True)
-    inst.output_observers.extend(observers)
-    inst.attach()
-    return stats, inst
-
-
 def collect_statistics(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
@@ -109,28 +100,7 @@ def collect_statistics(
 ) -> dict[int, LayerStats]:
     """Expert statistics (tokens, probability mass, REAP, EAN, optionally saliency) summed over ``batches``, with
     the model in eval mode (no router jitter, no dropout)."""
-    model = unwrap_model(model)
-    adapter = get_adapter(model)
-    stats, inst = _start(model, adapter, observers)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for batch in tqdm(batches, desc="collecting expert statistics", disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            inst.token_mask = batch.get("attention_mask")
-            inst.recording = True
-            with torch.set_grad_enabled(saliency):
-                out = model(**batch, labels=batch["input_ids"] if saliency else None)
-            inst.recording = False
-            if saliency:
-                out.loss.backward()
-                inst.accumulate_saliency()
-                model.zero_grad(set_to_none=True)
-    finally:
-        inst.detach()
-        model.train(was_training)
-    stats.end_step()
+    stats = observe_routing(model, batches, saliency=saliency, observers=observers, progress=progress)
     return stats.snapshot()
 
 
@@ -215,7 +185,8 @@ def collect_statistics_layerwise(
             layer_kwargs.append(kwargs)
     # the embeddings are no longer needed; keep the final norm etc. as they are (small)
     release(model.get_input_embeddings())
-    stats, inst = _start(model, adapter, observers)
+    stats = new_statistics(model, adapter)
+    inst = attach_observer(model, adapter, stats, observers=observers)
     layers = adapter.decoder_layers(model)
     try:
         for i in tqdm(range(len(layers)), desc="layer-wise expert statistics", disable=not progress):

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import hf_moeprune  # noqa: F401  (registers the pruned-model classes)
-from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_model
+from hf_moeprune.demo.tiny_models import TINY_CONFIGS, tiny_model
 
 # The per-family deep suite (surgery invariants, selection bias, quantization, trust_remote_code per family) runs on
 # these representatives of every routing rule and layout; every registered family runs tests/test_families.py and

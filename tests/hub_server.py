@@ -1,10 +1,10 @@
-"""Test helpers around the loopback Hub stand-in (``hf_moeprune.hub_standin``)."""
+"""Test helpers around the loopback Hub stand-in (``hf_moeprune.demo.loopback_hub``)."""
 
 from __future__ import annotations
 
 import json
 
-from hf_moeprune.hub_standin import FakeRepo, LoopbackHub, RecordedRequest
+from hf_moeprune.demo.loopback_hub import FakeRepo, LoopbackHub, RecordedRequest
 
 FakeHub = LoopbackHub
 

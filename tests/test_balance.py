@@ -8,7 +8,7 @@ import hf_moeprune
 from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
 from hf_moeprune.balancing.placement import device_loads
 from hf_moeprune.cli import main
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_model
 
 
 def _batches(n=6, seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_trainer import _args, _dataset, _state
 
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 from hf_moeprune.training.checkpoint import (
     STATE_JSON,

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_moeprune import prune_experts
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.quantization import quantized_targets
 from hf_moeprune.quantization.cli import quantize_main
 from hf_moeprune.quantization.compressed_tensors_export import (
@@ -25,7 +26,6 @@ from hf_moeprune.quantization.compressed_tensors_export import (
     decompress_weight,
     export_compressed_tensors,
 )
-from hf_moeprune.tiny_models import tiny_model
 
 IDS = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(5))
 

@@ -7,6 +7,7 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 import hf_moeprune
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distillation import (
     MoEDistillArguments,
     MoEDistillTrainer,
@@ -18,7 +19,6 @@ from hf_moeprune.distillation import (
     distillation_loss,
     hidden_state_loss,
 )
-from hf_moeprune.tiny_models import tiny_model
 
 KEEP = {0: [0, 1, 2, 3], 1: [0, 2, 4, 6, 7], 2: [1, 3, 5]}  # different counts per layer: the pruned format
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distributed import DistributedSetupError, check_trainer_setup, deepspeed_setup, is_sharded
-from hf_moeprune.tiny_models import tiny_model
 
 
 class Args:

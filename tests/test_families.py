@@ -24,7 +24,7 @@ from hf_moeprune.adapters import ADAPTERS, UNSUPPORTED
 from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES
 from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, identify_routing
 from hf_moeprune.balancing.loads import measure_expert_loads
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_model
 
 SUPPORTED = sorted(ADAPTERS)
 IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(5))

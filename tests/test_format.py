@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_moeprune
 from hf_moeprune import prune_experts
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_model
 
 IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(3))
 

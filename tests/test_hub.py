@@ -10,6 +10,7 @@ from hub_server import FakeHub, point_hub_client_at
 from huggingface_hub import ModelCard
 
 from hf_moeprune import get_adapter, prune_experts
+from hf_moeprune.demo.tiny_models import tiny_config, tiny_model
 from hf_moeprune.hub import (
     PLOT_FILENAME,
     CardInfo,
@@ -25,7 +26,6 @@ from hf_moeprune.hub import (
     push_to_hub,
     write_model_card,
 )
-from hf_moeprune.tiny_models import tiny_config, tiny_model
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 REPO = "tester/tiny-pruned"

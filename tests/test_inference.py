@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import hf_moeprune
 from hf_moeprune import prune_experts
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.inference import (
     BatchGenerator,
     GenerationOptions,
@@ -25,7 +26,6 @@ from hf_moeprune.inference import (
     plan_batches,
     read_prompts,
 )
-from hf_moeprune.tiny_models import tiny_model
 
 VOCAB = 384
 PROMPTS = [

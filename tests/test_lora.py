@@ -9,9 +9,9 @@ from test_trainer import _args, _dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import hf_moeprune
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.lora import merge_lora, merge_saved_lora
 from hf_moeprune.surgery import unwrap_model
-from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneTrainer
 from hf_moeprune.training.optim import OptimizerStateSlicer
 

@@ -3,9 +3,9 @@
 import torch
 
 from hf_moeprune import prune_experts
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.oneshot import ExpertOutputObserver, collect_statistics, plan_oneshot
 from hf_moeprune.pruning.merging import merge_assignment, merge_experts, merged_rows
-from hf_moeprune.tiny_models import tiny_model
 
 
 def test_merged_rows_are_the_frequency_weighted_average():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.oneshot import collect_statistics, plan_oneshot, prune_oneshot
-from hf_moeprune.tiny_models import tiny_model
 
 
 def _batches(n=4):

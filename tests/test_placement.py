@@ -245,7 +245,7 @@ def test_order_moves_few_experts():
 @pytest.mark.parametrize("ep_size", [2, 8])
 def test_grouped_plan_is_accepted_by_permute_experts_and_keeps_logits(ep_size):
     from hf_moeprune import get_adapter, permute_experts
-    from hf_moeprune.tiny_models import tiny_model
+    from hf_moeprune.demo.tiny_models import tiny_model
 
     model = tiny_model("deepseek_v3", n_routed_experts=16, n_group=4, topk_group=2)
     adapter = get_adapter(model)

@@ -10,10 +10,10 @@ from test_trainer import _args, _dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import hf_moeprune
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.lora import merge_saved_lora
 from hf_moeprune.quantization import model_size_bytes, quantized_targets
 from hf_moeprune.surgery import unwrap_model
-from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneTrainer
 
 

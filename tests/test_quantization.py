@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_moeprune
 from hf_moeprune import prune_experts
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.quantization import (
     SCHEMES,
     QuantizationConfig,
@@ -24,7 +25,6 @@ from hf_moeprune.quantization import (
 from hf_moeprune.quantization.cli import quantize_main
 from hf_moeprune.quantization.packed_kernels import PackedWeight, packed_kernels
 from hf_moeprune.quantization.schemes import absmax_dequantize, absmax_quantize, pack_int4, unpack_int4
-from hf_moeprune.tiny_models import tiny_model
 
 IDS = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(3))
 

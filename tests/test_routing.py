@@ -3,7 +3,7 @@ import torch
 
 import hf_moeprune
 from hf_moeprune.adapters.discovery import block_router_args
-from hf_moeprune.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
+from hf_moeprune.demo.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
 V2_GROUPED = {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}  # DeepSeek-V2/V2.5 routing

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_moeprune
 from hf_moeprune import permute_experts, prune_experts
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.format import enable_selection_bias
-from hf_moeprune.tiny_models import tiny_model
 
 IDS = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(5))
 BIASED_FAMILIES = [f for f in FAMILIES if not hf_moeprune.get_adapter(tiny_model(f).config).has_native_selection_bias]

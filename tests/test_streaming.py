@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_moeprune import get_adapter, prune_experts
 from hf_moeprune.cli import main
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.streaming import CheckpointReader, StreamingUnsupported, parse_size, prune_checkpoint
-from hf_moeprune.tiny_models import tiny_model
 
 
 def _tensors(folder: Path) -> dict[str, tuple[torch.dtype, tuple, bytes]]:

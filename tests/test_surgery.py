@@ -4,7 +4,7 @@ from conftest import FAMILIES, RoutingRecorder
 
 import hf_moeprune
 from hf_moeprune import permute_experts, prune_experts
-from hf_moeprune.tiny_models import tiny_config, tiny_model
+from hf_moeprune.demo.tiny_models import tiny_config, tiny_model
 
 # One short sequence: 4 tokens x top-2 select at most 8 (expert, token) pairs, so most layers have
 # experts no token selects.

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
 import hf_moeprune
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 from hf_moeprune.training.optim import OptimizerStateSlicer
 

@@ -9,8 +9,8 @@ from peft import LoraConfig
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import hf_moeprune
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.format import heterogeneous_load_balancing_loss
-from hf_moeprune.tiny_models import tiny_model
 
 trl_support = pytest.importorskip("hf_moeprune.training.trl_support")
 

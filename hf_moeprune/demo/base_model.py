@@ -7,7 +7,8 @@ all-or-nothing :func:`~hf_moeprune.demo.corpus.cached_build`). The model folder 
 Pretraining uses the stock :class:`transformers.Trainer` with the router's load-balancing loss on
 (``output_router_logits=True``; the aux loss is skipped without it, transformers issue 44242) so experts
 do not collapse onto a few. Whether experts specialised is measured, not assumed:
-:func:`measure_domains` routes held-out code and prose through the model and :func:`specialisation_report`
+:func:`measure_domains` routes held-out code and prose through the model (counting with
+:mod:`hf_moeprune.observation`, like the trainer) and :func:`specialisation_report`
 compares the two domains' expert-usage histograms per layer.
 """
 
@@ -32,6 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_moeprune.data import tokenize_and_pack
 from hf_moeprune.demo.corpus import Corpus, CorpusConfig, build_corpus, cache_root, cached_build, config_hash
+from hf_moeprune.observation import observe_routing, routed_counts
 
 logger = logging.getLogger(__name__)
 
@@ -352,9 +354,12 @@ def load_or_train_base_model(
 
 
 def expert_histogram(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """How many of the ``[tokens, experts]`` router logits' top-``top_k`` picks went to each expert."""
-    picks = router_logits.topk(top_k, dim=-1).indices.reshape(-1)
-    return torch.bincount(picks, minlength=router_logits.shape[-1]).to(torch.float64)
+    """How many of the ``[tokens, experts]`` router logits' top-``top_k`` picks went to each expert.
+
+    Only for a plain top-k router given nothing but its logits; :func:`measure_domains` counts what the routers
+    actually chose (score correction bias, groups) through :mod:`hf_moeprune.observation`."""
+    picks = router_logits.topk(top_k, dim=-1).indices
+    return routed_counts(picks, router_logits.shape[-1]).to(torch.float64)
 
 
 def normalized_entropy(counts: torch.Tensor) -> float:
@@ -400,29 +405,35 @@ def measure_domains(
     max_blocks: int | None = None,
     unigram_counts: torch.Tensor | None = None,
 ) -> dict[str, dict]:
-    """Per domain: next-token loss (nats, aux loss excluded), tokens, and per-layer expert-usage histograms.
+    """Per domain: next-token loss (nats, aux loss excluded), tokens, and per-MoE-layer expert-usage histograms
+    (tokens routed to each expert as the routers chose them).
 
     Uses the first ``max_blocks`` blocks of each domain, so the numbers are reproducible.
     """
-    top_k = model.config.num_experts_per_tok
     out: dict[str, dict] = {}
     for domain, blocks in blocks_by_domain.items():
         n = len(blocks) if max_blocks is None else min(max_blocks, len(blocks))
         if n == 0:
             raise ValueError(f"domain {domain!r} has no held-out blocks to measure")
         ids = torch.tensor(list(blocks.select(range(n))["input_ids"]), dtype=torch.long)
-        loss_sum, histograms = 0.0, None
-        for start in range(0, n, batch_size):
-            batch = ids[start : start + batch_size]
-            output = model(input_ids=batch, output_router_logits=True, use_cache=False)
+        loss_sum = [0.0]
+
+        def add_loss(batch, output, loss_sum=loss_sum):
             logits = output.logits[:, :-1].float()
-            loss_sum += float(
-                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-            )
-            layer_counts = torch.stack([expert_histogram(r, top_k) for r in output.router_logits])
-            histograms = layer_counts if histograms is None else histograms + layer_counts
+            targets = batch["input_ids"][:, 1:].reshape(-1)
+            loss_sum[0] += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="sum"))
+
+        stats = observe_routing(
+            model,
+            [{"input_ids": ids[start : start + batch_size]} for start in range(0, n, batch_size)],
+            record_reap=False,
+            forward_kwargs={"use_cache": False},
+            on_output=add_loss,
+            progress=False,
+        ).snapshot()
+        histograms = torch.stack([stats[layer].tokens for layer in sorted(stats)])
         predicted = n * (ids.shape[1] - 1)
-        out[domain] = {"loss": loss_sum / predicted, "tokens": predicted, "histograms": histograms}
+        out[domain] = {"loss": loss_sum[0] / predicted, "tokens": predicted, "histograms": histograms}
         if unigram_counts is not None:
             out[domain]["unigram_loss"] = unigram_cross_entropy(unigram_counts, ids[:, 1:])
     return out

@@ -136,9 +136,9 @@ def run_demo(args: DemoArguments, work: Path) -> dict:
     import hf_moeprune
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
     from hf_moeprune.demo import build_corpus, load_or_train_base_model
+    from hf_moeprune.demo.loopback_hub import LoopbackHub
     from hf_moeprune.distillation import MoEDistillArguments, MoEDistillTrainer
     from hf_moeprune.hub import CardInfo, DistillationInfo, EvalFigure, QuantizationInfo, push_to_hub, write_model_card
-    from hf_moeprune.hub_standin import LoopbackHub
     from hf_moeprune.inference import generate
     from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 

@@ -26,6 +26,7 @@ from hf_moeprune.lora import (
     load_base_weights,
     save_adapter_and_base,
 )
+from hf_moeprune.observation import RoutingInstrumentation
 from hf_moeprune.pruning.allocation import AllocationSpec, LayerBudget
 from hf_moeprune.pruning.budgets import layer_budgets
 from hf_moeprune.pruning.schedules import ScheduleSpec
@@ -40,7 +41,6 @@ from hf_moeprune.training.checkpoint import (
     save_pruning_state,
 )
 from hf_moeprune.training.controller import Decision, PruningController
-from hf_moeprune.training.instrumentation import RoutingInstrumentation
 from hf_moeprune.training.optim import OptimizerStateSlicer
 from hf_moeprune.training.report import write_report
 from hf_moeprune.utils import fault_point, without_secrets

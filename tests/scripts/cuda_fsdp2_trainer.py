@@ -25,8 +25,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import hf_moeprune  # noqa: F401  (registers the pruned classes)
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distributed import is_sharded
-from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
 

@@ -13,7 +13,7 @@ from datasets import Dataset
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import TrainerCallback
 
-from hf_moeprune.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
 

@@ -11,8 +11,8 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distributed import DistributedSetupError
-from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
 # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op on first use (minutes on a 2-core

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from hf_moeprune import permute_experts, prune_experts
+from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distributed import is_sharded
-from hf_moeprune.tiny_models import tiny_model
 from hf_moeprune.training.optim import OptimizerStateSlicer
 
 KEEP = {0: [6, 1, 4, 3, 7], 2: [2, 5, 0, 7]}  # 5 of 8 (uneven over 2 ranks: FSDP pads), 4 of 8

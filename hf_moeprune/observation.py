@@ -1,4 +1,9 @@
-"""Hooks that observe and steer routing during training, for every supported family.
+"""Routing observation: the one place that watches MoE routing and turns it into per-expert statistics.
+
+The trainer, one-shot pruning (``oneshot.py``), load measurement for balancing (``balancing/loads.py``) and the
+demo's specialisation report all read the ``ExpertStatistics`` this module fills. Counts come from the indices the
+router itself returns (after its family rule: score correction bias, group-limited top-k, a learned selection
+bias, soft masks), never from re-ranking logits, so every family is counted as it actually routes.
 
 - Router forward hooks re-route when experts are soft-masked before removal (on top of the router's own
   learned ``selection_bias`` buffer, if the model has one), record token counts and router probability mass,
@@ -9,23 +14,69 @@
   then formed exactly as transformers forms it.
 
 Recording is switched on only around the training forward (``recording``), so activation-checkpoint
-recomputation during backward and evaluation forwards are not counted twice.
+recomputation during backward and evaluation forwards are not counted twice. ``observe_routing`` runs
+calibration batches through a model in eval mode with the hooks attached (one-shot, balancing, demo).
+
+The maths (counts per expert, REAP / EAN sums) are pure functions of tensors, testable without a model.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from hf_moeprune.adapters import MoEAdapter
+from hf_moeprune.adapters import MoEAdapter, get_adapter
 from hf_moeprune.distributed import is_sharded
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.lora import expert_adapter_saliency, innermost
 from hf_moeprune.pruning.statistics import ExpertStatistics
+from hf_moeprune.surgery import unwrap_model
 
 logger = logging.getLogger(__name__)
+
+# called as (layer, experts, hidden_states, top_k_index, per_pair_outputs, token_weights); see oneshot.OutputObserver
+OutputObserverFn = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+
+
+# -- pure maths -------------------------------------------------------------------------------------------------
+def pair_weights(token_weights: torch.Tensor | None, top_k: int) -> torch.Tensor | None:
+    """Per-(token, expert) pair weights in ``top_k_index.reshape(-1)`` order from per-token weights (None: all 1)."""
+    return None if token_weights is None else token_weights.repeat_interleave(top_k)
+
+
+def routed_counts(
+    top_k_index: torch.Tensor, num_experts: int, token_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Tokens routed to each expert: ``top_k_index`` [tokens, top_k] as the router chose them, each token counted
+    with its weight (0 for padding)."""
+    weights = pair_weights(token_weights, top_k_index.shape[-1])
+    return torch.bincount(top_k_index.reshape(-1), weights=weights, minlength=num_experts)
+
+
+def output_norm_sums(
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    per_pair: torch.Tensor,
+    num_experts: int,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert: (REAP numerator = sum of gate weight x ||output||, EAN = sum of ||output||) over routed pairs.
+
+    ``per_pair`` [tokens * top_k, hidden] holds each selected expert's own output in ``top_k_index.reshape(-1)``
+    order; padding tokens (weight 0) add nothing."""
+    output_norms = per_pair.detach().float().norm(dim=-1)
+    norms = output_norms * top_k_weights.detach().float().reshape(-1)
+    weights = pair_weights(token_weights, top_k_index.shape[-1])
+    if weights is not None:
+        norms, output_norms = norms * weights, output_norms * weights
+    flat_index = top_k_index.reshape(-1)
+    reap = torch.bincount(flat_index, weights=norms, minlength=num_experts)
+    ean = torch.bincount(flat_index, weights=output_norms, minlength=num_experts)
+    return reap, ean
 
 
 class RoutingInstrumentation:
@@ -44,7 +95,7 @@ class RoutingInstrumentation:
         self.reap_in_eval = reap_in_eval
         # optional per-expert observers of the per-pair outputs (one-shot: EAN, maximum activations, merging),
         # called as (layer, experts, hidden_states, top_k_index, per_pair_outputs, token_weights)
-        self.output_observers: list = []
+        self.output_observers: list[OutputObserverFn] = []
         self.adapter = adapter
         self.statistics = statistics
         self.recording = False
@@ -115,11 +166,9 @@ class RoutingInstrumentation:
                     num_experts = logits.shape[-1]
                     token_weights = self._token_weights(logits.shape[0], logits.device)
                     probs = self.adapter.scores(logits.detach())
-                    pair_weights = None
                     if token_weights is not None:
                         probs = probs * token_weights[:, None]
-                        pair_weights = token_weights.repeat_interleave(indices.shape[-1])
-                    counts = torch.bincount(indices.reshape(-1), weights=pair_weights, minlength=num_experts)
+                    counts = routed_counts(indices, num_experts, token_weights)
                     self.statistics.add(layer, "tokens", counts)
                     self.statistics.add(layer, "prob_mass", probs.sum(0))
                     previous = self.step_loads.get(layer)
@@ -148,22 +197,12 @@ class RoutingInstrumentation:
             if not self.recording:
                 return combined.to(hidden_states.dtype)
             with torch.no_grad():
-                output_norms = per_pair.detach().float().norm(dim=-1)
-                norms = output_norms * top_k_weights.detach().float().reshape(-1)
-                token_weights = self._token_weights(num_tokens, norms.device)
-                if token_weights is not None:
-                    norms = norms * token_weights.repeat_interleave(top_k)
-                    output_norms = output_norms * token_weights.repeat_interleave(top_k)
-                flat_index = top_k_index.reshape(-1)
-                reap = torch.bincount(flat_index, weights=norms, minlength=self._num_experts(layer))
+                token_weights = self._token_weights(num_tokens, per_pair.device)
+                num_experts = self._num_experts(layer)
+                reap, ean = output_norm_sums(top_k_index, top_k_weights, per_pair, num_experts, token_weights)
                 self.statistics.add(layer, "reap_sum", reap)
-                ean = torch.bincount(flat_index, weights=output_norms, minlength=self._num_experts(layer))
                 self.statistics.add(layer, "ean_sum", ean)
-                pair_weights = None if token_weights is None else token_weights.repeat_interleave(top_k)
-                counts = torch.bincount(
-                    top_k_index.reshape(-1), weights=pair_weights, minlength=self._num_experts(layer)
-                )
-                self.statistics.add(layer, "reap_tokens", counts)
+                self.statistics.add(layer, "reap_tokens", routed_counts(top_k_index, num_experts, token_weights))
                 for observe in self.output_observers:
                     observe(layer, experts, hidden_states, top_k_index, per_pair.detach(), token_weights)
             return combined.to(hidden_states.dtype)
@@ -192,3 +231,71 @@ class RoutingInstrumentation:
     def take_router_logits(self) -> dict[int, torch.Tensor]:
         logits, self.router_logits = self.router_logits, {}
         return logits
+
+
+# -- observing calibration data ---------------------------------------------------------------------------------
+def new_statistics(model: nn.Module, adapter: MoEAdapter, window: int = 0, decay: float = 1.0) -> ExpertStatistics:
+    """Empty statistics for every MoE layer of ``model`` (each layer's current expert count)."""
+    layers = adapter.decoder_layers(model)
+    experts = {i: adapter.num_experts(layers[i]) for i in adapter.moe_layer_indices(model)}
+    return ExpertStatistics(experts, window=window, decay=decay)
+
+
+def attach_observer(
+    model: nn.Module,
+    adapter: MoEAdapter,
+    statistics: ExpertStatistics,
+    record_reap: bool = True,
+    observers: Sequence[OutputObserverFn] = (),
+) -> RoutingInstrumentation:
+    """Hooks for calibration in eval mode (no router jitter, no dropout), attached; ``detach()`` when done."""
+    inst = RoutingInstrumentation(model, adapter, statistics, record_reap=record_reap, reap_in_eval=True)
+    inst.output_observers.extend(observers)
+    inst.attach()
+    return inst
+
+
+def observe_routing(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    *,
+    record_reap: bool = True,
+    saliency: bool = False,
+    observers: Sequence[OutputObserverFn] = (),
+    forward_kwargs: Mapping | None = None,
+    on_output: Callable[[Mapping[str, torch.Tensor], object], None] | None = None,
+    progress: bool = True,
+    desc: str = "collecting expert statistics",
+) -> ExpertStatistics:
+    """Run ``batches`` (``input_ids`` and optionally ``attention_mask``; padding is not counted) through ``model``
+    in eval mode and return the routing statistics summed over them, as one closed step.
+
+    ``saliency`` also back-propagates the causal-LM loss for |theta . grad|; ``on_output(batch, output)`` sees
+    each forward's output (the demo takes its held-out loss from it); ``forward_kwargs`` go to every forward.
+    """
+    model = unwrap_model(model)
+    adapter = get_adapter(model)
+    statistics = new_statistics(model, adapter)
+    inst = attach_observer(model, adapter, statistics, record_reap=record_reap, observers=observers)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in tqdm(batches, desc=desc, disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            inst.token_mask = batch.get("attention_mask")
+            inst.recording = True
+            with torch.set_grad_enabled(saliency):
+                out = model(**batch, labels=batch["input_ids"] if saliency else None, **(forward_kwargs or {}))
+            inst.recording = False
+            if on_output is not None:
+                on_output(batch, out)
+            if saliency:
+                out.loss.backward()
+                inst.accumulate_saliency()
+                model.zero_grad(set_to_none=True)
+    finally:
+        inst.detach()
+        model.train(was_training)
+    statistics.end_step()
+    return statistics
