@@ -39,8 +39,8 @@ STATISTICS_META = "expert_statistics.json"
 
 class OutputObserver:
     """Per-expert quantities of the experts' outputs beyond ``ExpertStatistics`` (which holds only sums that add
-    across processes). Subclasses fill ``self.values[name][layer]``; called by the instrumentation's experts
-    wrapper with the per-(token, expert) outputs."""
+    across processes). Subclasses fill ``self.values[name][layer]``; called by the experts wrapper of the routing
+    observer (``hf_moeprune.observation``) with the per-(token, expert) outputs."""
 
     def __init__(self):
         self.values: dict[str, dict[int, torch.Tensor]] = {}

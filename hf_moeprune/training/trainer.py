@@ -154,7 +154,6 @@ class MoEPruneMixin:
         )
         self._forward_takes_router_flag = "output_router_logits" in inspect.signature(base.forward).parameters
         self._take_over_aux_loss(base)
-        self._rewrapped = False
         self._export_stock = args.prune_export_stock
         self.add_callback(_PruningCallback(self))
 
@@ -418,7 +417,6 @@ class MoEPruneMixin:
             static_graph=wrapped.static_graph,
             bucket_cap_mb=wrapped.bucket_bytes_cap / (1024 * 1024),
         )
-        self._rewrapped = True
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:

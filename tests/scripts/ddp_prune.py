@@ -27,14 +27,27 @@ class SyncRecorder(TrainerCallback):
         self.flags: list[bool] = []
         self.alive_after_removal: list[bool] = []
         self.hooked = None
+        self.first_wrapper = self.first_reducer = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # the DDP wrapper and reducer the training loop starts with; weak references, so that they keep no
+        # replaced tensor alive
+        self.first_wrapper = weakref.ref(self.trainer.model_wrapped)
+        self.first_reducer = weakref.ref(self.trainer.model_wrapped.reducer)
+
+    def rewrapped(self) -> bool:
+        """Seen from outside the trainer: DDP was rebuilt in place (the training loop's wrapper object is still
+        the one it started with, but it holds a new reducer, built over the new parameters)."""
+        wrapper = self.trainer.model_wrapped
+        return wrapper is self.first_wrapper() and wrapper.reducer is not self.first_reducer()
 
     def on_step_end(self, args, state, control, **kwargs):
         wrapper = self.trainer.model_wrapped
-        if self.trainer._rewrapped:
+        if self.rewrapped():
             # while training goes on (the loop still holds its wrapper), the replaced tensor must be gone
             gc.collect()
             self.alive_after_removal.append(self.original() is not None)
-        if self.trainer._rewrapped and self.hooked is not wrapper.reducer:
+        if self.rewrapped() and self.hooked is not wrapper.reducer:
             self.hooked = wrapper.reducer
             wrapper.register_comm_hook(None, self.hook)
 
@@ -86,7 +99,7 @@ def main(out: str) -> None:
         "world_size": trainer.args.world_size,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "wrapper": type(trainer.model_wrapped).__name__,
-        "rewrapped": trainer._rewrapped,
+        "rewrapped": syncs.rewrapped(),
         "global_step": trainer.state.global_step,
         "kept_expert_ids": trainer.model.config.kept_expert_ids,
         "events": [(e.step, e.layer, e.original_ids) for e in trainer.controller.events],
