@@ -7,6 +7,7 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 import hf_moeprune
+import hf_moeprune.hub
 from hf_moeprune.commands.distill import main as distill_main
 from hf_moeprune.distillation import (
     MoEDistillArguments,
@@ -154,6 +155,29 @@ def test_loss_rejects_bad_inputs():
         distillation_loss(student, teacher, labels, alpha=1.5)
     with pytest.raises(ValueError, match="temperature=0"):
         distillation_loss(student, teacher, labels, temperature=0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MoEDistillArguments(output_dir="o", alpha=-0.1), r"^alpha=-0.1 must be in \[0, 1\]"),
+        (lambda: MoEDistillArguments(output_dir="o", temperature=math.inf), r"^temperature=inf must be a finite"),
+        (lambda: _compress_arguments(distill_alpha=1.5), r"^distill_alpha=1.5 must be in \[0, 1\]"),
+        (lambda: _compress_arguments(distill_temperature=0.0), r"^distill_temperature=0.0 must be a finite"),
+        (lambda: hf_moeprune.hub.DistillationInfo("t", alpha=2), r"^DistillationInfo.alpha=2 must be in"),
+        (lambda: hf_moeprune.hub.DistillationInfo("t", temperature="2"), r"^DistillationInfo.temperature='2' must"),
+    ],
+)
+def test_one_alpha_temperature_check_names_each_callers_field(build, message):
+    """The loss, its TrainingArguments, the compress recipe and the model card share one check (issue 17)."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def _compress_arguments(**kwargs):
+    from hf_moeprune.compress import CompressArguments
+
+    return CompressArguments(model="m", output_dir="o", **kwargs)
 
 
 def test_hidden_state_loss_hand_values():
