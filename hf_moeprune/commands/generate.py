@@ -51,7 +51,7 @@ def check_out(out_arg: str, resume: bool, overwrite: bool) -> None:
     not write (no writer marker beside it) is refused unless every line is a complete record, never repaired."""
     out = Path(out_arg)
     if resume and overwrite:
-        raise SystemExit("--resume and --overwrite exclude each other")
+        raise SystemExit("hf-moeprune generate: --resume and --overwrite exclude each other")
     if out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
         raise SystemExit(f"--out {out_arg!r} already has results; pass --resume to continue it, or --overwrite")
     if resume and out.is_file() and not writer_marker(out).exists():
