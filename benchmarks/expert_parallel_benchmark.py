@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from hf_moeprune.balancing import peak_lower_bound
-from hf_moeprune.cli import main as cli
+from hf_moeprune.commands import main as cli
 from hf_moeprune.demo import build_corpus, load_or_train_base_model
 
 ROOT = Path(__file__).resolve().parent.parent

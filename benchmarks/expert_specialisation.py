@@ -27,6 +27,7 @@ import torch
 from datasets import DatasetDict
 from transformers import AutoModelForCausalLM
 
+from hf_moeprune.commands import parse_args
 from hf_moeprune.demo.base_model import (
     BUILD_INFO,
     BaseModelConfig,
@@ -39,7 +40,6 @@ from hf_moeprune.demo.base_model import (
     tokenize_and_pack,
 )
 from hf_moeprune.demo.corpus import build_corpus
-from hf_moeprune.utils import parse_args
 
 logger = logging.getLogger("expert_specialisation")
 

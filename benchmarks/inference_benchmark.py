@@ -173,7 +173,7 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     import hf_moeprune  # noqa: F401
-    from hf_moeprune.inference import generate_main
+    from hf_moeprune.commands.generate import main as generate_main
 
     stats_path = Path(args.out).with_suffix(".stats.json")
     argv = [args.worker_model, "--prompts", args.prompts, "--out", args.out, "--stats-json", str(stats_path)]

@@ -8,7 +8,7 @@ in memory here), then runs each command in its own process and records that proc
 1. ``hf-moeprune prune --keep ...`` (streaming surgery, the default);
 2. ``hf-moeprune prune --data ... --criterion reap`` (layer-wise calibration + streaming surgery);
 3. ``hf-moeprune prune --keep ... --streaming false`` (load, prune, save: the path before this change);
-4. ``python -c "import hf_moeprune.cli, torch, transformers"`` (what importing the libraries alone costs).
+4. ``python -c "import hf_moeprune.commands, torch, transformers"`` (what importing the libraries alone costs).
 
 Usage: python benchmarks/oneshot_memory_benchmark.py [--layers 40] [--workdir /tmp/moeprune-memory]
 """
@@ -122,9 +122,10 @@ def main() -> None:
     calib = work / "calib.txt"
     calib.write_text(inspect.getsource(json_module))
     keep = json.dumps({str(i): list(range(0, args.experts, 2)) for i in range(args.layers)})
-    cli = [sys.executable, "-m", "hf_moeprune.cli", "--log-level", "WARNING", "prune", str(work / "ckpt")]
+    cli = [sys.executable, "-m", "hf_moeprune.commands", "--log-level", "WARNING", "prune", str(work / "ckpt")]
     runs = {
-        "import_only": [sys.executable, "-c", "import hf_moeprune.cli, hf_moeprune.streaming, torch, transformers"],
+        "import_only": [sys.executable, "-c",
+                        "import hf_moeprune.commands, hf_moeprune.streaming, torch, transformers"],
         "prune_keep_streaming": [*cli, "--output_dir", str(work / "keep"), "--keep", keep,
                                  "--max_shard_size", args.max_shard_size],
         "oneshot_reap_layerwise": [*cli, "--output_dir", str(work / "reap"), "--data", str(calib), "--criterion",

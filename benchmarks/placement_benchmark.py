@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from hf_moeprune.balancing import peak_lower_bound, plan_placement
-from hf_moeprune.utils import parse_args
+from hf_moeprune.commands import parse_args
 
 logger = logging.getLogger("placement_benchmark")
 

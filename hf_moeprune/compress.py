@@ -1,4 +1,5 @@
-"""``hf-moeprune compress RECIPE.yaml``: distill -> quantize -> model card -> push, each step optional.
+"""Compression chain of ``hf-moeprune compress RECIPE.yaml``: distill -> quantize -> model card -> push, each step
+optional.
 
 Distillation runs before quantization: quantized weights are packed and frozen, so the student is trained in
 full precision first. Every input is checked before any model is loaded: an unknown scheme, a teacher without
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,11 +55,9 @@ class CompressArguments:
         for name in ("block_size", "distill_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not 0 <= self.distill_alpha <= 1 or self.distill_temperature <= 0:
-            raise ValueError(
-                f"distill_alpha={self.distill_alpha} must be in [0, 1] and distill_temperature="
-                f"{self.distill_temperature} > 0"
-            )
+        from hf_moeprune.distillation import check_distillation_weights
+
+        check_distillation_weights(self.distill_alpha, self.distill_temperature, "distill_alpha", "distill_temperature")
 
 
 def compress(args: CompressArguments) -> dict:
@@ -150,12 +148,3 @@ def compress(args: CompressArguments) -> dict:
         )
         summary["steps"].append("push")
     return summary
-
-
-def compress_main(argv: Sequence[str]) -> int:
-    from hf_moeprune.utils import parse_args
-
-    (args,) = parse_args((CompressArguments,), argv, prog="hf-moeprune compress")
-    summary = compress(args)
-    print(json.dumps(summary, indent=2))
-    return 0

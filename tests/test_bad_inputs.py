@@ -1,6 +1,6 @@
 """Every subcommand on bad input: exit code 2, one line naming the value (and file:line), nothing written (issue 16).
 
-Rows run in this process through ``hf_moeprune.cli.main`` (a subprocess per row would cost ~4 s each); one row
+Rows run in this process through ``hf_moeprune.commands.main`` (a subprocess per row would cost ~4 s each); one row
 runs the real console entry in a subprocess to pin down what a user sees there.
 """
 
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from hf_moeprune.cli import main
+from hf_moeprune.commands import main
 
 W = "{ws}"  # the session workspace (tiny Mixtral + tokenizer, data.jsonl with field "body")
 T = "{tmp}"  # this row's empty folder: everything a row could write lands here
@@ -156,7 +156,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(row, workspace, inputs, tm
 
 def test_console_script_prints_one_line_and_exits_2(workspace, inputs, tmp_path):
     """The real entry point: what the user sees (no traceback; --debug shows it)."""
-    argv = [sys.executable, "-m", "hf_moeprune.cli", "prune", str(workspace / "model"), "--output_dir",
+    argv = [sys.executable, "-m", "hf_moeprune.commands", "prune", str(workspace / "model"), "--output_dir",
             str(tmp_path / "out"), "--keep", '{"0": [0.5, 1]}']  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2

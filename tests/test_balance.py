@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 import hf_moeprune
 from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
 from hf_moeprune.balancing.placement import device_loads
-from hf_moeprune.cli import main
+from hf_moeprune.commands import main
 from hf_moeprune.demo.tiny_models import tiny_model
 
 

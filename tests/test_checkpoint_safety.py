@@ -164,7 +164,7 @@ def test_state_from_another_step_is_refused(finished_run, tmp_path):
 def test_no_pickle_from_a_model_folder_is_run_by_the_commands(workspace, tmp_path, capsys):
     """A model folder whose weights are a crafted pytorch_model.bin (and a crafted training_args.bin beside them):
     prune/quantize/generate refuse it with one line (transformers loads .bin with weights_only=True); nothing runs."""
-    from hf_moeprune.cli import main
+    from hf_moeprune.commands import main
 
     marker = tmp_path / "PWNED"
     folder = tmp_path / "model"

@@ -5,7 +5,7 @@ import torch
 from hub_server import FakeHub, point_hub_client_at
 from transformers import AutoModelForCausalLM
 
-from hf_moeprune.cli import main
+from hf_moeprune.commands import main
 from hf_moeprune.hub import MissingTokenError
 
 

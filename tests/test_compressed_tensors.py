@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from hf_moeprune import prune_experts
+from hf_moeprune.commands.quantize import main as quantize_main
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.quantization import quantized_targets
-from hf_moeprune.quantization.cli import quantize_main
 from hf_moeprune.quantization.compressed_tensors_export import (
     CompressedTensorsExportConfig,
     UnsupportedLayoutError,
@@ -207,7 +207,7 @@ def test_cli_default_format_and_refusal(workspace, tmp_path, capsys):
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     assert not (out / ".fp-staging").exists()
     # the README's chain: quantize, then generate from the quantized folder (its own tokenizer)
-    from hf_moeprune.inference import generate_main
+    from hf_moeprune.commands.generate import main as generate_main
 
     prompts, results = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
     prompts.write_text('{"id": "a", "prompt": "def load"}\n{"id": "b", "prompt": "return the"}\n')

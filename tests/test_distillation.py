@@ -7,6 +7,8 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback, TrainingArguments
 
 import hf_moeprune
+import hf_moeprune.hub
+from hf_moeprune.commands.distill import main as distill_main
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distillation import (
     MoEDistillArguments,
@@ -15,7 +17,6 @@ from hf_moeprune.distillation import (
     causal_targets,
     check_same_vocabulary,
     default_expert_lora_parameters,
-    distill_main,
     distillation_loss,
     hidden_state_loss,
 )
@@ -154,6 +155,29 @@ def test_loss_rejects_bad_inputs():
         distillation_loss(student, teacher, labels, alpha=1.5)
     with pytest.raises(ValueError, match="temperature=0"):
         distillation_loss(student, teacher, labels, temperature=0)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MoEDistillArguments(output_dir="o", alpha=-0.1), r"^alpha=-0.1 must be in \[0, 1\]"),
+        (lambda: MoEDistillArguments(output_dir="o", temperature=math.inf), r"^temperature=inf must be a finite"),
+        (lambda: _compress_arguments(distill_alpha=1.5), r"^distill_alpha=1.5 must be in \[0, 1\]"),
+        (lambda: _compress_arguments(distill_temperature=0.0), r"^distill_temperature=0.0 must be a finite"),
+        (lambda: hf_moeprune.hub.DistillationInfo("t", alpha=2), r"^DistillationInfo.alpha=2 must be in"),
+        (lambda: hf_moeprune.hub.DistillationInfo("t", temperature="2"), r"^DistillationInfo.temperature='2' must"),
+    ],
+)
+def test_one_alpha_temperature_check_names_each_callers_field(build, message):
+    """The loss, its TrainingArguments, the compress recipe and the model card share one check (issue 17)."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def _compress_arguments(**kwargs):
+    from hf_moeprune.compress import CompressArguments
+
+    return CompressArguments(model="m", output_dir="o", **kwargs)
 
 
 def test_hidden_state_loss_hand_values():
@@ -472,6 +496,37 @@ def test_cli_distills_and_saves_atomically(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
     with pytest.raises(FileExistsError):
         distill_main([str(recipe), *common, "--output_dir", str(out)])  # never overwrites a finished run
+
+
+def test_cli_takes_a_data_folder_as_its_help_says(tmp_path):
+    """--data and --eval_data accept every form data.load_text_dataset reads, folders included (issue 17: the
+    CLI once refused a folder that its help text names)."""
+    from datasets import Dataset
+
+    from hf_moeprune.commands.distill import DistillCLIArguments
+
+    teacher, student = _models()
+    tokenizer = _char_tokenizer(CHARS)
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, doc in enumerate(filter(None, (hf_moeprune.__doc__, yaml.__doc__, math.__doc__))):
+        (texts / f"doc{i}.txt").write_text(doc * 2)
+    saved = tmp_path / "saved"
+    Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog"] * 8}).save_to_disk(str(saved))
+    args = DistillCLIArguments(student="s", teacher="t", data=str(texts), eval_data=str(saved))
+    assert (args.data, args.eval_data) == (str(texts), str(saved))
+    with pytest.raises(ValueError, match=r"data='.*nowhere' is not a file"):
+        DistillCLIArguments(student="s", teacher="t", data=str(tmp_path / "nowhere"))
+    out = tmp_path / "out"
+    argv = ["--student", str(tmp_path / "student"), "--teacher", str(tmp_path / "teacher"), "--data", str(texts),
+            "--eval_data", str(saved), "--block_size", "16", "--max_steps", "1", "--per_device_train_batch_size",
+            "2", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", "--report_to", "none",
+            "--output_dir", str(out)]  # fmt: skip
+    assert distill_main(argv) == 0
+    assert AutoModelForCausalLM.from_pretrained(out).config.experts_per_layer == [4, 5, 3]
 
 
 # -- several processes --------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_moeprune.cli import main
+from hf_moeprune.commands import main
 from hf_moeprune.inference import exclusive_output, writer_marker
 from hf_moeprune.utils import FAULT_ENV, remove_stale_temporaries
 
@@ -30,7 +30,7 @@ def one_thread():
 def _run_killed(argv, point, cwd):
     """Run ``hf-moeprune ARGV`` in a subprocess that SIGKILLs itself at fault point ``point``."""
     env = dict(os.environ, **{FAULT_ENV: point}, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "hf_moeprune.cli", "--log-level", "WARNING", *argv],
+    result = subprocess.run([sys.executable, "-m", "hf_moeprune.commands", "--log-level", "WARNING", *argv],
                             capture_output=True, text=True, cwd=cwd, env=env, timeout=600)  # fmt: skip
     assert result.returncode == -signal.SIGKILL, (
         f"not killed at {point}: rc={result.returncode}\n{result.stderr[-3000:]}"

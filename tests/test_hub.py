@@ -10,6 +10,8 @@ from hub_server import FakeHub, point_hub_client_at
 from huggingface_hub import ModelCard
 
 from hf_moeprune import get_adapter, prune_experts
+from hf_moeprune.commands.push import _positionals_to_flags
+from hf_moeprune.commands.push import main as push_main
 from hf_moeprune.demo.tiny_models import tiny_config, tiny_model
 from hf_moeprune.hub import (
     PLOT_FILENAME,
@@ -19,10 +21,8 @@ from hf_moeprune.hub import (
     MissingTokenError,
     QuantizationInfo,
     _matplotlib_available,
-    _positionals_to_flags,
     build_model_card,
     expert_layout,
-    push_main,
     push_to_hub,
     write_model_card,
 )
@@ -410,7 +410,7 @@ def test_card_of_uniform_model_with_learned_bias_explains_the_format(tmp_path):
 
 
 def test_push_quantized_only_and_unpruned_models_with_honest_cards(hub, workspace, tmp_path):
-    from hf_moeprune.quantization.cli import quantize_main
+    from hf_moeprune.commands.quantize import main as quantize_main
 
     ct, hfq = tmp_path / "ct", tmp_path / "hfq"
     assert quantize_main([str(workspace / "model"), str(ct), "--scheme", "int4"]) == 0

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 import hf_moeprune
 from hf_moeprune import prune_experts
+from hf_moeprune.commands.generate import main as generate_main
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.inference import (
     BatchGenerator,
@@ -20,7 +21,6 @@ from hf_moeprune.inference import (
     finish_completion,
     generate,
     generate_file,
-    generate_main,
     jsonl_appender,
     parse_prompt_lines,
     plan_batches,

@@ -49,7 +49,7 @@ def test_rebalanced_model_under_transformers_expert_parallelism(workspace, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_moeprune import prune_experts
-    from hf_moeprune.cli import main
+    from hf_moeprune.commands import main
 
     # a pruned model whose layers keep different counts (8, 6, 4): EP shards each layer on its own
     model = AutoModelForCausalLM.from_pretrained(workspace / "model")

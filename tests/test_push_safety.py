@@ -6,7 +6,8 @@ import pytest
 from huggingface_hub import HfApi
 from test_hub import TOKEN, _folder_files, hub, pruned_dir  # noqa: F401  (fixtures)
 
-from hf_moeprune.hub import push_main, push_to_hub
+from hf_moeprune.commands.push import main as push_main
+from hf_moeprune.hub import push_to_hub
 
 REPO = "tester/safety"
 

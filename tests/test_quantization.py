@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_moeprune
 from hf_moeprune import prune_experts
+from hf_moeprune.commands.quantize import main as quantize_main
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.quantization import (
     SCHEMES,
@@ -22,7 +23,6 @@ from hf_moeprune.quantization import (
     select_targets,
     weight_files_size_bytes,
 )
-from hf_moeprune.quantization.cli import quantize_main
 from hf_moeprune.quantization.packed_kernels import PackedWeight, packed_kernels
 from hf_moeprune.quantization.schemes import absmax_dequantize, absmax_quantize, pack_int4, unpack_int4
 

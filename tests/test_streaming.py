@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hf_moeprune import get_adapter, prune_experts
-from hf_moeprune.cli import main
+from hf_moeprune.commands import main
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.streaming import CheckpointReader, StreamingUnsupported, parse_size, prune_checkpoint
 
@@ -153,7 +153,7 @@ def test_prune_cli_chat_samples_unpacked(workspace, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from hf_moeprune.cli import PruneCLIArguments, _calibration_batches
+    from hf_moeprune.commands.prune import PruneCLIArguments, _calibration_batches
 
     model = tmp_path / "chat-model"
     shutil.copytree(workspace / "model", model)

@@ -1,4 +1,4 @@
-"""``hf-moeprune demo``: the whole mission on the built-in default, on a CPU, in minutes.
+"""The pipeline of ``hf-moeprune demo``: the whole mission on the built-in default, on a CPU, in minutes.
 
 1. fine-tune the demo MoE on the prose domain while pruning experts (MoEPruneTrainer);
 2. reorder experts for expert parallelism (ep_size 2) from loads measured on held-out prose;
@@ -14,12 +14,9 @@ and ``demo_summary.json``.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -115,19 +112,6 @@ class _Stages:
         self.rows.append(row)
         logger.info("demo stage %s: %s", name, row)
         return row
-
-
-def _table(rows: list[dict]) -> str:
-    header = (
-        f"{'stage':<22}{'experts':>8}{'size MB':>9}{'prose loss':>11}{'prose ppl':>10}{'code loss':>10}{'time s':>8}"
-    )
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        lines.append(
-            f"{r['stage']:<22}{r['routed_experts']:>8}{r['bytes'] / 1e6:>9.2f}{r['prose_loss']:>11.3f}"
-            f"{math.exp(min(r['prose_loss'], 50)):>10.1f}{r['code_loss']:>10.3f}{r['seconds']:>8.1f}"
-        )
-    return "\n".join(lines)
 
 
 def run_demo(args: DemoArguments, work: Path) -> dict:
@@ -286,24 +270,3 @@ def run_demo(args: DemoArguments, work: Path) -> dict:
         else None,
         "total_seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def demo_main(argv: Sequence[str]) -> int:
-    from hf_moeprune.utils import atomic_output_dir, parse_args
-
-    (args,) = parse_args((DemoArguments,), argv, prog="hf-moeprune demo")
-    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
-        summary = run_demo(args, Path(tmp))
-        (Path(tmp) / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        for scratch in ("finetune", "distill"):
-            shutil.rmtree(Path(tmp) / scratch, ignore_errors=True)
-    print()
-    print(_table(summary["stages"]))
-    gen = summary["generation"]
-    print(f"\ngenerated {gen['tokens']} tokens for {gen['prompts']} prompts in {gen['seconds']} s "
-          f"({gen['tokens_per_s']} tokens/s)")  # fmt: skip
-    for sample in gen["samples"]:
-        print(f"  {sample['prompt']!r} -> {sample['completion']!r}")
-    print(f"\npushed to {summary['hub']['url']} ({len(summary['hub']['files'])} files) and reloaded; "
-          f"total {summary['total_seconds']} s; everything is in {args.output_dir}/")  # fmt: skip
-    return 0

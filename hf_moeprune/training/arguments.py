@@ -32,10 +32,10 @@ class MoEPruneArgumentsMixin:
         },
     )
     prune_start_step: int | None = field(
-        default=None, metadata={"help": "First step at which experts may be removed. Default: 10% of training."}
+        default=None, metadata={"help": "First step at which experts may be removed. Default: 10 percent of training."}
     )
     prune_end_step: int | None = field(
-        default=None, metadata={"help": "Step by which the target is reached. Default: 50% of training."}
+        default=None, metadata={"help": "Step by which the target is reached. Default: 50 percent of training."}
     )
     prune_frequency: int = field(default=1, metadata={"help": "Gradual schedule: prune at most every N steps."})
     prune_layer_adaptive: bool = field(
@@ -65,7 +65,7 @@ class MoEPruneArgumentsMixin:
     prune_reap_interval: int = field(
         default=1,
         metadata={"help": "Record the REAP statistic on every N-th optimizer step only. It needs each expert's "
-                  "output per (token, expert) pair, which costs ~10-25% of a step on small models; token counts "
+                  "output per (token, expert) pair, which costs ~10-25 percent of a step on small models; token counts "
                   "and router statistics are still recorded on every step."},
     )  # fmt: skip
     prune_stable_window: int = field(

@@ -72,22 +72,11 @@ def _early_layout_problem(model: str) -> str | None:
     return None
 
 
-def copy_tokenizer(source: str, folder: str | Path) -> bool:
-    """Save ``source``'s tokenizer (if it has one) into ``folder``, so ``generate`` works on the output."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
-        logger.info("no tokenizer copied from %s: %s", source, exc)
-        return False
-    tokenizer.save_pretrained(folder)
-    return True
-
-
-def quantize_main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM
 
+    from hf_moeprune.commands._parsing import parse_args, positionals_to_flags
+    from hf_moeprune.commands._shared import copy_tokenizer
     from hf_moeprune.quantization.compressed_tensors_export import (
         CompressedTensorsExportConfig,
         UnsupportedLayoutError,
@@ -95,7 +84,7 @@ def quantize_main(argv: Sequence[str]) -> int:
     )
     from hf_moeprune.quantization.config import QuantizationConfig
     from hf_moeprune.quantization.quantizer import model_size_bytes, quantize, weight_files_size_bytes
-    from hf_moeprune.utils import atomic_output_dir, parse_args, positionals_to_flags
+    from hf_moeprune.utils import atomic_output_dir
 
     try:
         argv = positionals_to_flags(argv, ("--model", "--output_dir"))

@@ -1,61 +1,14 @@
-"""``hf-moeprune``: one console script, one subcommand per stage of the pipeline.
-
-Each subcommand is a registry entry: its argument dataclasses (parsed with ``HfArgumentParser``, so
-``--help`` lists every field with its help text and a YAML recipe can fill them) and the function that
-runs it. A subcommand's implementation lives in the module of its concern; this file only wires them.
-"""
+"""``hf-moeprune prune``: one-shot expert pruning from an explicit plan, a plan file, calibration statistics
+(REAP and the other criteria) or statistics saved earlier."""
 
 from __future__ import annotations
 
-import argparse
 import logging
-import pickle
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 
-logger = logging.getLogger("hf_moeprune")
-
-
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: ``target`` is ``"module:function"``; the function takes the argv tail."""
-
-    name: str
-    help: str
-    target: str
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def register_command(name: str, help: str, target: str) -> None:
-    if name in COMMANDS:
-        raise ValueError(f"subcommand {name!r} is already registered")
-    COMMANDS[name] = Command(name, help, target)
-
-
-register_command(
-    "demo", "run the whole pipeline on the built-in default (no downloads)", "hf_moeprune.demo.pipeline:demo_main"
-)
-register_command("train", "fine-tune while pruning experts (MoEPruneTrainer)", "hf_moeprune.training.cli:train_main")
-register_command(
-    "balance", "reorder experts so expert-parallel ranks get equal load", "hf_moeprune.balancing.cli:balance_main"
-)
-register_command(
-    "quantize", "quantize weights (fused experts included) and save", "hf_moeprune.quantization.cli:quantize_main"
-)
-register_command(
-    "distill", "distil the unpruned teacher into a pruned student", "hf_moeprune.distillation:distill_main"
-)
-register_command("generate", "batched generation from a JSONL file of prompts", "hf_moeprune.inference:generate_main")
-register_command(
-    "compress", "distill, quantize, write the card and push, from a YAML recipe", "hf_moeprune.compress:compress_main"
-)
-register_command("prune", "one-shot pruning: REAP etc. on calibration data, or a plan", "hf_moeprune.cli:prune_main")
-register_command("push", "push a model folder (and its model card) to the Hub", "hf_moeprune.hub:push_main")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -259,14 +212,15 @@ def _calibration_batches(args, tokenizer) -> tuple[list[dict], dict]:
                      **info}  # fmt: skip
 
 
-def prune_main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_moeprune.commands._parsing import parse_args, positionals_to_flags
     from hf_moeprune.streaming import StreamingUnsupported
     from hf_moeprune.surgery import prune_experts
-    from hf_moeprune.utils import atomic_output_dir, check_output_folder, parse_args, positionals_to_flags
+    from hf_moeprune.utils import atomic_output_dir, check_output_folder
 
     argv = positionals_to_flags(argv, ("--model",))
     (args,) = parse_args((PruneCLIArguments,), argv, prog="hf-moeprune prune")
@@ -345,7 +299,7 @@ def prune_main(argv: Sequence[str]) -> int:
             if tokenizer is not None:
                 save_tokenizer = tokenizer.save_pretrained
             else:  # so that `generate` and `push` work on the output as on the input
-                from hf_moeprune.quantization.cli import copy_tokenizer
+                from hf_moeprune.commands._shared import copy_tokenizer
 
                 def save_tokenizer(folder):
                     copy_tokenizer(args.model, folder)
@@ -379,83 +333,9 @@ def prune_main(argv: Sequence[str]) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         else:
-            from hf_moeprune.quantization.cli import copy_tokenizer
+            from hf_moeprune.commands._shared import copy_tokenizer
 
             copy_tokenizer(args.model, tmp)  # so that `generate` and `push` work on the output as on the input
     logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, counts)
     print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
     return 0
-
-
-def _resolve(target: str) -> Callable[[Sequence[str]], int]:
-    module, _, func = target.partition(":")
-    return getattr(import_module(module), func)
-
-
-class UsageError(SystemExit):
-    """Ends a subcommand with exit code 2 after its one-line message was printed; ``str()`` is the message."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
-
-
-# Errors that mean "this input cannot be used" (a value, a path, a file's content): one line, exit code 2.
-# Anything else is a bug and keeps its traceback.
-USAGE_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError,  # includes UnicodeDecodeError, json.JSONDecodeError, CheckpointError, huggingface_hub's validation
-    OSError,  # a missing or unreadable path, a model folder transformers cannot load, a full disk
-)
-
-
-def _one_line(command: str, message: str) -> str:
-    message = " ".join(str(message).split())
-    for prefix in (f"hf-moeprune {command}: error: ", f"hf-moeprune {command}: "):
-        message = message.removeprefix(prefix)
-    return f"hf-moeprune {command}: error: {message}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hf-moeprune",
-        description="Prune, balance, compress and serve Mixture-of-Experts models with Hugging Face Transformers.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="subcommands:\n"
-        + "\n".join(f"  {c.name:<10} {c.help}" for c in COMMANDS.values())
-        + "\n\nRun `hf-moeprune SUBCOMMAND --help` for its options.",
-    )
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of any error")
-    parser.add_argument("command", choices=sorted(COMMANDS), metavar="SUBCOMMAND", help=", ".join(COMMANDS))
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the subcommand")
-    ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-    logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(_resolve(COMMANDS[ns.command].target)(ns.args) or 0)
-    except UsageError:
-        raise
-    except SystemExit as exc:
-        if not isinstance(exc.code, str):  # argparse (exit code 2, message already printed) or an exit code
-            raise
-        message = _one_line(ns.command, exc.code)
-    except USAGE_ERRORS as exc:
-        if ns.debug:
-            raise
-        message = _one_line(ns.command, exc)
-    except pickle.UnpicklingError as exc:
-        # torch.load(weights_only=True) met a pickle that is more than tensors and plain containers
-        if ns.debug:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        message = _one_line(
-            ns.command, f"refused to unpickle a file (weights_only loading; nothing in it ran): {first}"
-        )
-    print(message, file=sys.stderr)
-    raise UsageError(message)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

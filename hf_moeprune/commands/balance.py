@@ -41,12 +41,13 @@ def _fmt(value: float | None, width: int = 8) -> str:
     return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
 
 
-def balance_main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
+    from hf_moeprune.commands._parsing import parse_args, positionals_to_flags
     from hf_moeprune.data import calibration_blocks
-    from hf_moeprune.utils import atomic_output_dir, check_output_folder, parse_args, positionals_to_flags
+    from hf_moeprune.utils import atomic_output_dir, check_output_folder
 
     (args,) = parse_args((BalanceArguments,), positionals_to_flags(argv, ("--model",)), prog="hf-moeprune balance")
     check_output_folder(args.output_dir, args.overwrite)  # before anything is read
