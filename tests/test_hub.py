@@ -10,6 +10,7 @@ from hub_server import FakeHub, point_hub_client_at
 from huggingface_hub import ModelCard
 
 from hf_moeprune import get_adapter, prune_experts
+from hf_moeprune.format.layout import expert_layout
 from hf_moeprune.hub import (
     PLOT_FILENAME,
     CardInfo,
@@ -17,14 +18,13 @@ from hf_moeprune.hub import (
     EvalFigure,
     MissingTokenError,
     QuantizationInfo,
-    _matplotlib_available,
     _positionals_to_flags,
     build_model_card,
-    expert_layout,
     push_main,
     push_to_hub,
     write_model_card,
 )
+from hf_moeprune.hub.plots import _matplotlib_available
 from hf_moeprune.tiny_models import tiny_config, tiny_model
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
@@ -390,7 +390,6 @@ def test_wheel_ships_the_model_card_template(tmp_path):
 
 def test_card_of_uniform_model_with_learned_bias_explains_the_format(tmp_path):
     from hf_moeprune.format import enable_selection_bias
-    from hf_moeprune.hub import expert_layout
 
     model = tiny_model("mixtral")
     prune_experts(model, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [0, 2, 4, 6]})
