@@ -36,7 +36,7 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
 def finish_completion(
     generated: Sequence[int], eos_ids: Iterable[int], decode: Callable[[list[int]], str], stops: Sequence[str]
 ) -> tuple[str, list[int], str]:
-    """(text, token ids used, finish reason) of one generated sequence, by the module's finish rules."""
+    """(text, token ids used, finish reason) of one sequence, by the finish rules of ``hf_moeprune.inference``."""
     generated = [int(t) for t in generated]
     eos = set(eos_ids)
     end = next((i for i, t in enumerate(generated) if t in eos), None)

@@ -76,7 +76,7 @@ def _router_logits_off(model: nn.Module):
 
 
 class BatchGenerator:
-    """Generates completions for many prompts with one model; see the module docstring for the rules."""
+    """Generates completions for many prompts with one model; see ``hf_moeprune.inference`` for the rules."""
 
     def __init__(self, model: nn.Module, tokenizer, options: GenerationOptions | None = None):
         self.model = model.eval()
