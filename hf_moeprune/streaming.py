@@ -31,6 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from hf_moeprune.utils import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -290,9 +292,7 @@ class ShardWriter:
             names.append(final)
         index = {"metadata": {"total_parameters": total_parameters, "total_size": self.total_size},
                  "weight_map": weight_map}  # fmt: skip
-        tmp_index = self.folder / f".{SAFE_WEIGHTS_INDEX_NAME}.tmp"
-        tmp_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp_index, self.folder / SAFE_WEIGHTS_INDEX_NAME)
+        atomic_write_text(self.folder / SAFE_WEIGHTS_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
         return names
 
 

@@ -68,6 +68,39 @@ def without_secrets(args):
     return clean
 
 
+# mkstemp creates 0600 files; a finished output gets the mode a plain open() would give it. The umask can only be
+# read by setting it, so it is read once, at import (before any thread of ours runs).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_output_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file beside ``path`` (``.NAME.tmp-PID-*``, so ``remove_stale_temporaries`` knows its
+    process) that replaces ``path`` only if the block succeeds; a failure leaves ``path`` exactly as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (see ``atomic_output_file``)."""
+    with atomic_output_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` all or nothing (see ``atomic_output_file``)."""
+    atomic_write_bytes(path, text.encode(encoding))
+
+
 def check_output_folder(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse an output path that is a file, or a non-empty folder without ``overwrite``; the CLIs call it before
     loading anything, ``atomic_output_dir`` again when it starts."""

@@ -184,3 +184,22 @@ def test_no_pickle_from_a_model_folder_is_run_by_the_commands(workspace, tmp_pat
         assert "weights_only" in capsys.readouterr().err.strip().splitlines()[-1].lower().replace(" ", "_"), argv
         assert not marker.exists(), argv
     assert not (tmp_path / "pruned").exists() and not (tmp_path / "quantized").exists()
+
+
+def test_atomic_output_file_replaces_only_a_complete_file(tmp_path):
+    from hf_moeprune.utils import atomic_output_file, atomic_write_text, remove_stale_temporaries
+
+    out = tmp_path / "report.json"
+    out.write_text("old")
+    with pytest.raises(RuntimeError), atomic_output_file(out) as tmp:
+        # named so that remove_stale_temporaries can tell whose it is
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".report.json.tmp-{os.getpid()}-")
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    atomic_write_text(out, "new ✓")
+    assert out.read_text(encoding="utf-8") == "new ✓" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it, not mkstemp's 0600
+    assert remove_stale_temporaries(out) == []

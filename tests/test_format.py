@@ -224,3 +224,34 @@ def test_loaded_checkpoint_pruned_then_saved_reloads_exactly(family, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
     assert reloaded.config.model_type == f"moeprune_{family}"
     assert torch.equal(_logits(reloaded), expected)
+
+
+def test_one_layout_reader_for_config_dicts_and_objects(tmp_path):
+    from hf_moeprune.format.layout import (
+        base_model_type,
+        expert_layout,
+        pruned_layout,
+        pruning_fields,
+        saved_kept_expert_ids,
+    )
+
+    uniform, ragged = tiny_model("mixtral"), tiny_model("mixtral")
+    prune_experts(uniform, {0: [1, 3, 5, 7], 1: [0, 2, 4, 6], 2: [0, 1, 2, 3]})
+    prune_experts(ragged, {0: [1, 3, 5], 1: [0, 2, 4, 6], 2: [6, 7]})
+    uniform.save_pretrained(tmp_path / "stock")  # stock export: the layout lies under moeprune_provenance
+    ragged.save_pretrained(tmp_path / "pruned")
+    for name, model, stock in (("stock", uniform, True), ("pruned", ragged, False)):
+        as_dict = json.loads((tmp_path / name / "config.json").read_text())
+        as_object = AutoConfig.from_pretrained(tmp_path / name)
+        for config in (as_dict, as_object):
+            layout = expert_layout(config)
+            assert layout.stock_export is stock and layout.family == "mixtral" and base_model_type(config) == "mixtral"
+            assert [list(ids) for ids in layout.kept_expert_ids] == model.config.kept_expert_ids
+            assert layout.experts_per_layer == tuple(model.config.experts_per_layer)
+            assert saved_kept_expert_ids(config) == model.config.kept_expert_ids
+            assert pruning_fields(config).stock_export is stock and pruned_layout(config) == layout
+    plain = tiny_model("mixtral").config
+    assert pruning_fields(plain) is None and saved_kept_expert_ids(plain) is None and pruned_layout(plain) is None
+    assert base_model_type(plain) == "mixtral"
+    with pytest.raises(ValueError, match="not pruned by hf_moeprune"):
+        expert_layout(plain.to_dict())

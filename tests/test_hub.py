@@ -13,6 +13,7 @@ from hf_moeprune import get_adapter, prune_experts
 from hf_moeprune.commands.push import _positionals_to_flags
 from hf_moeprune.commands.push import main as push_main
 from hf_moeprune.demo.tiny_models import tiny_config, tiny_model
+from hf_moeprune.format.layout import expert_layout
 from hf_moeprune.hub import (
     PLOT_FILENAME,
     CardInfo,
@@ -20,12 +21,11 @@ from hf_moeprune.hub import (
     EvalFigure,
     MissingTokenError,
     QuantizationInfo,
-    _matplotlib_available,
     build_model_card,
-    expert_layout,
     push_to_hub,
     write_model_card,
 )
+from hf_moeprune.hub.plots import _matplotlib_available
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 REPO = "tester/tiny-pruned"
@@ -390,7 +390,6 @@ def test_wheel_ships_the_model_card_template(tmp_path):
 
 def test_card_of_uniform_model_with_learned_bias_explains_the_format(tmp_path):
     from hf_moeprune.format import enable_selection_bias
-    from hf_moeprune.hub import expert_layout
 
     model = tiny_model("mixtral")
     prune_experts(model, {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [0, 2, 4, 6]})

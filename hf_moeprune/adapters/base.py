@@ -22,9 +22,9 @@ from torch import nn
 
 from hf_moeprune.adapters.routing import BUILTIN_ROUTE_FUNCTIONS, get_route_function
 from hf_moeprune.format import register_pruned_classes
+from hf_moeprune.format.layout import base_model_type
 from hf_moeprune.format.modeling_moeprune import (
     COUNT_FIELD_CANDIDATES,
-    MODEL_TYPE_PREFIX,
     SELECTION_BIAS,
     get_submodule_attr,
     make_pruned_classes,
@@ -287,14 +287,6 @@ def check_quantization_skips(adapter: MoEAdapter) -> None:
                 f"{adapter.model_type!r}: {name} would be quantized; add a pattern for it to "
                 f"quantization.config.DEFAULT_SKIP_PATTERNS"
             )
-
-
-def base_model_type(config) -> str:
-    """The stock model_type of a config, looking through hf_moeprune's pruned configs."""
-    model_type = getattr(config, "model_type", None)
-    if model_type and model_type.startswith(MODEL_TYPE_PREFIX):
-        return getattr(config, "base_model_type", None) or model_type[len(MODEL_TYPE_PREFIX) :]
-    return model_type
 
 
 def get_adapter(model_or_config) -> MoEAdapter:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hf_moeprune.format.layout import PROVENANCE_FIELD, pruning_fields
 from hf_moeprune.format.modeling_moeprune import (
     MODEL_TYPE_PREFIX,
     PRUNED_CLASSES,
@@ -80,9 +81,11 @@ def mark_pruned(model, adapter) -> None:
         raise ValueError(f"no pruned-model classes for model_type {adapter.model_type!r}; register the family first")
     config = model.config
     counts = expert_counts(model, adapter)
-    provenance = getattr(config, "moeprune_provenance", None) or {}
-    original = provenance.get("original_num_experts") or getattr(config, adapter.num_experts_field)
-    kept = provenance.get("kept_expert_ids") or [list(range(c)) if c is not None else None for c in counts]
+    provenance = pruning_fields(config)  # a stock model is not pruned: these are a stock export's provenance
+    original = (provenance and provenance.get("original_num_experts")) or getattr(config, adapter.num_experts_field)
+    kept = (provenance and provenance.get("kept_expert_ids")) or [
+        list(range(c)) if c is not None else None for c in counts
+    ]
     config_cls, model_cls = PRUNED_CLASSES[adapter.model_type]
     config.__class__ = config_cls
     config.base_model_type = adapter.model_type
@@ -93,7 +96,7 @@ def mark_pruned(model, adapter) -> None:
     config.expert_count_attributes = adapter.count_attributes
     config.expert_count_field = adapter.num_experts_field
     config.expert_top_k_field = adapter.top_k_field
-    if "moeprune_provenance" in config.__dict__:
+    if PROVENANCE_FIELD in config.__dict__:
         del config.moeprune_provenance
     # A loaded config may carry model_type as an instance attribute, which would shadow the pruned class's;
     # and a loaded model remembers the checkpoint's key renamings (e.g. Mixtral's per-expert w1/w2/w3),

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_moeprune.format.layout import is_pruned_config
 from hf_moeprune.quantization.config import DEFAULT_SKIP_PATTERNS, LM_HEAD_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def _check_layout(staging: Path, patterns: list[str]) -> tuple[dict, list[int]]:
 
     config = json.loads((staging / "config.json").read_text())
     model_type = str(config.get("model_type"))
-    if model_type.startswith("moeprune_"):
+    if is_pruned_config(config):
         raise UnsupportedLayoutError(
             f"the model saves as {model_type!r} (experts per layer {config.get('experts_per_layer')}): its MoE layers "
             "keep different expert counts (or a learned router bias), which no stock architecture, hence no serving "

@@ -19,11 +19,12 @@ import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from hf_moeprune.utils import atomic_output_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,8 @@ def _sha256(path: Path) -> str:
 
 
 def _replace_into(folder: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output_file(folder / name) as tmp:
         write(tmp)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pruning_state(folder: str | os.PathLike, state: dict) -> None:

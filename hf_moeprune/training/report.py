@@ -8,16 +8,12 @@ import math
 import os
 from pathlib import Path
 
+from hf_moeprune.utils import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "pruning_report.json"
 HEATMAP_NAME = "expert_usage.png"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _matrix(usage: dict, layers: list[int], width: int) -> list[list[float]]:
@@ -69,7 +65,7 @@ def write_report(report: dict, output_dir: str | os.PathLike) -> list[Path]:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / REPORT_NAME
-    _atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
+    atomic_write_text(json_path, json.dumps(report, indent=2, default=str))
     paths = [json_path]
     heatmap = plot_usage_heatmap(report, out / HEATMAP_NAME)
     if heatmap is not None:

@@ -18,6 +18,7 @@ from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
 from hf_moeprune.distributed import check_trainer_setup
 from hf_moeprune.format import enable_selection_bias, mark_pruned
+from hf_moeprune.format.layout import saved_kept_expert_ids
 from hf_moeprune.format.modeling_moeprune import SELECTION_BIAS
 from hf_moeprune.lora import (
     experts_have_trainable_tensors,
@@ -457,7 +458,7 @@ class MoEPruneMixin:
             config_path = base_dir / "config.json"  # a LoRA run: the adapter at the top, the pruned base below
         if config_path.is_file():
             saved = json.loads(config_path.read_text())
-            saved_ids = saved.get("kept_expert_ids") or (saved.get("moeprune_provenance") or {}).get("kept_expert_ids")
+            saved_ids = saved_kept_expert_ids(saved)
             if saved_ids is not None:
                 current = self.moe_model.config.kept_expert_ids
                 plan = {}

@@ -1,14 +1,4 @@
-"""Publishing: a model card for a pruned MoE model, and the push of the model folder to the Hugging Face Hub.
-
-The card is rendered by ``huggingface_hub.ModelCard.from_template`` from the Jinja template
-``model_cards/pruned_moe.md``: the YAML metadata comes from ``ModelCardData`` and the body from the
-pruning fields of the saved config (``experts_per_layer``/``kept_expert_ids`` of the pruned format, or
-``moeprune_provenance`` of a stock export). Quantization, distillation and evaluation figures are passed
-in as typed records; a section whose record is absent is left out of the card, never filled in.
-
-The push goes through the real ``huggingface_hub`` client (``HfApi.create_repo`` + ``upload_folder``),
-so ``HF_ENDPOINT`` (or ``endpoint=``) points it at another Hub, a private one or a test stand-in.
-"""
+"""Model cards: the typed records a card reports, and rendering/writing the card of a model folder."""
 
 from __future__ import annotations
 
@@ -17,35 +7,29 @@ import logging
 import math
 import os
 import re
-import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_token
+from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+
+from hf_moeprune.format.layout import base_model_type, expert_layout, is_pruned_config, pruned_layout
+from hf_moeprune.format.safetensors_header import read_header
+from hf_moeprune.hub.plots import _matplotlib_available, plot_expert_counts
+from hf_moeprune.utils import atomic_output_file, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
 # hf_moeprune/model_cards is a link to the repository's model_cards/ folder; wheels ship its files as package data
-DEFAULT_TEMPLATE = Path(__file__).parent / "model_cards" / "pruned_moe.md"
+DEFAULT_TEMPLATE = Path(__file__).parent.parent / "model_cards" / "pruned_moe.md"
 PLOT_FILENAME = "expert_counts.png"
 CARD_FILENAME = "README.md"
-DEFAULT_COMMIT_MESSAGE = "Upload pruned MoE model (hf_moeprune)"
-PRUNED_MODEL_TYPE_PREFIX = "moeprune_"
 # Placeholder shown in the loading snippets when the card is written before the repo id is known.
 REPO_ID_PLACEHOLDER = "path/to/this-model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-# Small text files that could hold a pasted token; weights are not scanned (large, and binary).
-TEXT_SUFFIXES = {".json", ".md", ".py", ".txt", ".yaml", ".yml", ".cfg", ".toml", ".jinja", ".sh", ".ini"}
-MAX_SCANNED_BYTES = 16 * 1024 * 1024
 _LICENSE_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]*$")
-
-
-class MissingTokenError(ValueError):
-    """No Hugging Face token could be found; raised before any request is made."""
 
 
 def _require_text(value: Any, name: str) -> None:
@@ -180,95 +164,6 @@ class CardInfo:
             raise ValueError(f"CardInfo.evaluation must hold EvalFigure records, got {bad!r}")
 
 
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Experts each decoder layer keeps, read from a saved config. ``None`` marks a dense layer."""
-
-    family: str
-    stock_export: bool
-    original_num_experts: int
-    experts_per_layer: tuple[int | None, ...]
-    kept_expert_ids: tuple[tuple[int, ...] | None, ...]
-    selection_bias: bool = False  # routers carry a learned load-balancing bias (aux-loss-free balancing)
-
-    @property
-    def uniform(self) -> bool:
-        """Every MoE layer keeps the same number of experts."""
-        return len({c for c in self.experts_per_layer if c is not None}) == 1
-
-    @property
-    def moe_layers(self) -> list[int]:
-        return [i for i, c in enumerate(self.experts_per_layer) if c is not None]
-
-    @property
-    def kept_total(self) -> int:
-        return sum(c for c in self.experts_per_layer if c is not None)
-
-    @property
-    def original_total(self) -> int:
-        return self.original_num_experts * len(self.moe_layers)
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the routed experts removed, over all MoE layers."""
-        return 1.0 - self.kept_total / self.original_total
-
-
-def expert_layout(config: dict[str, Any]) -> ExpertLayout:
-    """Read the per-layer expert counts from a config dict (pruned format or stock export with provenance)."""
-    model_type = config.get("model_type")
-    if isinstance(model_type, str) and model_type.startswith(PRUNED_MODEL_TYPE_PREFIX):
-        fields, stock = config, False
-    elif isinstance(config.get("moeprune_provenance"), dict):
-        fields, stock = config["moeprune_provenance"], True
-    else:
-        raise ValueError(
-            f"config of model_type {model_type!r} has neither the pruned-model fields (model_type "
-            f"'{PRUNED_MODEL_TYPE_PREFIX}<family>' with experts_per_layer) nor 'moeprune_provenance': "
-            "it was not pruned by hf_moeprune, so there is no expert layout to describe"
-        )
-    missing = [k for k in ("experts_per_layer", "kept_expert_ids", "original_num_experts") if fields.get(k) is None]
-    if missing:
-        where = "moeprune_provenance" if stock else "config"
-        raise ValueError(f"{where} of model_type {model_type!r} lacks {missing}")
-    counts = list(fields["experts_per_layer"])
-    kept = list(fields["kept_expert_ids"])
-    if len(counts) != len(kept):
-        raise ValueError(
-            f"experts_per_layer has {len(counts)} entries but kept_expert_ids has {len(kept)}; they must match"
-        )
-    for layer, (count, ids) in enumerate(zip(counts, kept)):
-        if (count is None) != (ids is None) or (count is not None and len(ids) != count):
-            raise ValueError(f"layer {layer}: experts_per_layer={count} disagrees with kept_expert_ids={ids}")
-    if all(c is None for c in counts):
-        raise ValueError("experts_per_layer lists no MoE layer")
-    family = fields.get("base_model_type") or (model_type[len(PRUNED_MODEL_TYPE_PREFIX) :] if not stock else model_type)
-    return ExpertLayout(
-        family=str(family),
-        stock_export=stock,
-        original_num_experts=int(fields["original_num_experts"]),
-        experts_per_layer=tuple(counts),
-        kept_expert_ids=tuple(tuple(ids) if ids is not None else None for ids in kept),
-        selection_bias=bool(config.get("selection_bias_routing")),
-    )
-
-
-def pruned_layout(config: dict[str, Any]) -> ExpertLayout | None:
-    """The expert layout when hf_moeprune removed experts, None for a model that keeps them all (e.g. one
-    that was only quantized or distilled: its card then has no pruning section)."""
-    model_type = config.get("model_type")
-    pruned = isinstance(model_type, str) and model_type.startswith(PRUNED_MODEL_TYPE_PREFIX)
-    if not pruned and not isinstance(config.get("moeprune_provenance"), dict):
-        return None
-    layout = expert_layout(config)
-    return layout if layout.kept_total < layout.original_total or layout.selection_bias else None
-
-
-def _family(config: dict[str, Any]) -> str:
-    model_type = str(config.get("model_type"))
-    return str(config.get("base_model_type") or model_type.removeprefix(PRUNED_MODEL_TYPE_PREFIX))
-
-
 def _quant_method(config: dict[str, Any]) -> str | None:
     quantization = config.get("quantization_config")
     return quantization.get("quant_method") if isinstance(quantization, dict) else None
@@ -292,8 +187,7 @@ def checkpoint_kind(config: dict[str, Any]) -> str:
             f"config.json has quantization_config.quant_method={method!r}; hf_moeprune writes cards for "
             "'compressed-tensors' and 'hf_moeprune' checkpoints only, and cannot say how to load this one"
         )
-    model_type = str(config.get("model_type"))
-    return "pruned_format" if model_type.startswith(PRUNED_MODEL_TYPE_PREFIX) else "stock"
+    return "pruned_format" if is_pruned_config(config) else "stock"
 
 
 def _ct_scheme_text(config: dict[str, Any]) -> str | None:
@@ -360,9 +254,7 @@ def stored_parameter_count(folder: Path) -> int | None:
         return None
     total = 0
     for path in files:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        header = read_header(path)
         for name, entry in header.items():
             if name != "__metadata__":
                 total += math.prod(entry["shape"])
@@ -374,40 +266,6 @@ def _format_count(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f}{unit} ({n:,})"
     return f"{n:,}"
-
-
-def plot_expert_counts(layout: ExpertLayout, path: str | os.PathLike) -> Path:
-    """Bar chart of the experts each MoE layer keeps, against the original count. Needs matplotlib."""
-    # Figure + Agg canvas directly, not pyplot: no global backend or figure state is touched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    layers = layout.moe_layers
-    counts = [layout.experts_per_layer[i] for i in layers]
-    fig = Figure(figsize=(max(4.0, 0.28 * len(layers) + 1.5), 3.0), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.bar(layers, counts, color="#4C72B0", label="experts kept")
-    ax.axhline(layout.original_num_experts, color="#C44E52", linestyle="--", label="original")
-    ax.set_xlabel("decoder layer")
-    ax.set_ylabel("experts")
-    ax.set_ylim(0, layout.original_num_experts * 1.35)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"Experts per layer ({layout.kept_total} of {layout.original_total} kept)")
-    ax.legend(loc="upper right", ncol=2, fontsize="small", frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
-
-
-def _matplotlib_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def build_model_card(
@@ -431,7 +289,7 @@ def build_model_card(
     config, folder = _load_config(model_dir_or_config)
     layout = pruned_layout(config)
     kind = checkpoint_kind(config)
-    family = layout.family if layout is not None else _family(config)
+    family = layout.family if layout is not None else str(base_model_type(config))
     quantization = info.quantization or quantization_from_config(config)
     template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
     if not template.is_file():
@@ -487,18 +345,6 @@ def build_model_card(
     )
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_model_card(
     model_dir: str | os.PathLike,
     info: CardInfo | None = None,
@@ -534,170 +380,13 @@ def write_model_card(
     )
     if want_plot:
         layout = expert_layout(_load_config(folder)[0])
-        fd, tmp = tempfile.mkstemp(prefix=f".{PLOT_FILENAME}.tmp-", suffix=".png", dir=out)
-        os.close(fd)
-        try:
+        with atomic_output_file(plot_path) as tmp:
             plot_expert_counts(layout, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, plot_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
     try:
-        _atomic_write_bytes(card_path, card.content.encode("utf-8"))
+        atomic_write_bytes(card_path, card.content.encode("utf-8"))
     except BaseException:
         if want_plot:
             plot_path.unlink(missing_ok=True)
         raise
     logger.info("wrote model card %s%s", card_path, f" and plot {plot_path}" if want_plot else "")
     return card_path
-
-
-def resolve_token(token: str | None = None) -> str:
-    """The token to push with: ``token``, else what ``huggingface_hub.get_token()`` finds (HF_TOKEN, token file)."""
-    if token is not None and (not isinstance(token, str) or not token.strip()):
-        raise MissingTokenError("the token passed is empty; pass a Hugging Face access token with write permission")
-    resolved = token or get_token()
-    if not resolved:
-        raise MissingTokenError(
-            "no Hugging Face token found, so nothing was sent. Provide a token with write permission in one of "
-            "these ways: pass token=... (CLI: --token), set the HF_TOKEN environment variable, or run "
-            f"`hf auth login` (it stores the token in {constants.HF_TOKEN_PATH}). Create one at "
-            "https://huggingface.co/settings/tokens"
-        )
-    return resolved
-
-
-def _check_model_folder(folder: str | os.PathLike) -> Path:
-    path = Path(folder)
-    if not path.exists():
-        raise FileNotFoundError(f"model folder {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"{str(path)!r} is not a folder; pass the folder written by save_pretrained")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} holds no config.json; pass the folder written by save_pretrained, not a parent folder"
-        )
-    return path
-
-
-# Never uploaded: a pickle of the TrainingArguments (other people would have to unpickle it to read it, and
-# Trainer versions before issue 16 stored the Hub token in it).
-EXCLUDED_FROM_PUSH = ("training_args.bin",)
-
-
-def _files_to_push(folder: Path) -> dict[str, Path]:
-    """``path in repo -> local path`` for every file of ``folder``, without hidden files and folders (temporary
-    folders of interrupted runs, ``.cache``, ``.git``) and without ``EXCLUDED_FROM_PUSH``."""
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
-        if rel.name in EXCLUDED_FROM_PUSH:
-            logger.warning("not uploading %s: a pickle of the training arguments, not part of the model", path)
-            continue
-        files[rel.as_posix()] = path
-    return files
-
-
-def _contains(path: Path, needle: bytes) -> bool:
-    """Whether ``needle`` occurs in ``path``: in a safetensors file, in its JSON header (the rest is tensor
-    data); in any other file (text, pickles, archives), anywhere, read in chunks."""
-    with path.open("rb") as f:
-        if path.suffix == ".safetensors":
-            head = f.read(8)
-            size = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
-            return needle in f.read(min(size, MAX_SCANNED_BYTES))
-        tail = b""
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            if needle in tail + chunk:
-                return True
-            tail = chunk[-(len(needle) - 1) :] if len(needle) > 1 else b""
-    return False
-
-
-def _refuse_token_in_files(files: dict[str, Path], token: str) -> None:
-    """A token pasted into a config or notes file, or pickled into a binary one, would be published with it:
-    stop before that happens."""
-    needle = token.encode("utf-8")
-    for path in files.values():
-        if _contains(path, needle):
-            raise ValueError(
-                f"{str(path)!r} contains your Hugging Face access token; remove it before pushing (nothing was sent)"
-            )
-
-
-def push_to_hub(
-    folder: str | os.PathLike,
-    repo_id: str,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
-    revision: str | None = None,
-    *,
-    card_info: CardInfo | None = None,
-    endpoint: str | None = None,
-) -> str:
-    """Create ``repo_id`` if needed and upload the model folder to it, model card included; returns the repo URL.
-
-    A missing README.md is generated first (from ``card_info`` when given). Every check (folder, repo id,
-    token, offline mode, a token pasted in a text file) runs before the first request. The token is only
-    handed to the client; it is never written to a file or a log. ``endpoint`` defaults to
-    ``huggingface_hub.constants.ENDPOINT`` (the ``HF_ENDPOINT`` environment variable).
-    """
-    path = _check_model_folder(folder)
-    _check_repo_id(repo_id)
-    if revision is not None:
-        _require_text(revision, "revision")
-    _require_text(commit_message, "commit_message")
-    if card_info is not None and (path / CARD_FILENAME).exists():
-        raise ValueError(
-            f"{str(path / CARD_FILENAME)!r} already exists, so card_info would be ignored; delete it to have the "
-            "card regenerated, or pass card_info=None to push the existing card"
-        )
-    resolved = resolve_token(token)
-    if constants.is_offline_mode():
-        raise RuntimeError("offline mode is enabled (HF_HUB_OFFLINE=1); unset it to push to the Hub")
-    files = _files_to_push(path)
-    _refuse_token_in_files(files, resolved)
-
-    from importlib.metadata import PackageNotFoundError, version
-
-    from huggingface_hub import CommitOperationAdd
-
-    try:
-        library_version = version("hf_moeprune")
-    except PackageNotFoundError:
-        library_version = "unknown"
-    with tempfile.TemporaryDirectory(prefix="hf_moeprune-card-") as staging:
-        generated = {}
-        if not (path / CARD_FILENAME).exists():
-            # Rendered outside the model folder and copied in only after the upload succeeded: a failed push
-            # leaves the folder exactly as it was.
-            write_model_card(path, card_info, repo_id=repo_id, overwrite=True, destination=staging)
-            generated = {p.name: p for p in Path(staging).iterdir() if not p.name.startswith(".")}
-        api = HfApi(
-            endpoint=endpoint or constants.ENDPOINT,
-            token=resolved,
-            library_name="hf_moeprune",
-            library_version=library_version,
-        )
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and revision != constants.DEFAULT_REVISION:
-            # the commit needs the branch to exist.
-            api.create_branch(repo_url.repo_id, branch=revision, exist_ok=True, repo_type="model")
-        operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(local))
-            for name, local in {**files, **generated}.items()
-        ]
-        commit = api.create_commit(
-            repo_id=repo_url.repo_id,
-            operations=operations,
-            commit_message=commit_message,
-            revision=revision,
-            repo_type="model",
-        )
-        for name, staged in generated.items():
-            _atomic_write_bytes(path / name, staged.read_bytes())
-    logger.info("pushed %s to %s (commit %s)", path, repo_url, commit.oid)
-    return str(repo_url)
