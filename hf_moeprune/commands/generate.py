@@ -13,11 +13,10 @@ import torch
 from hf_moeprune.commands._parsing import parse_args
 from hf_moeprune.inference import (
     GenerationOptions,
-    completed_ids,
+    check_output_file,
     exclusive_output,
     generate_file,
     read_prompts,
-    writer_marker,
 )
 
 
@@ -46,16 +45,11 @@ class GenerateArguments:
 
 
 def check_out(out_arg: str, resume: bool, overwrite: bool) -> None:
-    """The resume/overwrite rules for ``--out``, checked once before anything is read or loaded: the two flags
-    exclude each other; results already in ``--out`` need one of them; and ``--resume`` of a file this tool did
-    not write (no writer marker beside it) is refused unless every line is a complete record, never repaired."""
-    out = Path(out_arg)
-    if resume and overwrite:
-        raise SystemExit("hf-moeprune generate: --resume and --overwrite exclude each other")
-    if out.is_file() and out.stat().st_size > 0 and not (resume or overwrite):
-        raise SystemExit(f"--out {out_arg!r} already has results; pass --resume to continue it, or --overwrite")
-    if resume and out.is_file() and not writer_marker(out).exists():
-        completed_ids(out, truncate_partial=False)
+    """The library's rules for ``--out`` (``check_output_file``), checked once before the model is loaded."""
+    try:
+        check_output_file(out_arg, resume, overwrite)
+    except (ValueError, FileExistsError) as exc:
+        raise SystemExit(f"hf-moeprune generate: {exc}") from None
 
 
 def load_model_and_tokenizer(args: GenerateArguments):

@@ -43,7 +43,13 @@ from hf_moeprune.inference.engines import (
     resolve_engine,
     set_experts_implementation,
 )
-from hf_moeprune.inference.generator import BatchGenerator, build_generation_config, generate, generate_file
+from hf_moeprune.inference.generator import (
+    BatchGenerator,
+    build_generation_config,
+    check_output_file,
+    generate,
+    generate_file,
+)
 from hf_moeprune.inference.memory import PeakMemory
 from hf_moeprune.inference.options import GenerationOptions
 from hf_moeprune.inference.output import OrderedWriter, exclusive_output, jsonl_appender, mark_as_ours, writer_marker
@@ -70,6 +76,7 @@ __all__ = [
     "exclusive_output",
     "finish_completion",
     "generate",
+    "check_output_file",
     "generate_file",
     "jsonl_appender",
     "mark_as_ours",

@@ -159,6 +159,26 @@ def generate(
     return completions
 
 
+def check_output_file(out_path: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> bool:
+    """The rules for an output file of results, checked before any work: ``resume`` and ``overwrite`` exclude each
+    other; a non-empty file needs one of them; a file this tool did not write (no writer marker beside it) is
+    resumed only if every line is a complete record (it is never repaired). Returns whether the file has content.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume keeps --out, overwrite empties it")
+    out = Path(out_path)
+    if out.exists() and not out.is_file():
+        raise FileExistsError(f"--out {str(out)!r} exists and is not a file")
+    has_content = out.is_file() and out.stat().st_size > 0
+    if has_content and not (resume or overwrite):
+        raise FileExistsError(
+            f"--out {str(out)!r} already has results; pass --resume to skip them and continue, or --overwrite"
+        )
+    if resume and out.is_file() and not writer_marker(out).exists():
+        completed_ids(out, truncate_partial=False)
+    return has_content
+
+
 def generate_file(
     model: nn.Module,
     tokenizer,
@@ -174,16 +194,8 @@ def generate_file(
     An existing non-empty ``out_path`` is refused unless ``resume`` (skip its ids, append the rest) or
     ``overwrite`` (start it again) is set.
     """
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume keeps --out, overwrite empties it")
     out = Path(out_path)
-    if out.exists() and not out.is_file():
-        raise FileExistsError(f"--out {str(out)!r} exists and is not a file")
-    has_content = out.is_file() and out.stat().st_size > 0
-    if has_content and not (resume or overwrite):
-        raise FileExistsError(
-            f"--out {str(out)!r} already has results; pass --resume to skip them and continue, or --overwrite"
-        )
+    has_content = check_output_file(out, resume, overwrite)
     with exclusive_output(out):
         prompts, bad = read_prompts(prompts_path)
         if not prompts:
