@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_moeprune import compat
 from hf_moeprune.utils import fault_point, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -551,7 +552,7 @@ def set_experts_implementation(model: nn.Module, name: str) -> str | None:
     if name not in EXPERTS_IMPLEMENTATIONS:
         raise ValueError(f"experts implementation {name!r} is not known; choose one of {list(EXPERTS_IMPLEMENTATIONS)}")
     config = getattr(model, "config", None)
-    current = getattr(config, "_experts_implementation", None)
+    current = compat.experts_implementation(config)
     if name == "keep" or not hasattr(model, "set_experts_implementation"):
         return current
     wanted = "grouped_mm" if name == "auto" else name
@@ -561,7 +562,7 @@ def set_experts_implementation(model: nn.Module, name: str) -> str | None:
         if name != "auto":
             raise ValueError(f"experts implementation {wanted!r} is not available for this model: {exc}") from exc
         logger.info("keeping experts implementation %r (%s)", current, exc)
-    return getattr(config, "_experts_implementation", None)
+    return compat.experts_implementation(config)
 
 
 class PeakMemory:

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from hf_moeprune import compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,7 +58,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: Sequence[str], prog: str
         parser.set_defaults(**recipe)
         argv = argv[1:]
         # fields required by the dataclass but given in the recipe are no longer required on the CLI
-        for action in parser._actions:
+        for action in compat.parser_actions(parser):
             if action.dest in recipe:
                 action.required = False
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

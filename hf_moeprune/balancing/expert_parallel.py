@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hf_moeprune import compat
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.surgery import unwrap_model
 
@@ -92,7 +93,7 @@ def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.
 
 
 def _register_counting_implementation() -> None:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    ALL_EXPERTS_FUNCTIONS = compat.experts_functions()
 
     if COUNTING_IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS:
         return
@@ -144,15 +145,15 @@ class RankExpertLoad:
                     "ExpertsInterface, so its per-rank work cannot be counted"
                 )
             configs[id(config)] = config
-            experts._moeprune_rank_load = (self, layer, config._experts_implementation)
+            experts._moeprune_rank_load = (self, layer, compat.experts_implementation(config))
         for config in configs.values():
-            self._saved.append((config, config._experts_implementation))
-            config._experts_implementation_internal = COUNTING_IMPLEMENTATION
+            self._saved.append((config, compat.experts_implementation(config)))
+            compat.set_experts_implementation_internal(config, COUNTING_IMPLEMENTATION)
         return self
 
     def __exit__(self, *exc) -> None:
         for config, implementation in self._saved:
-            config._experts_implementation_internal = implementation
+            compat.set_experts_implementation_internal(config, implementation)
         self._saved = []
         decoder_layers = self.adapter.decoder_layers(self.model)
         for layer in self.layers:
