@@ -115,6 +115,15 @@ def experts_functions():
     return ALL_EXPERTS_FUNCTIONS
 
 
+def experts_eager_forward(experts_cls: type):
+    """The experts class's own (eager) ``forward``, None when it does not dispatch through ``ExpertsInterface``.
+
+    transformers 5.24's ``@use_experts_implementation`` replaces ``forward`` by a dispatcher made with
+    ``functools.wraps``, so the eager loop is only reachable as ``forward.__wrapped__``.
+    """
+    return getattr(experts_cls.forward, "__wrapped__", None)
+
+
 def is_hf_initialized(tensor: torch.Tensor) -> bool:
     """Whether ``from_pretrained`` filled this tensor from the checkpoint.
 

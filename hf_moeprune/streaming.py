@@ -11,7 +11,8 @@ Two users:
 
 The key conversions (legacy checkpoint names <-> the fused tensors transformers v5 models hold) are
 transformers' private loading machinery (``transformers.core_model_loading`` and ``conversion_mapping``); every
-use of it is in the three ``_*conversion*`` functions below, checked against transformers 5.24.
+use of it is in ``hf_moeprune.compat`` (``load_conversions``, ``apply_load_conversions``, ``converted_key``,
+``revert_conversions``), checked against transformers 5.24.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ def _register_counting_implementation() -> None:
         ids = top_k_index.reshape(-1)
         local = ids[(ids >= 0) & (ids < self.num_experts)]
         meter[0].add(meter[1], torch.bincount(local, minlength=self.num_experts).cpu())
-        inner = ALL_EXPERTS_FUNCTIONS.get_interface(meter[2], type(self).forward.__wrapped__)
+        inner = ALL_EXPERTS_FUNCTIONS.get_interface(meter[2], compat.experts_eager_forward(type(self)))
         return inner(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
 
     ALL_EXPERTS_FUNCTIONS.register(COUNTING_IMPLEMENTATION, counted_experts_forward)
@@ -139,7 +139,7 @@ class RankExpertLoad:
         for layer in self.layers:
             experts = self.adapter.experts(decoder_layers[layer])
             config = getattr(experts, "config", None)
-            if config is None or not hasattr(type(experts).forward, "__wrapped__"):
+            if config is None or compat.experts_eager_forward(type(experts)) is None:
                 raise ValueError(
                     f"layer {layer}: {type(experts).__name__} does not dispatch through transformers' "
                     "ExpertsInterface, so its per-rank work cannot be counted"
