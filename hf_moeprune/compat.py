@@ -27,7 +27,7 @@ import torch
 import transformers
 from torch import nn
 
-logger = logging.getLogger("hf_moeprune.streaming")  # apply_load_conversions logs as streaming did
+_streaming_logger = logging.getLogger("hf_moeprune.streaming")  # apply_load_conversions logs as streaming did
 
 CHECKED_VERSIONS = {"transformers": "5.24.0", "torch": "2.13.0", "peft": "0.21.2", "trl": "1.16.0"}
 
@@ -422,7 +422,9 @@ def apply_load_conversions(
         if renamed not in meta_state and key in meta_state:
             renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
         if renamed not in meta_state:
-            logger.debug("checkpoint key %s is not a weight of the model; dropped (as from_pretrained drops it)", key)
+            _streaming_logger.debug(
+                "checkpoint key %s is not a weight of the model; dropped (as from_pretrained drops it)", key
+            )
             continue
         if pattern is not None:
             mapping = groups.setdefault(renamed, deepcopy(pattern_to_converter[pattern]))
