@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
+from hf_moeprune import compat
 from hf_moeprune.utils import fault_point, without_secrets
 
 logger = logging.getLogger(__name__)
+compat.check_trainer_overrides()  # _save_checkpoint, _load_from_checkpoint, _save below override private methods
 
 IGNORE_INDEX = -100
 PROJECTOR_FILE = "distill_projector.safetensors"  # checkpointed learned hidden-state projection
@@ -547,7 +549,7 @@ class MoEDistillTrainer(Trainer):
         if self.hidden_projector is not None and self.args.should_save:
             from safetensors.torch import save_file
 
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            folder = Path(compat.trainer_output_dir(self, trial)) / f"checkpoint-{self.state.global_step}"
             folder.mkdir(parents=True, exist_ok=True)
             state = {k: v.detach().cpu().contiguous() for k, v in self.hidden_projector.state_dict().items()}
             save_file(state, folder / PROJECTOR_FILE)

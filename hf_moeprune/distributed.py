@@ -6,8 +6,8 @@ contiguous block of experts. Removing or reordering experts selects rows *across
 all-gathered on its own, its kept rows selected, and the result sharded again with the same placement:
 at most one layer tensor is ever whole on a rank, never the model.
 
-The private torch/transformers APIs this needs all live here, each with why and the version it was checked
-against (torch 2.13, transformers 5.24):
+The private torch/transformers APIs this needs live in ``hf_moeprune.compat``, each with why and the version it
+was checked against (torch 2.13, transformers 5.24). In short:
 
 - FSDP2 keeps, per parameter, an ``FSDPParam`` holding the padded local shard, sizes and the registered
   DTensor. A parameter whose global shape changes must be re-initialised there
@@ -29,6 +29,8 @@ import os
 
 import torch
 from torch import nn
+
+from hf_moeprune import compat
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,7 @@ def _fsdp_params(model: nn.Module) -> dict[int, object]:
     for module in model.modules():
         if not isinstance(module, FSDPModule):
             continue
-        # private (torch 2.13): the state and param group FSDP2 attaches to each fully_shard-ed module
-        group = module._get_fsdp_state()._fsdp_param_group
+        group = compat.fsdp_param_group(module)
         if group is None:
             continue
         for fsdp_param in group.fsdp_params:
@@ -85,40 +86,28 @@ def _fsdp_params(model: nn.Module) -> dict[int, object]:
 def _reinit_fsdp_param(fsdp_param, full: torch.Tensor, requires_grad: bool) -> nn.Parameter:
     """Give an FSDP2 parameter a new global value of a new shape; returns the new sharded parameter.
 
-    Private (torch 2.13): ``_init_sharded_param`` is what ``fully_shard`` runs per parameter. It chunks the
-    (identical on every rank) full value, keeps this rank's padded shard and registers the new DTensor on
-    the owning module(s). The all-gather buffers and the unsharded parameter are sized from the old shape,
-    so they are dropped; FSDP re-creates them at the next all-gather.
+    The private FSDP2 calls are in ``compat.reinit_fsdp_param``.
     """
-    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
-
-    if fsdp_param.sharded_state != ShardedState.SHARDED:
+    fqn = compat.fsdp_param_fqn(fsdp_param)
+    if not compat.fsdp_param_is_resharded(fsdp_param):
         raise DistributedSetupError(
-            f"FSDP2 parameter {fsdp_param._param_fqn} is {fsdp_param.sharded_state.name}, not resharded; expert "
+            f"FSDP2 parameter {fqn} is {fsdp_param.sharded_state.name}, not resharded; expert "
             "removal runs between optimizer steps, outside forward/backward (use reshard_after_forward or call "
             "model.reshard() first)"
         )
     if fsdp_param.fsdp_placement.dim != 0:
         raise DistributedSetupError(
-            f"FSDP2 shards {fsdp_param._param_fqn} on dim {fsdp_param.fsdp_placement.dim}; expert surgery needs "
+            f"FSDP2 shards {fqn} on dim {fsdp_param.fsdp_placement.dim}; expert surgery needs "
             "Shard(0) (the expert dim), FSDP2's default: drop the custom shard_placement_fn for expert tensors"
         )
-    spec = fsdp_param._unsharded_dtensor_spec  # set when FSDP2 wraps a DTensor (expert/tensor parallelism)
+    spec = compat.fsdp_unsharded_dtensor_spec(fsdp_param)  # set when FSDP2 wraps a DTensor (expert/tensor parallelism)
     value = full.contiguous()
     if spec is not None:
         # transformers' expert parallelism: FSDP2 shards each rank's expert block further (efsdp); rebuild the
         # expert-parallel DTensor first, then let FSDP shard it as it did at load time
         value = _distribute(value, spec.mesh, spec.placements)
     param = nn.Parameter(value, requires_grad=requires_grad)
-    fsdp_param._init_sharded_param(param, fsdp_param.device, None, fsdp_param.mesh_info)
-    if fsdp_param.post_forward_mesh_info:
-        fsdp_param._init_sharded_post_forward_param_metadata(param)
-    fsdp_param.init_dtype_attrs(fsdp_param.mp_policy)
-    fsdp_param._init_extensions()
-    fsdp_param.all_gather_outputs = []
-    fsdp_param.unsharded_accumulated_grad = None
-    fsdp_param.__dict__.pop("_unsharded_param", None)
-    return fsdp_param.sharded_param
+    return compat.reinit_fsdp_param(fsdp_param, param)
 
 
 def _distribute(full: torch.Tensor, mesh, placements):
@@ -171,7 +160,7 @@ class ShardedSurgery:
                 new = nn.Parameter(new, requires_grad=old.requires_grad)
                 setattr(owner, attr, new)
             else:
-                persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
+                persistent = compat.buffer_is_persistent(owner, attr)
                 owner.register_buffer(attr, new, persistent=persistent)
         del full
         return old, new
@@ -180,12 +169,12 @@ class ShardedSurgery:
     def finish_experts(experts: nn.Module, num_experts: int) -> None:
         """After the count attributes were set to the global ``num_experts``: transformers' expert parallelism wants
         the local count, in the module and in the token dispatch built for the old count."""
-        if not getattr(experts, "_is_expert_parallel", False):
+        if not compat.is_expert_parallel(experts):
             return
         ep_size = expert_parallel_size(experts)
         # private (transformers 5.24): MoEParamShard.shard_param sets num_experts to the local count
         experts.num_experts = num_experts // ep_size
-        for dispatch in _ep_dispatches(experts):
+        for dispatch in compat.ep_dispatches(experts):
             dispatch.num_local_experts = experts.num_experts
 
 
@@ -201,40 +190,15 @@ def check_expert_parallel_count(experts: nn.Module, num_experts: int, layer: int
 
 def expert_parallel_size(experts: nn.Module) -> int:
     """How many expert-parallel ranks share this experts module's experts (1 without expert parallelism)."""
-    if not getattr(experts, "_is_expert_parallel", False):
+    if not compat.is_expert_parallel(experts):
         return 1
     fsdp = _fsdp_params(experts)
     for param in experts.parameters(recurse=False):
-        spec = getattr(fsdp.get(id(param)), "_unsharded_dtensor_spec", None)
+        spec = compat.fsdp_unsharded_dtensor_spec(fsdp.get(id(param)))
         mesh = spec.mesh if spec is not None else getattr(param, "device_mesh", None)
         if mesh is not None:
             return mesh.size()
     return 1
-
-
-def _ep_dispatches(experts: nn.Module) -> list:
-    """The ``EPImplementation`` objects behind an ``ep_dispatch_experts`` module's forward (none without one).
-
-    Private (transformers 5.24): ``EpDispatchExpertsParallel.install_forward`` sets ``module.forward`` to a
-    closure over the implementation; each implementation caches ``num_local_experts`` when it is built, and the
-    default ``AutoEP`` holds further ones (all-to-all, all-reduce) as attributes. They are found through the
-    closures (also when hf_moeprune's REAP wrapper sits in front) and their attributes, so every cached count
-    can follow a removal.
-    """
-    from transformers.distributed.expert_parallel import EPImplementation
-
-    found, seen, stack = [], set(), [experts.__dict__.get("forward")]
-    while stack:
-        item = stack.pop()
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
-        if isinstance(item, EPImplementation):
-            found.append(item)
-            stack.extend(v for v in vars(item).values() if isinstance(v, EPImplementation))
-        elif callable(item):
-            stack.extend(cell.cell_contents for cell in getattr(item, "__closure__", None) or ())
-    return found
 
 
 def deepspeed_setup(args=None) -> str | None:
@@ -267,7 +231,7 @@ def check_trainer_setup(model: nn.Module, args) -> None:
     failure of issue 12). ZeRO-3 also replaces every parameter by an empty placeholder, so nothing can even
     count the experts. Both are refused here, naming the setup.
     """
-    ep_sizes = {expert_parallel_size(m) for m in model.modules() if getattr(m, "_is_expert_parallel", False)}
+    ep_sizes = {expert_parallel_size(m) for m in model.modules() if compat.is_expert_parallel(m)}
     if ep_sizes and getattr(args, "prune_target", 0) > 0:
         ep_size = max(ep_sizes)
         if getattr(args, "balance_ep_size", 0) != ep_size:

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_moeprune import compat
+
 logger = logging.getLogger(__name__)
 
 TensorReplaced = Callable[..., None]
@@ -73,20 +75,20 @@ def peeled(root: nn.Module, owner_paths: list[str]) -> Iterator[dict[str, list[n
             parent = root
             parts = path.split(".") if path else []
             for depth, part in enumerate(parts):
-                child = parent._modules.get(part) if isinstance(parent, nn.Module) else None
+                child = compat.child_module(parent, part) if isinstance(parent, nn.Module) else None
                 if child is None:
                     break
                 if is_tuner_layer(child):
                     chains[".".join(parts[: depth + 1])] = wrapper_chain(child)
                     base = innermost(child)
-                    parent._modules[part] = base
+                    compat.set_child_module(parent, part, base)
                     swapped.append((parent, part, child))
                     child = base
                 parent = child
         yield chains
     finally:
         for parent, part, wrapper in reversed(swapped):
-            parent._modules[part] = wrapper
+            compat.set_child_module(parent, part, wrapper)
 
 
 def _replace_weight(linear: nn.Linear, data: torch.Tensor, index: torch.Tensor, dim: int, on_replaced) -> None:
@@ -126,7 +128,7 @@ def slice_adapters(
         if target not in resized:
             continue
         _check_plain_lora(wrapper)
-        per_expert_3d = getattr(wrapper, "num_experts", 1) > 1 or getattr(wrapper, "_param_ndim", 2) == 3
+        per_expert_3d = getattr(wrapper, "num_experts", 1) > 1 or compat.peft_param_ndim(wrapper) == 3
         for name in list(getattr(wrapper, "lora_A", {}).keys()):
             lora_a, lora_b = wrapper.lora_A[name], wrapper.lora_B[name]
             if per_expert_3d:
@@ -196,15 +198,15 @@ def without_adapters(model: nn.Module) -> Iterator[nn.Module]:
     weights under their own names. Models with adapters added through transformers' ``add_adapter`` save only the
     adapter from ``save_pretrained``; that switch is turned off for the duration too."""
     outer = _outer_tuner_paths(model)
-    flag = getattr(model, "_hf_peft_config_loaded", None)
+    flag = compat.hf_peft_adapter_flag(model)
     with peeled(model, outer):
         if flag:
-            model._hf_peft_config_loaded = False
+            compat.set_hf_peft_adapter_flag(model, False)
         try:
             yield model
         finally:
             if flag:
-                model._hf_peft_config_loaded = flag
+                compat.set_hf_peft_adapter_flag(model, flag)
 
 
 def save_adapter_and_base(
@@ -288,9 +290,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 wrapper.merge()
             base = innermost(module)
             parent_name, _, attr = name.rpartition(".")
-            (model.get_submodule(parent_name) if parent_name else model)._modules[attr] = base
-        if getattr(model, "_hf_peft_config_loaded", False):
-            model._hf_peft_config_loaded = False
+            compat.set_child_module(model.get_submodule(parent_name) if parent_name else model, attr, base)
+        if compat.hf_peft_adapter_flag(model):
+            compat.set_hf_peft_adapter_flag(model, False)
             model.peft_config = {}
     return model
 

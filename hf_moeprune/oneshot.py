@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_moeprune import compat
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.observation import attach_observer, new_statistics, observe_routing
 from hf_moeprune.pruning.allocation import AllocationSpec, allocate, select_experts
@@ -144,9 +145,9 @@ def _capture_layer_inputs(model: nn.Module, adapter, batch: dict[str, torch.Tens
 
 def _buffers_to(model: nn.Module, device) -> None:
     for module in model.modules():
-        for name, buf in module._buffers.items():
+        for name, buf in compat.own_buffers(module).items():
             if buf is not None and not buf.is_meta:
-                module._buffers[name] = buf.to(device)
+                compat.set_buffer(module, name, buf.to(device))
 
 
 def collect_statistics_layerwise(

@@ -11,7 +11,8 @@ Two users:
 
 The key conversions (legacy checkpoint names <-> the fused tensors transformers v5 models hold) are
 transformers' private loading machinery (``transformers.core_model_loading`` and ``conversion_mapping``); every
-use of it is in the three ``_*conversion*`` functions below, checked against transformers 5.24.
+use of it is in ``hf_moeprune.compat`` (``load_conversions``, ``apply_load_conversions``, ``converted_key``,
+``revert_conversions``), checked against transformers 5.24.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from hf_moeprune import compat
 from hf_moeprune.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -63,56 +64,6 @@ def layer_of_key(key: str) -> int | None:
     """The decoder-layer index a checkpoint or model key belongs to (None: embeddings, final norm, head)."""
     match = _LAYER_KEY.search(key)
     return int(match.group(1)) if match else None
-
-
-# -- transformers' key conversions (private API, transformers 5.24) -----------------------------------------------
-def _load_conversions(model: nn.Module) -> list:
-    """The transforms ``from_pretrained`` applies to this model's checkpoint keys (with the legacy renamings)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    return get_model_conversion_mapping(model)
-
-
-def _apply_load_conversions(
-    model: nn.Module, conversions: list, meta_state: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Checkpoint-named tensors -> model-named tensors, as ``convert_and_load_state_dict_in_model`` forms them
-    (same renaming, same converter grouping, cast to the dtype of the parameter they fill). Keys the model does
-    not have are dropped, as loading drops unexpected keys."""
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-
-    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
-    converters = [c for c in conversions if isinstance(c, WeightConverter)]
-    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
-    prefix = model.base_model_prefix
-    groups: dict[str, object] = {}
-    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
-        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
-        if renamed not in meta_state and key in meta_state:
-            renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
-        if renamed not in meta_state:
-            logger.debug("checkpoint key %s is not a weight of the model; dropped (as from_pretrained drops it)", key)
-            continue
-        if pattern is not None:
-            mapping = groups.setdefault(renamed, deepcopy(pattern_to_converter[pattern]))
-        else:
-            mapping = groups.setdefault(renamed, WeightRenaming(key, renamed))
-            pattern = key
-        mapping.add_tensor(renamed, key, pattern, tensor)
-    out = {}
-    for first_name, mapping in groups.items():
-        for name, value in mapping.convert(first_name, model=model, config=model.config).items():
-            value = value[0] if isinstance(value, list) else value
-            out[name] = value.to(meta_state[name].dtype) if name in meta_state else value
-    return out
-
-
-def _revert_conversions(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model-named tensors -> the names ``save_pretrained`` writes for ``model`` (e.g. per-expert keys for a stock
-    Mixtral, fused tensors as they are for the hf_moeprune format)."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    return revert_weight_conversion(model, tensors)
 
 
 # -- reading ------------------------------------------------------------------------------------------------------
@@ -202,21 +153,19 @@ class ModuleLoader:
     def create(cls, path: str | os.PathLike, model: nn.Module) -> ModuleLoader:
         _check_streamable(model.config)
         reader = CheckpointReader.open(path)
-        return cls(reader, model, _load_conversions(model), model.state_dict(), reader.keys_by_layer())
+        return cls(reader, model, compat.load_conversions(model), model.state_dict(), reader.keys_by_layer())
 
     def groups(self, layer: int | None) -> Iterator[dict[str, torch.Tensor]]:
         """Model-named tensors of ``layer``, one conversion group at a time (e.g. all per-expert ``w1``/``w3``
         keys of the layer together, since they form one ``gate_up_proj``)."""
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-
-        converters = [c for c in self.conversions if isinstance(c, WeightConverter)]
-        renamings = [c for c in self.conversions if not isinstance(c, WeightConverter)]
         by_target: dict[str, list[str]] = defaultdict(list)
         for key in self.units.get(layer, []):
-            target, _ = rename_source_key(key, renamings, converters, self.model.base_model_prefix, self.meta_state)
+            target = compat.converted_key(key, self.conversions, self.model.base_model_prefix, self.meta_state)
             by_target[target].append(key)
         for keys in by_target.values():
-            tensors = _apply_load_conversions(self.model, self.conversions, self.meta_state, self.reader.read(keys))
+            tensors = compat.apply_load_conversions(
+                self.model, self.conversions, self.meta_state, self.reader.read(keys)
+            )
             if tensors:
                 yield tensors
 
@@ -238,7 +187,7 @@ def materialize(model: nn.Module, state: Mapping[str, torch.Tensor], device: tor
         if isinstance(old, nn.Parameter):
             setattr(owner, attr, nn.Parameter(value, requires_grad=False))
         else:
-            owner._buffers[attr] = value
+            compat.set_buffer(owner, attr, value)
 
 
 def release(module: nn.Module) -> None:
@@ -376,7 +325,7 @@ def prune_checkpoint(
                             f"{name}: streamed tensor has shape {tuple(group[name].shape)}, the pruned model "
                             f"expects {tuple(expected.shape)}"
                         )
-                writer.add(_revert_conversions(written, group))
+                writer.add(compat.revert_conversions(written, group))
                 del group
             logger.info("streamed %s", "embeddings/head" if unit is None else f"layer {unit}")
         shards = writer.close(model.num_parameters())

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from hf_moeprune import compat
 from hf_moeprune.adapters import MoEAdapter, get_adapter
 from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
 from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
@@ -38,7 +39,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if is_peft_model(model):
             model = model.get_base_model()
             continue
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None) or compat.compiled_inner(model)
         if inner is None:
             return model
         model = inner

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from hf_moeprune import compat
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.surgery import unwrap_model
 
@@ -92,7 +93,7 @@ def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.
 
 
 def _register_counting_implementation() -> None:
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    ALL_EXPERTS_FUNCTIONS = compat.experts_functions()
 
     if COUNTING_IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS:
         return
@@ -103,7 +104,7 @@ def _register_counting_implementation() -> None:
         ids = top_k_index.reshape(-1)
         local = ids[(ids >= 0) & (ids < self.num_experts)]
         meter[0].add(meter[1], torch.bincount(local, minlength=self.num_experts).cpu())
-        inner = ALL_EXPERTS_FUNCTIONS.get_interface(meter[2], type(self).forward.__wrapped__)
+        inner = ALL_EXPERTS_FUNCTIONS.get_interface(meter[2], compat.experts_eager_forward(type(self)))
         return inner(self, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
 
     ALL_EXPERTS_FUNCTIONS.register(COUNTING_IMPLEMENTATION, counted_experts_forward)
@@ -138,21 +139,21 @@ class RankExpertLoad:
         for layer in self.layers:
             experts = self.adapter.experts(decoder_layers[layer])
             config = getattr(experts, "config", None)
-            if config is None or not hasattr(type(experts).forward, "__wrapped__"):
+            if config is None or compat.experts_eager_forward(type(experts)) is None:
                 raise ValueError(
                     f"layer {layer}: {type(experts).__name__} does not dispatch through transformers' "
                     "ExpertsInterface, so its per-rank work cannot be counted"
                 )
             configs[id(config)] = config
-            experts._moeprune_rank_load = (self, layer, config._experts_implementation)
+            experts._moeprune_rank_load = (self, layer, compat.experts_implementation(config))
         for config in configs.values():
-            self._saved.append((config, config._experts_implementation))
-            config._experts_implementation_internal = COUNTING_IMPLEMENTATION
+            self._saved.append((config, compat.experts_implementation(config)))
+            compat.set_experts_implementation_internal(config, COUNTING_IMPLEMENTATION)
         return self
 
     def __exit__(self, *exc) -> None:
         for config, implementation in self._saved:
-            config._experts_implementation_internal = implementation
+            compat.set_experts_implementation_internal(config, implementation)
         self._saved = []
         decoder_layers = self.adapter.decoder_layers(self.model)
         for layer in self.layers:

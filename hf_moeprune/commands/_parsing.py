@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from hf_moeprune import compat
+
 
 def positionals_to_flags(argv: Sequence[str], names: Sequence[str]) -> list[str]:
     """Map leading positional arguments to flags (HfArgumentParser only knows flags): with
@@ -50,7 +52,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: Sequence[str], prog: str
         parser.set_defaults(**recipe)
         argv = argv[1:]
         # fields required by the dataclass but given in the recipe are no longer required on the CLI
-        for action in parser._actions:
+        for action in compat.parser_actions(parser):
             if action.dest in recipe:
                 action.required = False
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)

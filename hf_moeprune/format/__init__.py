@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hf_moeprune import compat
 from hf_moeprune.format.layout import PROVENANCE_FIELD, pruning_fields
 from hf_moeprune.format.modeling_moeprune import (
     MODEL_TYPE_PREFIX,
@@ -87,7 +88,7 @@ def mark_pruned(model, adapter) -> None:
         list(range(c)) if c is not None else None for c in counts
     ]
     config_cls, model_cls = PRUNED_CLASSES[adapter.model_type]
-    config.__class__ = config_cls
+    compat.swap_class(config, config_cls)
     config.base_model_type = adapter.model_type
     config.original_num_experts = int(original)
     config.experts_per_layer = counts
@@ -102,8 +103,8 @@ def mark_pruned(model, adapter) -> None:
     # and a loaded model remembers the checkpoint's key renamings (e.g. Mixtral's per-expert w1/w2/w3),
     # which the pruned format (fused tensors, saved as they are) must not apply on save.
     config.__dict__.pop("model_type", None)
-    model.__dict__.pop("_weight_conversions", None)
-    model.__class__ = model_cls
+    compat.forget_weight_conversions(model)
+    compat.swap_class(model, model_cls)
     enable_router_logit_padding(model)  # stock aux-loss code keeps working once layers differ in width
     check_pruned_config(config)
 

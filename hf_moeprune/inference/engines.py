@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
+from hf_moeprune import compat
+
 if TYPE_CHECKING:
     from hf_moeprune.inference.options import GenerationOptions
 
@@ -188,7 +190,7 @@ def set_experts_implementation(model: nn.Module, name: str) -> str | None:
     if name not in EXPERTS_IMPLEMENTATIONS:
         raise ValueError(f"experts implementation {name!r} is not known; choose one of {list(EXPERTS_IMPLEMENTATIONS)}")
     config = getattr(model, "config", None)
-    current = getattr(config, "_experts_implementation", None)
+    current = compat.experts_implementation(config)
     if name == "keep" or not hasattr(model, "set_experts_implementation"):
         return current
     wanted = "grouped_mm" if name == "auto" else name
@@ -198,4 +200,4 @@ def set_experts_implementation(model: nn.Module, name: str) -> str | None:
         if name != "auto":
             raise ValueError(f"experts implementation {wanted!r} is not available for this model: {exc}") from exc
         logger.info("keeping experts implementation %r (%s)", current, exc)
-    return getattr(config, "_experts_implementation", None)
+    return compat.experts_implementation(config)

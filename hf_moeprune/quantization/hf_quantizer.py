@@ -23,6 +23,7 @@ from transformers.quantizers.auto import (
 )
 from transformers.quantizers.base import HfQuantizer
 
+from hf_moeprune import compat
 from hf_moeprune.quantization.config import QUANT_METHOD, QuantizationConfig
 from hf_moeprune.quantization.quantizer import apply_quantization, dequantize, quantized_targets
 from hf_moeprune.quantization.schemes import get_scheme
@@ -93,7 +94,7 @@ class MoEPruneHfQuantizer(HfQuantizer):
 def _packed_was_loaded(model, full_name: str) -> bool:
     module_name, _, tensor_name = full_name.rpartition(".")
     chain = model.get_submodule(module_name).parametrizations[tensor_name]
-    return all(getattr(t, "_is_hf_initialized", False) for t in chain.parameters(recurse=False))
+    return all(compat.is_hf_initialized(t) for t in chain.parameters(recurse=False))
 
 
 def register_with_transformers() -> None:

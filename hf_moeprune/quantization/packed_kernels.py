@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from hf_moeprune import compat
+
 logger = logging.getLogger(__name__)
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -51,12 +53,7 @@ def packed_kernels(enabled: bool):
         _ENABLED = before
 
 
-def _kernels_available() -> bool:
-    ops = torch.ops.aten
-    return all(hasattr(ops, name) for name in ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu"))
-
-
-_AVAILABLE = _kernels_available()
+_AVAILABLE = compat.packed_kernels_available()
 
 
 def can_use_packed(scheme: str, group_size: int, shape: torch.Size, packed: tuple[torch.Tensor, ...]) -> bool:
@@ -125,9 +122,9 @@ class PackedWeight:
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         scheme = self.parametrization.scheme
         if scheme == "int4":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.parametrization.group_size, scales)
+            out = compat.int4pack_mm(flat, weight, self.parametrization.group_size, scales)
         else:
-            out = torch.ops.aten._weight_int8pack_mm(flat, weight, scales)
+            out = compat.int8pack_mm(flat, weight, scales)
         out = out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
         return out + bias if bias is not None else out
 
@@ -199,7 +196,7 @@ def int4_kernel_weights(
 
     codes = unpack_int4(nibbles).reshape(out_features, in_features)
     q = (codes.to(torch.int32) + 8).contiguous()
-    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+    weight = compat.convert_weight_to_int4pack(q, INNER_K_TILES)
     scales = scale.reshape(out_features, in_features // group_size).t().to(torch.bfloat16)
     scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).contiguous()
     return weight, scales_and_zeros

@@ -29,6 +29,7 @@ import torch.nn.utils.parametrize as parametrize
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_moeprune import compat
 from hf_moeprune.quantization.config import QuantizationConfig
 from hf_moeprune.quantization.packed_kernels import (
     PackedWeight,
@@ -153,15 +154,12 @@ def quantized_targets(model: nn.Module) -> dict[str, QuantizedWeight]:
 
 
 def _enable_cache(module: nn.Module, args: Any) -> None:
-    parametrize._cache_enabled += 1
+    compat.enter_parametrize_cache()
 
 
 def _disable_cache(module: nn.Module, args: Any, output: Any) -> None:
-    # always_call=True runs this even when forward raised, possibly before _enable_cache; never go below 0
-    # (a negative count is truthy and would keep every dequantized tensor alive forever).
-    parametrize._cache_enabled = max(0, parametrize._cache_enabled - 1)
-    if not parametrize._cache_enabled:
-        parametrize._cache = {}
+    # always_call=True runs this even when forward raised, possibly before _enable_cache (compat keeps the count >= 0)
+    compat.exit_parametrize_cache()
 
 
 def _install_cache_hooks(module: nn.Module) -> None:
@@ -361,7 +359,7 @@ def select_quantized_experts(module: nn.Module, tensor_name: str, index: torch.T
         blocks = old.detach().reshape(num_experts, -1, *old.shape[1:])
         data = blocks.index_select(0, index.to(old.device)).reshape(-1, *old.shape[1:])
         # setattr on the ParametrizationList would run right_inverse (quantize again): replace the storage
-        chain._parameters[f"original{position}"] = nn.Parameter(data, requires_grad=False)
+        compat.replace_parametrization_original(chain, f"original{position}", nn.Parameter(data, requires_grad=False))
         position += 1
     weight.shape = torch.Size((len(index), *weight.shape[1:]))
     weight.__dict__.pop("_packed_handle", None)  # kernel copies of the old experts

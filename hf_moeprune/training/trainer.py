@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from hf_moeprune import compat
 from hf_moeprune.adapters import get_adapter
 from hf_moeprune.balancing.placement import plan_placement
 from hf_moeprune.balancing.router import bias_update, heterogeneous_load_balancing_loss, max_violation, router_z_loss
@@ -47,6 +48,7 @@ from hf_moeprune.training.report import write_report
 from hf_moeprune.utils import fault_point, without_secrets
 
 logger = logging.getLogger(__name__)
+compat.check_trainer_overrides()  # _save_checkpoint, _load_from_checkpoint, _save below override private methods
 
 BASE_SUBDIR = "base_model"  # LoRA runs: the pruned base model next to the adapter
 # criteria that read the router-weighted expert output norms (the only statistic that needs per-expert outputs)
@@ -401,23 +403,8 @@ class MoEPruneMixin:
         wrapped = self.model_wrapped
         if not isinstance(wrapped, nn.parallel.DistributedDataParallel):
             return
-        # DDP's reducer holds the replaced parameters. Rebuild the wrapper *in place*: the training loop, the
-        # accelerator and `model_wrapped` all hold this object (the loop asks it for `no_sync` during gradient
-        # accumulation), and the old reducer with its references to the full-size tensors is released.
-        # The new parameters are identical on all ranks, so the initial broadcast changes nothing.
-        nn.parallel.DistributedDataParallel.__init__(
-            wrapped,
-            self.model,
-            device_ids=wrapped.device_ids,
-            output_device=wrapped.output_device,
-            process_group=wrapped.process_group,
-            mixed_precision=wrapped.mixed_precision,
-            broadcast_buffers=wrapped.broadcast_buffers,
-            find_unused_parameters=wrapped.find_unused_parameters,
-            gradient_as_bucket_view=wrapped.gradient_as_bucket_view,
-            static_graph=wrapped.static_graph,
-            bucket_cap_mb=wrapped.bucket_bytes_cap / (1024 * 1024),
-        )
+        # DDP's reducer holds the replaced parameters: rebuild the wrapper in place (why: see compat.rebuild_ddp)
+        compat.rebuild_ddp(wrapped, self.model)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -425,7 +412,7 @@ class MoEPruneMixin:
         # RNG; transformers 5.24), so a checkpoint with a readable trainer_state.json also has a complete
         # pruning state, and one killed earlier is recognised as partial on resume (see checkpoint.py).
         if self.controller is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            folder = Path(compat.trainer_output_dir(self, trial)) / f"checkpoint-{self.state.global_step}"
             state = self.controller.state_dict()  # the balancing bias is a model buffer, saved with the weights
             state["masked"] = self.instrumentation.masked
             save_pruning_state(folder, state)

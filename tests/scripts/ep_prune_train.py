@@ -13,8 +13,9 @@ from transformers import TrainerCallback
 
 from hf_moeprune import prune_experts
 from hf_moeprune.balancing import load_expert_parallel
+from hf_moeprune.compat import ep_dispatches as _ep_dispatches
 from hf_moeprune.demo.tiny_models import tiny_model
-from hf_moeprune.distributed import DistributedSetupError, _ep_dispatches, is_sharded
+from hf_moeprune.distributed import DistributedSetupError, is_sharded
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
 REMOVAL_STEP = 2
