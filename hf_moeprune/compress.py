@@ -32,6 +32,13 @@ class CompressArguments:
     distill_learning_rate: float = field(default=5e-4, metadata={"help": "Distillation learning rate."})
     batch_size: int = field(default=8, metadata={"help": "Distillation blocks per step."})
     quant_scheme: str | None = field(default="int8", metadata={"help": "int8, nf4, int4, or none to skip."})
+    quant_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (compressed-tensors when the layout allows, else hf_moeprune), compressed-tensors "
+            "(vLLM, SGLang, stock transformers) or hf_moeprune (any layout, also nf4)."
+        },
+    )
     include_lm_head: bool = field(default=False, metadata={"help": "Quantize the LM head too."})
     card: bool = field(default=True, metadata={"help": "Write README.md (model card) into the output."})
     base_model: str | None = field(default=None, metadata={"help": "Hub id of the original model, for the card."})
@@ -50,6 +57,9 @@ class CompressArguments:
             from hf_moeprune.quantization.schemes import get_scheme
 
             get_scheme(self.quant_scheme)
+            from hf_moeprune.quantization.save import check_format
+
+            check_format(self.quant_format, self.quant_scheme, name="quant_format")
         if self.teacher is not None and self.data is None:
             raise ValueError(f"teacher={self.teacher!r} is set but no data to distill on: set data")
         for name in ("block_size", "distill_steps", "batch_size"):
@@ -65,8 +75,16 @@ def compress(args: CompressArguments) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_moeprune.hub import CardInfo, DistillationInfo, QuantizationInfo, push_to_hub, resolve_token
-    from hf_moeprune.quantization import model_size_bytes, quantize
+    from hf_moeprune.hub import (
+        CardInfo,
+        DistillationInfo,
+        QuantizationInfo,
+        push_to_hub,
+        quantization_from_config,
+        resolve_token,
+    )
+    from hf_moeprune.quantization import model_size_bytes, weight_files_size_bytes
+    from hf_moeprune.quantization.save import save_quantized
     from hf_moeprune.utils import atomic_output_dir, check_output_folder
 
     check_output_folder(args.output_dir, args.overwrite)
@@ -85,6 +103,14 @@ def compress(args: CompressArguments) -> dict:
                 f"push_repo_id={args.push_repo_id!r} needs the Hub, but offline mode is on (HF_HUB_OFFLINE=1); "
                 "unset it, or drop push_repo_id to compress without pushing"
             )
+    if args.quant_scheme is not None and args.quant_format == "compressed-tensors":
+        from transformers import AutoConfig
+
+        from hf_moeprune.quantization.save import layout_problem
+
+        problem = layout_problem(AutoConfig.from_pretrained(args.model))
+        if problem:
+            raise ValueError(f"quant_format='compressed-tensors': {args.model!r} cannot be written so: {problem}")
     summary: dict = {"model": args.model, "steps": []}
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as out:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -121,19 +147,24 @@ def compress(args: CompressArguments) -> dict:
                 alpha=args.distill_alpha, steps=args.distill_steps, dataset=Path(args.data).name,
             )  # fmt: skip
             summary["steps"].append("distill")
-        if args.quant_scheme is not None:
-            before = model_size_bytes(model)
-            quantize(model, args.quant_scheme, include_lm_head=args.include_lm_head)
-            quantization = QuantizationInfo(
-                method=f"hf_moeprune {args.quant_scheme}",
-                bits=8 if args.quant_scheme == "int8" else 4,
-                modules="experts + attention" + (" + lm_head" if args.include_lm_head else ""),
-                size_mb_before=round(before / 1e6, 3),
-                size_mb_after=round(model_size_bytes(model) / 1e6, 3),
+        summary["bytes_out"] = before = model_size_bytes(model)
+        if args.quant_scheme is None:
+            model.save_pretrained(out)
+        else:
+            written = save_quantized(
+                model, out, args.quant_scheme, args.quant_format, include_lm_head=args.include_lm_head
             )
+            summary["bytes_out"] = weight_files_size_bytes(out)
+            described = quantization_from_config(json.loads((Path(out) / "config.json").read_text()))
+            quantization = QuantizationInfo(
+                method=described.method,
+                bits=described.bits,
+                modules=described.modules,
+                size_mb_before=round(before / 1e6, 3),
+                size_mb_after=round(summary["bytes_out"] / 1e6, 3),
+            )
+            summary["format"] = written
             summary["steps"].append(f"quantize:{args.quant_scheme}")
-        summary["bytes_out"] = model_size_bytes(model)
-        model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         if args.card:
             from hf_moeprune.hub import write_model_card

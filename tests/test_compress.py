@@ -71,6 +71,10 @@ def test_compress_chain_distills_quantizes_writes_card_and_pushes(workspace, tmp
         ({"quant_scheme": "int3"}, ValueError, "int3"),
         ({"data": None}, ValueError, "no data to distill"),
         ({"push_repo_id": "tester/x"}, MissingTokenError, "no Hugging Face token"),
+        ({"quant_format": "gguf"}, ValueError, "quant_format='gguf'; accepted"),
+        ({"quant_format": "compressed-tensors", "quant_scheme": "nf4"}, ValueError, "no compressed-tensors form"),
+        # the student keeps 4, 6 and 2 experts: no stock architecture holds that, refused before any work
+        ({"quant_format": "compressed-tensors"}, ValueError, "different expert counts"),
     ],
 )
 def test_compress_bad_input_fails_before_writing(workspace, tmp_path, monkeypatch, extra, error, message):
@@ -82,3 +86,31 @@ def test_compress_bad_input_fails_before_writing(workspace, tmp_path, monkeypatc
         assert failed.value.code == 2 and issubclass(error, ValueError)
         assert not hub.requests
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_writes_compressed_tensors_for_a_uniform_layout(workspace, tmp_path):
+    """A uniformly pruned student: ``auto`` writes the serving format (compressed-tensors), byte for byte what
+    ``hf-moeprune quantize`` writes for the same model, and the card says so."""
+    from transformers import AutoTokenizer
+
+    from hf_moeprune import prune_experts
+
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    prune_experts(model, {0: [0, 1, 2, 3], 1: [1, 3, 5, 7], 2: [4, 5, 6, 7]})
+    student = tmp_path / "uniform"
+    model.save_pretrained(student)
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(student)
+    recipe = _recipe(workspace, tmp_path, teacher=None, data=None, quant_scheme="int4")
+    recipe.write_text(recipe.read_text().replace(str(tmp_path / "student"), str(student)))
+    assert main(["--log-level", "WARNING", "compress", str(recipe)]) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "compress_summary.json").read_text())
+    assert summary["format"] == "compressed-tensors W4A16" and summary["steps"] == ["quantize:int4", "card"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert "compressed-tensors" in (out / "README.md").read_text()
+    assert main(["quantize", str(student), str(tmp_path / "q"), "--scheme", "int4"]) == 0
+    weights = sorted(p.name for p in out.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in (tmp_path / "q").glob("*.safetensors"))
+    for name in weights:
+        assert (out / name).read_bytes() == (tmp_path / "q" / name).read_bytes(), name
