@@ -6,6 +6,7 @@ Trainer does; configurations are interleaved and repeated because this shared 2-
     python benchmarks/instrumentation_overhead.py    # writes benchmarks/results/instrumentation_overhead.{json,md}
 """
 
+import argparse
 import json
 import statistics
 import sys
@@ -90,4 +91,8 @@ def main(rounds: int = 4, steps: int = 6) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved repetitions of every configuration")
+    parser.add_argument("--steps", type=int, default=6, help="forward+backward steps timed per repetition")
+    cli = parser.parse_args()
+    main(cli.rounds, cli.steps)

@@ -3,7 +3,7 @@
 python benchmarks/record_routing_loads.py benchmarks/results/demo_routing_loads.pt
 """
 
-import sys
+import argparse
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -25,4 +25,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="where to write the [layers, experts] tensor (torch.save)")
+    main(parser.parse_args().out)
