@@ -254,7 +254,7 @@ def main() -> None:
         "batch": f"{BATCH} x {SEQ} tokens, fp32, AdamW, CPU",
         "rows": rows,
         "not_measured": "QLoRA with per-expert LoRA (peft cannot target packed expert tensors); "
-        "held-out loss of LoRA+pruning vs LoRA on the demo's prose task was not run in this round.",
+        "held-out loss of LoRA+pruning vs LoRA on the demo's prose task is measured by --demo (lora_demo.md).",
         "note": "shared, busy 2-core machine: step times are indicative; memory is counted, not sampled.",
     }
     RESULTS.mkdir(exist_ok=True)
