@@ -88,12 +88,23 @@ def test_groups_straddling_experts_are_refused_before_anything_changes():
     assert model.config.kept_expert_ids == kept and model.model.layers[0].mlp.experts.num_experts == 8
 
 
-class _Watch(TrainerCallback):
-    """Packed experts and adapter weights right before and right after the removal step."""
+class _AdapterWatch(TrainerCallback):
+    """Adapter weights right after the removal step."""
 
     def __init__(self, trainer, step):
-        self.trainer, self.step = trainer, step
-        self.before = self.after = self.adapters = None
+        self.trainer, self.step, self.adapters = trainer, step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.adapters = _lora(self.trainer.model)
+
+
+class _Watch(_AdapterWatch):
+    """Also the packed experts right before and right after the removal step."""
+
+    def __init__(self, trainer, step):
+        super().__init__(trainer, step)
+        self.before = self.after = None
 
     def _snapshot(self):
         model = self.trainer.model
@@ -106,9 +117,9 @@ class _Watch(TrainerCallback):
             self.before = self._snapshot()
 
     def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
         if state.global_step == self.step:
             self.after = self._snapshot()
-            self.adapters = _lora(self.trainer.model)
 
 
 def _lora(model):
@@ -197,7 +208,7 @@ def test_bitsandbytes_4bit_base_with_lora_prunes_saves_and_reloads(tmp_path):
     trainer = MoEPruneTrainer(
         model=model, args=_args(tmp_path, prune_allocation="global", logging_steps=1), train_dataset=_dataset()
     )
-    watch = _LoraWatch(trainer, 3)
+    watch = _AdapterWatch(trainer, 3)
     trainer.add_callback(watch)
     trainer.train()
     counts = trainer.moe_model.config.experts_per_layer
@@ -216,12 +227,3 @@ def test_bitsandbytes_4bit_base_with_lora_prunes_saves_and_reloads(tmp_path):
     reloaded = PeftModel.from_pretrained(reloaded_base, tmp_path / "final")
     ids = torch.randint(0, 128, (2, 9))
     assert torch.equal(_logits(reloaded, ids), _logits(model, ids))
-
-
-class _LoraWatch(TrainerCallback):
-    def __init__(self, trainer, step):
-        self.trainer, self.step, self.adapters = trainer, step, None
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            self.adapters = _lora(self.trainer.model)
