@@ -9,6 +9,7 @@ step before the push succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import tempfile
@@ -78,7 +79,6 @@ def compress(args: CompressArguments) -> dict:
     from hf_moeprune.hub import (
         CardInfo,
         DistillationInfo,
-        QuantizationInfo,
         push_to_hub,
         quantization_from_config,
         resolve_token,
@@ -104,11 +104,9 @@ def compress(args: CompressArguments) -> dict:
                 "unset it, or drop push_repo_id to compress without pushing"
             )
     if args.quant_scheme is not None and args.quant_format == "compressed-tensors":
-        from transformers import AutoConfig
+        from hf_moeprune.quantization.save import saved_layout_problem
 
-        from hf_moeprune.quantization.save import layout_problem
-
-        problem = layout_problem(AutoConfig.from_pretrained(args.model))
+        problem = saved_layout_problem(args.model)
         if problem:
             raise ValueError(f"quant_format='compressed-tensors': {args.model!r} cannot be written so: {problem}")
     summary: dict = {"model": args.model, "steps": []}
@@ -155,11 +153,8 @@ def compress(args: CompressArguments) -> dict:
                 model, out, args.quant_scheme, args.quant_format, include_lm_head=args.include_lm_head
             )
             summary["bytes_out"] = weight_files_size_bytes(out)
-            described = quantization_from_config(json.loads((Path(out) / "config.json").read_text()))
-            quantization = QuantizationInfo(
-                method=described.method,
-                bits=described.bits,
-                modules=described.modules,
+            quantization = dataclasses.replace(
+                quantization_from_config(json.loads((Path(out) / "config.json").read_text())),
                 size_mb_before=round(before / 1e6, 3),
                 size_mb_after=round(summary["bytes_out"] / 1e6, 3),
             )

@@ -37,19 +37,6 @@ class QuantizeCLIArguments:
         check_format(self.format, self.scheme, name="--format")
 
 
-def _early_layout_problem(model: str) -> str | None:
-    """A reason, read from the config alone, why the model cannot be written as compressed-tensors."""
-    from transformers import AutoConfig
-
-    from hf_moeprune.quantization.save import layout_problem
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError):
-        return None  # from_pretrained of the model reports it properly
-    return layout_problem(config)
-
-
 def main(argv: Sequence[str]) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +45,7 @@ def main(argv: Sequence[str]) -> int:
     from hf_moeprune.quantization.compressed_tensors_export import SCHEME_FOR, UnsupportedLayoutError
     from hf_moeprune.quantization.config import QuantizationConfig
     from hf_moeprune.quantization.quantizer import model_size_bytes, weight_files_size_bytes
-    from hf_moeprune.quantization.save import save_quantized
+    from hf_moeprune.quantization.save import save_quantized, saved_layout_problem
     from hf_moeprune.utils import atomic_output_dir
 
     try:
@@ -66,7 +53,7 @@ def main(argv: Sequence[str]) -> int:
         (args,) = parse_args((QuantizeCLIArguments,), argv, prog="hf-moeprune quantize")
         QuantizationConfig(scheme=args.scheme, group_size=args.group_size, include_lm_head=args.include_lm_head)
         if args.format == "compressed-tensors" and args.scheme in SCHEME_FOR:
-            problem = _early_layout_problem(args.model)
+            problem = saved_layout_problem(args.model)
             if problem:
                 raise ValueError(f"--format compressed-tensors: {args.model!r} cannot be written so: {problem}")
     except ValueError as exc:

@@ -57,6 +57,18 @@ def layout_problem(config: Any) -> str | None:
     return None
 
 
+def saved_layout_problem(model: str | os.PathLike) -> str | None:
+    """``layout_problem`` of the model at ``model`` (folder or Hub id), from its config alone: checked before any
+    weight is loaded. None also when the config cannot be read (loading the model then reports that properly)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
+    return layout_problem(config)
+
+
 def save_quantized(
     model: nn.Module,
     folder: str | os.PathLike,
