@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hf_moeprune import compat
+from hf_moeprune.quantization.packed_experts import PACKED_EXPERTS
 
 if TYPE_CHECKING:
     from hf_moeprune.inference.options import GenerationOptions
@@ -184,7 +185,8 @@ def set_experts_implementation(model: nn.Module, name: str) -> str | None:
     """Select the fused-experts kernel; returns the one in use (None when the model has no such setting).
 
     ``auto`` picks ``grouped_mm``: one grouped matmul over all experts, several times faster than the
-    per-expert python loop (``eager``) at decoding batch sizes on CPU (benchmarks/inference_benchmark.py).
+    per-expert python loop (``eager``) at decoding batch sizes on CPU (benchmarks/inference_benchmark.py);
+    a model quantized on CPU keeps hf_moeprune's packed runtime (``quantization/packed_experts.py``).
     Models without the setting (a quantizer's own expert modules, remote code) are left as they are.
     """
     if name not in EXPERTS_IMPLEMENTATIONS:
@@ -193,6 +195,8 @@ def set_experts_implementation(model: nn.Module, name: str) -> str | None:
     current = compat.experts_implementation(config)
     if name == "keep" or not hasattr(model, "set_experts_implementation"):
         return current
+    if name == "auto" and current == PACKED_EXPERTS:
+        return current  # quantized on CPU: grouped_mm would dequantize every expert on every forward
     wanted = "grouped_mm" if name == "auto" else name
     try:
         model.set_experts_implementation(wanted)

@@ -14,6 +14,7 @@ from hf_moeprune.quantization.compressed_tensors_export import (
 )
 from hf_moeprune.quantization.config import DEFAULT_SKIP_PATTERNS, QUANT_METHOD, QuantizationConfig
 from hf_moeprune.quantization.hf_quantizer import MoEPruneHfQuantizer, register_with_transformers
+from hf_moeprune.quantization.packed_experts import PACKED_EXPERTS, register_packed_experts
 from hf_moeprune.quantization.packed_kernels import PackedWeight, packed_kernels
 from hf_moeprune.quantization.quantizer import (
     QuantizedWeight,
@@ -28,10 +29,12 @@ from hf_moeprune.quantization.quantizer import (
 from hf_moeprune.quantization.schemes import SCHEMES, QuantScheme, get_scheme, register_scheme
 
 register_with_transformers()
+register_packed_experts()
 
 __all__ = [
     "CompressedTensorsExportConfig",
     "DEFAULT_SKIP_PATTERNS",
+    "PACKED_EXPERTS",
     "PackedWeight",
     "UnsupportedLayoutError",
     "export_compressed_tensors",

@@ -1,31 +1,44 @@
 """Matmuls straight from the packed weights, instead of dequantizing every tensor on every forward.
 
 Reading a quantized tensor (``module.weight``, ``experts.gate_up_proj``) during inference on CPU returns a
-``PackedWeight`` instead of a dequantized copy. ``F.linear(x, packed)`` (what ``nn.Linear`` and the eager
-expert loop of every Mixtral-style family call) then runs torch's weight-only kernels on bf16 activations:
+``PackedWeight`` instead of a dequantized copy. ``F.linear(x, packed)`` (what ``nn.Linear`` calls) and
+hf_moeprune's experts runtime (``packed_experts.py``) then pick a kernel by the number of rows multiplied
+(``choose_kernel``, a pure function; the kernels are a small registry, ``KERNELS``):
 
-- int4: ``aten._weight_int4pack_mm_for_cpu`` on the stored codes, repacked once per tensor (per expert) by
+- few rows (decoding): torch's weight-only kernels on bf16 activations.
+  int4: ``aten._weight_int4pack_mm_for_cpu`` on the stored codes, repacked once per tensor (per expert) by
   ``aten._convert_weight_to_int4pack_for_cpu``. The kernel computes ``(q - 8) * scale + zero`` per group of
   the input dimension; the int4 scheme's symmetric codes are ``q - 8`` with zero 0, so the weights it uses are
   exactly the stored ones (scales rounded to bf16).
-- int8: ``aten._weight_int8pack_mm`` takes one scale per output channel, while the int8 scheme stores one per
+  int8: ``aten._weight_int8pack_mm`` takes one scale per output channel, while the int8 scheme stores one per
   group of 128: the kernel copy is re-quantized per output channel from the dequantized weight once (one more
-  int8 rounding, measured in the tests against the dequantized reference).
+  int8 rounding, measured in the tests against the dequantized reference). Transposed expert tensors
+  (GPT-OSS's ``[in, out]``, whose groups run along the output dimension) get that int8 copy too, for either
+  scheme: the int4 kernel needs groups along the input dimension.
+- many rows (prefill, large batches): that tensor (or expert) dequantized and one fp32 GEMM. Both kernels
+  above cost about rows x their one-row time (``benchmarks/results/quantized_inference.md``), so from a few
+  dozen rows on the GEMM wins; the dequantized copy lives only for that matmul.
+
+fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) is 2-3x faster than both on AVX2 but quantizes the
+activations per tensor to 7 bits; measured on the tiny families of the tests it doubles the error against the
+dequantized reference (logits cosine 0.9994 on Mixtral int8, under the 0.9995 the int8 path is held to), so it
+is not used (numbers in the benchmark results).
 
 Indexing a 3D expert tensor (``gate_up_proj[expert]``) prepares only that expert, so only the experts that
 received tokens are ever repacked or multiplied. Any other use of a ``PackedWeight`` (GPT-OSS's transposed
-``x @ W[e]``, a ``.float()``, grouped_mm) dequantizes just what is used and runs the op unchanged, as before.
-The kernel copies live next to the stored codes (not in the state dict), so they add the size of the packed
-weights once more in memory for the tensors that have been used.
+``x @ W[e]`` in its eager loop, a ``.float()``, grouped_mm) dequantizes just what is used and runs the op
+unchanged, as before. The kernel copies live next to the stored codes (not in the state dict), so they add the
+size of the packed weights once more in memory for the tensors that have been used.
 
 Used only where it is exact to the format and differentiation is not needed: CPU tensors, grad disabled,
-int4/int8, the layout ``[..., out, in]`` with groups inside rows (int4 groups of 32/64/128/256).
+int4/int8, groups inside rows (int4 groups of 32/64/128/256 along the input dimension).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,6 +49,10 @@ from hf_moeprune import compat
 logger = logging.getLogger(__name__)
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# Rows (tokens x their share of one expert) up to which the packed GEMV kernels run; above it, dequantize + fp32
+# GEMM. Measured crossover on one AVX2 core, torch 2.13 (benchmarks/quantized_inference_benchmark.py
+# --kernels): between 16 and 64 rows for int8pack and int4pack at every shape of the benchmark.
+GEMV_MAX_ROWS = 16
 # torch's int4 CPU packing takes an inner-k-tiles argument that the CPU kernel does not use for its layout
 # (torch 2.13); 2 is accepted for every K that is a multiple of the group size.
 INNER_K_TILES = 2
@@ -71,22 +88,26 @@ def can_use_packed(scheme: str, group_size: int, shape: torch.Size, packed: tupl
     return False
 
 
-_OWN_ATTRIBUTES = frozenset({"parametrization", "packed", "expert", "shape", "dtype", "device", "kernel", "experts"})
-
-
 class PackedWeight:
-    """A quantized weight (or one expert of a 3D one) that ``F.linear`` multiplies with packed kernels."""
+    """A quantized weight (or one expert of a 3D one) that ``F.linear`` multiplies with packed kernels.
 
-    def __init__(self, parametrization, packed: tuple[torch.Tensor, ...], expert: int | None = None):
+    ``transposed`` marks one expert of a ``[experts, in, out]`` tensor (GPT-OSS): ``linear`` then computes
+    ``x @ W`` instead of ``x @ W.T``.
+    """
+
+    def __init__(self, parametrization, packed: tuple[torch.Tensor, ...], expert: int | None = None,
+                 transposed: bool = False):  # fmt: skip
         self.parametrization = parametrization
         self.packed = packed
         self.expert = expert
+        self.transposed = transposed
         full = parametrization.shape
         self.shape = torch.Size(full[1:] if expert is not None else full)
+        self.out_features = self.shape[-1] if transposed else self.shape[-2]
         self.dtype = parametrization.dtype
         self.device = packed[0].device
-        self.kernel = None  # (weight, scales) for the kernel, built on first use
-        self.experts: dict[int, PackedWeight] = {}  # one handle per expert used, reused across forwards
+        self.kernel = None  # the GEMV kernel's copy of the weight, built on first use
+        self.experts: dict[tuple[int, bool], PackedWeight] = {}  # one handle per expert used, reused across forwards
 
     @property
     def ndim(self) -> int:
@@ -98,16 +119,20 @@ class PackedWeight:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def expert_handle(self, index: int, transposed: bool = False) -> PackedWeight:
+        """The handle of expert ``index`` (kept, with its kernel copy, for the next forwards)."""
+        handle = self.experts.get((index, transposed))
+        if handle is None:
+            handle = PackedWeight(self.parametrization, self.packed, index, transposed)
+            self.experts[(index, transposed)] = handle
+        return handle
+
     def __getitem__(self, index):
         if self.expert is None and len(self.shape) == 3:
             if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
                 index = int(index)
             if isinstance(index, int):
-                index %= self.shape[0]
-                handle = self.experts.get(index)
-                if handle is None:
-                    handle = self.experts[index] = PackedWeight(self.parametrization, self.packed, index)
-                return handle
+                return self.expert_handle(index % self.shape[0])
         return self.dequantize()[index]
 
     def dequantize(self) -> torch.Tensor:
@@ -116,16 +141,9 @@ class PackedWeight:
         return self.parametrization.dequantize_expert(self.packed, self.expert)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.kernel is None:
-            self.kernel = self.parametrization.kernel_weights(self.packed, self.expert)
-        weight, scales = self.kernel
-        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        scheme = self.parametrization.scheme
-        if scheme == "int4":
-            out = compat.int4pack_mm(flat, weight, self.parametrization.group_size, scales)
-        else:
-            out = compat.int8pack_mm(flat, weight, scales)
-        out = out.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+        flat = x.reshape(-1, x.shape[-1])
+        kernel = KERNELS[choose_kernel(self.parametrization.scheme, flat.shape[0], self.transposed)]
+        out = kernel(self, flat).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return out + bias if bias is not None else out
 
     @classmethod
@@ -134,7 +152,8 @@ class PackedWeight:
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if isinstance(weight, PackedWeight) and weight.ndim == 2 and isinstance(x, torch.Tensor):
+            usable = isinstance(weight, PackedWeight) and weight.ndim == 2 and not weight.transposed
+            if usable and isinstance(x, torch.Tensor):
                 return weight.linear(x, bias)
         return func(*_materialize(args), **_materialize(kwargs))
 
@@ -150,18 +169,55 @@ class PackedWeight:
         return _materialize(other) @ self.dequantize()
 
     def __getattr__(self, name: str) -> Any:
-        # any tensor attribute or method (t(), float(), to(), ...): act on the dequantized tensor
-        if name.startswith("__") or name in (
-            "parametrization",
-            "packed",
-            "expert",
-            "shape",
-            "dtype",
-            "device",
-            "kernel",
-        ):
+        # any tensor attribute or method (t(), float(), to(), ...): act on the dequantized tensor; only reached
+        # for names the instance does not have, so a missing own attribute must not recurse into dequantize
+        if name.startswith("__") or name in _OWN_ATTRIBUTES:
             raise AttributeError(name)
         return getattr(self.dequantize(), name)
+
+
+_OWN_ATTRIBUTES = frozenset(
+    {"parametrization", "packed", "expert", "transposed", "shape", "out_features", "dtype", "device", "kernel",
+     "experts"}
+)  # fmt: skip
+
+
+# -- kernels: (weight, rows [n, in]) -> [n, out]; chosen per call by choose_kernel --------------------------------
+def _kernel_copy(weight: PackedWeight):
+    if weight.kernel is None:
+        weight.kernel = weight.parametrization.kernel_weights(weight.packed, weight.expert, weight.transposed)
+    return weight.kernel
+
+
+def _int8pack(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    codes, scales = _kernel_copy(weight)
+    return compat.int8pack_mm(rows.to(torch.bfloat16), codes, scales)
+
+
+def _int4pack(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    packed, scales_and_zeros = _kernel_copy(weight)
+    return compat.int4pack_mm(rows.to(torch.bfloat16), packed, weight.parametrization.group_size, scales_and_zeros)
+
+
+def _dequantized_gemm(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    dense = weight.dequantize().to(rows.dtype)
+    return rows @ dense if weight.transposed else F.linear(rows, dense)
+
+
+KERNELS: dict[str, Callable[[PackedWeight, torch.Tensor], torch.Tensor]] = {
+    "int8pack": _int8pack,
+    "int4pack": _int4pack,
+    "dequantize": _dequantized_gemm,
+}
+# the GEMV kernel per scheme for [out, in] weights; transposed experts use the int8 copy (see the module docstring)
+GEMV_KERNEL = {"int8": "int8pack", "int4": "int4pack"}
+
+
+def choose_kernel(scheme: str, rows: int, transposed: bool = False, max_gemv_rows: int | None = None) -> str:
+    """The kernel (a key of ``KERNELS``) for multiplying ``rows`` rows by one packed weight of ``scheme``."""
+    if rows > (GEMV_MAX_ROWS if max_gemv_rows is None else max_gemv_rows):
+        return "dequantize"
+    return "int8pack" if transposed else GEMV_KERNEL[scheme]
 
 
 def _materialize(value):

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from hf_moeprune import compat
 from hf_moeprune.quantization.config import QuantizationConfig
+from hf_moeprune.quantization.packed_experts import PACKED_EXPERTS
 from hf_moeprune.quantization.packed_kernels import (
     PackedWeight,
     can_use_packed,
@@ -62,13 +63,17 @@ class QuantizedWeight(nn.Module):
         # inference on CPU: a handle that F.linear multiplies with the packed kernels (see packed_kernels.py);
         # checked before no_grad, because the kernels have no backward
         if can_use_packed(self.scheme, self.group_size, self.shape, packed):
-            # one handle per stored data, reused: it carries the kernel copies (rebuilt if the data is replaced)
-            handle = self.__dict__.get("_packed_handle")
-            if handle is None or any(a is not b for a, b in zip(handle.packed, packed)):
-                handle = self.__dict__["_packed_handle"] = PackedWeight(self, packed)
-            return handle
+            return self.packed_handle(packed)
         with torch.no_grad():
             return self.dequantize_packed(packed)
+
+    def packed_handle(self, packed: tuple[torch.Tensor, ...]) -> PackedWeight:
+        """The ``PackedWeight`` of this stored data: one per data, reused, because it carries the kernel copies
+        (rebuilt when the data is replaced, e.g. by expert surgery)."""
+        handle = self.__dict__.get("_packed_handle")
+        if handle is None or any(a is not b for a, b in zip(handle.packed, packed)):
+            handle = self.__dict__["_packed_handle"] = PackedWeight(self, packed)
+        return handle
 
     def dequantize_packed(self, packed: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return get_scheme(self.scheme).dequantize(packed, self.shape, self.dtype, self.group_size)
@@ -77,14 +82,15 @@ class QuantizedWeight(nn.Module):
         rows = expert_rows(packed, self.shape, self.group_size, expert)
         return get_scheme(self.scheme).dequantize(rows, self.shape[1:], self.dtype, self.group_size)
 
-    def kernel_weights(self, packed: tuple[torch.Tensor, ...], expert: int | None):
-        """The kernel's copy of one expert (or of the 2D tensor); ``PackedWeight`` keeps it after first use."""
+    def kernel_weights(self, packed: tuple[torch.Tensor, ...], expert: int | None, transposed: bool = False):
+        """The GEMV kernel's copy of one expert (or of the 2D tensor); ``PackedWeight`` keeps it after first use.
+        ``transposed``: the expert is stored ``[in, out]``, the copy is made ``[out, in]`` (int8 for either scheme)."""
         out_features, in_features = self.shape[-2], self.shape[-1]
-        if self.scheme == "int4":
+        if self.scheme == "int4" and not transposed:
             nibbles, scale = expert_rows(packed, self.shape, self.group_size, expert)
             return int4_kernel_weights(nibbles, scale, out_features, in_features, self.group_size)
         dense = self.dequantize_packed(packed) if expert is None else self.dequantize_expert(packed, expert)
-        return int8_kernel_weights(dense)
+        return int8_kernel_weights(dense.t() if transposed else dense)
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, group_size={self.group_size}, shape={tuple(self.shape)}, dtype={self.dtype}"
@@ -199,11 +205,12 @@ def apply_quantization(
         if param.ndim >= 3:
             _install_cache_hooks(module)
     if targets and hasattr(model, "set_experts_implementation") and not torch.cuda.is_available():
-        # The packed kernels are reached through F.linear(x, W[expert]), i.e. transformers' eager expert loop,
-        # which also touches only the experts that received tokens; grouped_mm would dequantize all of them.
-        # Kept to CPU-only machines, where those kernels exist (the CUDA path dequantizes, as before).
+        # hf_moeprune's experts runtime (packed_experts.py) multiplies only the experts that received tokens, with
+        # kernel copies prepared once; grouped_mm would dequantize every expert on every forward. Kept to CPU-only
+        # machines, where those kernels exist (the CUDA path dequantizes, as before); the runtime itself falls
+        # back to the eager loop wherever the kernels do not apply (grad enabled, other schemes, other devices).
         try:
-            model.set_experts_implementation("eager")
+            model.set_experts_implementation(PACKED_EXPERTS)
         except (ValueError, AttributeError) as exc:  # a model without experts_implementation support
             logger.debug("experts implementation left as it was: %s", exc)
     return targets
