@@ -15,9 +15,11 @@ hf_moeprune's experts runtime (``packed_experts.py``) then pick a kernel by the 
   int8 rounding, measured in the tests against the dequantized reference). Transposed expert tensors
   (GPT-OSS's ``[in, out]``, whose groups run along the output dimension) get that int8 copy too, for either
   scheme: the int4 kernel needs groups along the input dimension.
-- many rows (prefill, large batches): that tensor (or expert) dequantized and one fp32 GEMM. Both kernels
-  above cost about rows x their one-row time (``benchmarks/results/quantized_inference.md``), so from a few
-  dozen rows on the GEMM wins; the dequantized copy lives only for that matmul.
+- many rows (prefill, large batches): one fp32 GEMM on a copy that lives only for that matmul. int8 (and
+  transposed experts): the int8 kernel copy converted to fp32, scales applied to the output; int4: that expert
+  dequantized from the stored nibbles (exactly the format's values). Both GEMV kernels cost about rows x their
+  one-row time, so above ``GEMV_MAX_ROWS`` the GEMM wins (``benchmarks/quantized_inference_benchmark.py
+  --kernels``; the numbers are in ``benchmarks/results/quantized_kernels.md``).
 
 fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) is 2-3x faster than both on AVX2 but quantizes the
 activations per tensor to 7 bits; measured on the tiny families of the tests it doubles the error against the
@@ -199,25 +201,36 @@ def _int4pack(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
     return compat.int4pack_mm(rows.to(torch.bfloat16), packed, weight.parametrization.group_size, scales_and_zeros)
 
 
+def _int8_gemm(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    # the int8 kernel copy in the rows' dtype, one GEMM, the per-channel scales applied to the output: the same
+    # weights as int8pack (so results do not depend on the row count beyond bf16 rounding), and one int8->fp32
+    # conversion instead of the scheme's per-group dequantization (several times slower per expert on CPU)
+    codes, scales = _kernel_copy(weight)
+    return F.linear(rows, codes.to(rows.dtype)) * scales.to(rows.dtype)
+
+
 def _dequantized_gemm(weight: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
-    dense = weight.dequantize().to(rows.dtype)
-    return rows @ dense if weight.transposed else F.linear(rows, dense)
+    nibbles, scale = expert_rows(weight.packed, weight.parametrization.shape, weight.parametrization.group_size,
+                                 weight.expert)  # fmt: skip
+    dense = int4_dequantize(nibbles, scale, weight.shape, weight.parametrization.group_size).to(rows.dtype)
+    return F.linear(rows, dense)
 
 
 KERNELS: dict[str, Callable[[PackedWeight, torch.Tensor], torch.Tensor]] = {
     "int8pack": _int8pack,
     "int4pack": _int4pack,
+    "int8_gemm": _int8_gemm,
     "dequantize": _dequantized_gemm,
 }
-# the GEMV kernel per scheme for [out, in] weights; transposed experts use the int8 copy (see the module docstring)
-GEMV_KERNEL = {"int8": "int8pack", "int4": "int4pack"}
+# (few rows, many rows) per scheme for [out, in] weights; transposed experts use the int8 copy for either scheme
+# (see the module docstring)
+KERNELS_BY_SCHEME = {"int8": ("int8pack", "int8_gemm"), "int4": ("int4pack", "dequantize")}
 
 
-def choose_kernel(scheme: str, rows: int, transposed: bool = False, max_gemv_rows: int | None = None) -> str:
+def choose_kernel(scheme: str, rows: int, transposed: bool = False) -> str:
     """The kernel (a key of ``KERNELS``) for multiplying ``rows`` rows by one packed weight of ``scheme``."""
-    if rows > (GEMV_MAX_ROWS if max_gemv_rows is None else max_gemv_rows):
-        return "dequantize"
-    return "int8pack" if transposed else GEMV_KERNEL[scheme]
+    few, many = KERNELS_BY_SCHEME["int8" if transposed else scheme]
+    return few if rows <= GEMV_MAX_ROWS else many
 
 
 def _materialize(value):
@@ -256,6 +269,16 @@ def int4_kernel_weights(
     scales = scale.reshape(out_features, in_features // group_size).t().to(torch.bfloat16)
     scales_and_zeros = torch.stack((scales, torch.zeros_like(scales)), dim=-1).contiguous()
     return weight, scales_and_zeros
+
+
+def int4_dequantize(nibbles: torch.Tensor, scale: torch.Tensor, shape: torch.Size, group_size: int) -> torch.Tensor:
+    """float32 values of int4 ``nibbles`` (groups inside rows): the scheme's dequantization, exactly, written
+    straight into one float buffer (the scheme's general version, which pads and stacks, is ~5x slower)."""
+    values = torch.empty(nibbles.numel() * 2, dtype=torch.float32)
+    pairs, flat = values.view(-1, 2), nibbles.reshape(-1)
+    pairs[:, 0] = flat & 0x0F
+    pairs[:, 1] = flat >> 4
+    return values.view(-1, group_size).sub_(8).mul_(scale).view(shape)
 
 
 def int8_kernel_weights(dense: torch.Tensor):
