@@ -11,7 +11,10 @@ Two Mixtral models are built here (randomly initialised: no download): a demo-si
   initialised models the loss sits near log(vocab): only its change across schemes means something; pass
   ``--model DIR`` to measure a trained model);
 - bytes of the saved weight files, hf_moeprune format and compressed-tensors (W8A16 per channel, W4A16),
-  against the expected size: quantized values at their bits, one scale per group/channel, the rest as stored.
+  against the expected size: quantized values at their bits, one scale per group/channel, the rest as stored;
+- kernel microbenchmarks (one matmul of ``rows`` x [out, in] at the benchmark models' shapes): fp32 F.linear,
+  the packed GEMV kernels, the many-row paths of ``packed_kernels.py``, and fbgemm's dynamic int8 linear with
+  its error against the dequantized reference (why hf_moeprune does not use it).
 
     python benchmarks/quantized_inference_benchmark.py [--model DIR] [--threads N] [--quick]
 
@@ -30,6 +33,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +42,14 @@ from transformers import AutoModelForCausalLM, MixtralConfig
 
 from hf_moeprune.quantization import QuantizationConfig, quantize, select_targets
 from hf_moeprune.quantization.compressed_tensors_export import CompressedTensorsExportConfig, export_compressed_tensors
-from hf_moeprune.quantization.packed_kernels import packed_kernels
+from hf_moeprune.quantization.packed_kernels import (
+    KERNELS,
+    PackedWeight,
+    int4_kernel_weights,
+    int8_kernel_weights,
+    packed_kernels,
+)
+from hf_moeprune.quantization.schemes import get_scheme
 
 RESULTS = Path(__file__).parent / "results"
 BATCHES = (1, 16, 64)
@@ -132,6 +143,124 @@ def disk_rows(base_dir: Path, work: Path) -> list[dict]:
     return rows
 
 
+# -- kernel microbenchmarks --------------------------------------------------------------------------------------
+KERNEL_SHAPES = {"expert-heavy gate_up": (4096, 1024), "expert-heavy down": (1024, 2048),
+                 "expert-heavy q_proj": (1024, 1024), "demo gate_up": (512, 128), "demo down": (128, 256)}  # fmt: skip
+KERNEL_ROWS = (1, 4, 16, 64, 256)
+
+
+def _best_ms(fn, reps: int = 5) -> float:
+    fn()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return round(best * 1e3, 4)
+
+
+def _fbgemm_prepack(dense: torch.Tensor):
+    """fbgemm's dynamic int8 linear (per-channel int8 weights, activations quantized per tensor at run time).
+
+    torch's quantized engine is public but its tensor type is deprecated (pytorch/pytorch#184982, torch 2.13 warns
+    on ``quantize_per_channel``); measured here only, hf_moeprune does not use it (see the kernels section)."""
+    absmax = dense.abs().amax(dim=1).clamp_min(1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_channel(dense, (absmax / 127).double(), torch.zeros(len(absmax), dtype=torch.long),
+                                       0, torch.qint8)  # fmt: skip
+        return torch.ops.quantized.linear_prepack(q, None)
+
+
+def _fbgemm_linear(x: torch.Tensor, prepacked) -> torch.Tensor:
+    # reduce_range=True: 7-bit activations, which fbgemm needs on AVX2 (no VNNI) to avoid int16 saturation
+    return torch.ops.quantized.linear_dynamic(x, prepacked, True)
+
+
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines or "x86" in torch.backends.quantized.supported_engines
+
+
+def _kernels_of(weight: torch.Tensor) -> dict:
+    """name -> fn(x) for one [out, in] weight, every copy prepared once as the runtime does."""
+    out_features, in_features = weight.shape
+    int8 = get_scheme("int8").quantize(weight, 128)
+    codes8, scales8 = int8_kernel_weights(get_scheme("int8").dequantize(int8, weight.shape, torch.float32, 128))
+    nibbles, scale4 = get_scheme("int4").quantize(weight, 128)
+    packed4, sz4 = int4_kernel_weights(nibbles, scale4, out_features, in_features, 128)
+
+    class _Param:  # just enough of a QuantizedWeight for the int4 many-rows kernel
+        scheme, group_size, shape, dtype = "int4", 128, weight.shape, torch.float32
+
+    int4_weight = PackedWeight(_Param(), (nibbles, scale4))
+    fns = {
+        "fp32 F.linear": lambda x: torch.nn.functional.linear(x, weight),
+        "int8pack (bf16)": lambda x: torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), codes8, scales8).float(),
+        "int4pack (bf16)": lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.to(torch.bfloat16), packed4, 128, sz4
+        ).float(),
+        "int8_gemm (many rows, int8)": lambda x: torch.nn.functional.linear(x, codes8.float()) * scales8.float(),
+        "dequantize (many rows, int4)": lambda x: KERNELS["dequantize"](int4_weight, x),
+    }
+    if _fbgemm_available():
+        prepacked = _fbgemm_prepack(weight)
+        fns["fbgemm dynamic int8"] = lambda x: _fbgemm_linear(x, prepacked)
+    return fns
+
+
+def kernel_timings() -> list[dict]:
+    rows_out = []
+    for name, (out_features, in_features) in KERNEL_SHAPES.items():
+        torch.manual_seed(0)
+        fns = _kernels_of(torch.randn(out_features, in_features) * 0.02)
+        for rows in KERNEL_ROWS:
+            x = torch.randn(rows, in_features)
+            row = {"shape": name, "out_in": [out_features, in_features], "rows": rows}
+            row.update({label: _best_ms(lambda fn=fn: fn(x)) for label, fn in fns.items()})  # noqa: B023 (called here)
+            rows_out.append(row)
+            print("kernels", row, flush=True)
+    return rows_out
+
+
+def _fbgemm_kernel(cache: dict):
+    def kernel(weight, rows):
+        if id(weight) not in cache:
+            codes, scales = weight.parametrization.kernel_weights(weight.packed, weight.expert, weight.transposed)
+            cache[id(weight)] = (weight, _fbgemm_prepack(codes.float() * scales.float()[:, None]))
+        return _fbgemm_linear(rows.float(), cache[id(weight)][1])
+
+    return kernel
+
+
+def fbgemm_error(held_out_small: torch.Tensor) -> list[dict]:
+    """Logits error against the dequantized reference with every int8 matmul on (a) hf_moeprune's kernels,
+    (b) fbgemm's dynamic int8, on the tiny models the tests use (widths 64/128)."""
+    from hf_moeprune.demo.tiny_models import tiny_model
+
+    results = []
+    for family, extra in (("mixtral", {"head_dim": 16}), ("qwen3_moe", {"head_dim": 16, "moe_intermediate_size": 128})):
+        model = quantize(tiny_model(family, hidden_size=64, intermediate_size=128, **extra), "int8", group_size=128)
+        with torch.no_grad(), packed_kernels(False):
+            reference = model(held_out_small).logits
+        entry = {"family": family}
+        for label, patch in (("hf_moeprune kernels", None), ("fbgemm dynamic int8", _fbgemm_kernel({}))):
+            saved = dict(KERNELS)
+            if patch is not None:
+                KERNELS.update({"int8pack": patch, "int8_gemm": patch})
+            try:
+                with torch.no_grad():
+                    out = model(held_out_small).logits
+            finally:
+                KERNELS.update(saved)
+            cosine = torch.nn.functional.cosine_similarity(out.flatten().double(), reference.flatten().double(), 0)
+            error = ((out - reference).norm() / reference.norm()).item()
+            entry[label] = {"logits_cosine": round(cosine.item(), 6), "relative_error": round(error, 5)}
+        results.append(entry)
+        print("fbgemm error", entry, flush=True)
+    return results
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     tokenizer = train_tokenizer(1024)
@@ -163,6 +292,10 @@ def run(args) -> dict:
                 entry["schemes"][scheme] = row
             entry["disk"] = disk_rows(folder, work / f"disk-{name}")
             results["models"][name] = entry
+    results["kernels"] = kernel_timings()
+    if _fbgemm_available():
+        small = torch.randint(3, 99, (2, 11), generator=torch.Generator().manual_seed(3))
+        results["fbgemm_error"] = fbgemm_error(small)
     return results
 
 
@@ -195,6 +328,27 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['format']} | {row['scheme']} | {row['bytes_on_disk']:,} | "
                          f"{row['expected_bytes']:,} | {row['ratio']} |")  # fmt: skip
         lines.append("")
+    if results.get("kernels"):
+        names = [k for k in results["kernels"][0] if k not in ("shape", "out_in", "rows")]
+        head = "| weight [out, in] | rows | " + " | ".join(names) + " |"
+        lines += [
+            "## Kernels (ms per matmul, best of 3; one thread)",
+            "",
+            head,
+            "|---|---:" + "|---:" * len(names) + "|",
+        ]
+        for row in results["kernels"]:
+            cells = " | ".join(f"{row[n]:.3f}" if n in row else "-" for n in names)
+            lines.append(f"| {row['shape']} {row['out_in']} | {row['rows']} | {cells} |")
+        lines.append("")
+    if results.get("fbgemm_error"):
+        lines += ["## Error against the dequantized reference (tiny test models, int8 group 128, 2x11 tokens)", "",
+                  "| family | kernels | logits cosine | relative error |", "|---|---|---:|---:|"]  # fmt: skip
+        for entry in results["fbgemm_error"]:
+            for label in ("hf_moeprune kernels", "fbgemm dynamic int8"):
+                row = entry[label]
+                lines.append(f"| {entry['family']} | {label} | {row['logits_cosine']} | {row['relative_error']} |")
+        lines += ["", "The int8 tests hold hf_moeprune's kernels to cosine > 0.9995 and relative error < 0.04.", ""]
     lines += ["## Goals", ""] + [f"- {g}" for g in results["goals"]]
     return "\n".join(lines) + "\n"
 
@@ -214,6 +368,13 @@ def goals(results: dict) -> list[str]:
             ok = abs(row["ratio"] - 1) <= 0.05
             out.append(f"{name} {row['format']} {row['scheme']}: on disk / expected = {row['ratio']} "
                        f"(goal within 5%: {'met' if ok else 'MISSED'})")  # fmt: skip
+    for row in results.get("kernels", []):
+        if row["rows"] == 1 and row["shape"].startswith("expert-heavy"):
+            fp32 = row["fp32 F.linear"]
+            out.append(f"kernel speed at 1 row, {row['shape']} {row['out_in']}: fp32 {fp32:.3f} ms, int8pack "
+                       f"{fp32 / row['int8pack (bf16)']:.2f}x, int4pack {fp32 / row['int4pack (bf16)']:.2f}x"
+                       + (f", fbgemm dynamic int8 {fp32 / row['fbgemm dynamic int8']:.2f}x" if "fbgemm dynamic int8"
+                          in row else "") + " faster than fp32 (the ceiling of a whole-model speed-up)")  # fmt: skip
     return out
 
 

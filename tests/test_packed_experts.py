@@ -115,27 +115,27 @@ def test_runtime_matches_the_dequantized_reference_and_touches_only_hit_experts(
 
 def test_kernel_is_chosen_by_rows(kernel_calls, monkeypatch):
     calls, ops = kernel_calls
-    limit = pk.GEMV_MAX_ROWS
-    assert pk.choose_kernel("int4", 1) == "int4pack" and pk.choose_kernel("int8", limit) == "int8pack"
+    int8, int4 = pk.GEMV_MAX_ROWS["int8"], pk.GEMV_MAX_ROWS["int4"]
+    assert pk.choose_kernel("int4", int4) == "int4pack" and pk.choose_kernel("int8", int8) == "int8pack"
     assert pk.choose_kernel("int4", 1, transposed=True) == "int8pack"
-    assert pk.choose_kernel("int4", limit + 1) == "dequantize"
-    assert pk.choose_kernel("int8", limit + 1) == pk.choose_kernel("int4", 4096, transposed=True) == "int8_gemm"
+    assert pk.choose_kernel("int4", int4 + 1) == "dequantize"
+    assert pk.choose_kernel("int8", int8 + 1) == pk.choose_kernel("int4", int8 + 1, transposed=True) == "int8_gemm"
     model = _quantized("mixtral", "int4")
     reference = _reference(model)
     # every matmul above the GEMV limit (as in a long prefill): int4 dequantized + fp32 GEMM
-    monkeypatch.setattr(pk, "GEMV_MAX_ROWS", 0)
+    monkeypatch.setitem(pk.GEMV_MAX_ROWS, "int4", 0)
     out = _logits(model)
     assert calls and {c[0] for c in calls} == {"dequantize"} and not ops
     torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)  # exactly the format's values, fp32 matmul
     # and the GEMV kernels for all of it when the limit is above every row count
     calls.clear()
-    monkeypatch.setattr(pk, "GEMV_MAX_ROWS", 10_000)
+    monkeypatch.setitem(pk.GEMV_MAX_ROWS, "int4", 10_000)
     _close(_logits(model), reference, "int4")
     assert {c[0] for c in calls} == {"int4pack"} and ops.count("int4pack_mm") == len(calls)
     # int8, many rows: fp32 GEMM on the int8 kernel copy
     model = _quantized("qwen3_moe", "int8", group_size=128)
     calls.clear(), ops.clear()
-    monkeypatch.setattr(pk, "GEMV_MAX_ROWS", 0)
+    monkeypatch.setitem(pk.GEMV_MAX_ROWS, "int8", 0)
     _close(_logits(model), _reference(model), "int8")
     assert {c[0] for c in calls} == {"int8_gemm"} and not ops
 

@@ -18,13 +18,14 @@ hf_moeprune's experts runtime (``packed_experts.py``) then pick a kernel by the 
 - many rows (prefill, large batches): one fp32 GEMM on a copy that lives only for that matmul. int8 (and
   transposed experts): the int8 kernel copy converted to fp32, scales applied to the output; int4: that expert
   dequantized from the stored nibbles (exactly the format's values). Both GEMV kernels cost about rows x their
-  one-row time, so above ``GEMV_MAX_ROWS`` the GEMM wins (``benchmarks/quantized_inference_benchmark.py
-  --kernels``; the numbers are in ``benchmarks/results/quantized_kernels.md``).
+  one-row time, so above ``GEMV_MAX_ROWS`` the GEMM wins (kernels table of
+  ``benchmarks/results/quantized_inference.md``).
 
-fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) is 2-3x faster than both on AVX2 but quantizes the
-activations per tensor to 7 bits; measured on the tiny families of the tests it doubles the error against the
-dequantized reference (logits cosine 0.9994 on Mixtral int8, under the 0.9995 the int8 path is held to), so it
-is not used (numbers in the benchmark results).
+fbgemm's dynamic int8 linear (``quantized::linear_dynamic``) is several times faster than both on AVX2 but is not
+used: it quantizes the activations too, per tensor to 7 bits. On the tiny test models that already multiplies the
+error against the dequantized reference by 2-4 (error table of the benchmark results), and LLMs' outlier
+features (a few hidden dimensions 100x larger than the rest) make per-tensor activation scales far worse; random
+tiny models have no such outliers, so no test here could show it.
 
 Indexing a 3D expert tensor (``gate_up_proj[expert]``) prepares only that expert, so only the experts that
 received tokens are ever repacked or multiplied. Any other use of a ``PackedWeight`` (GPT-OSS's transposed
@@ -51,10 +52,12 @@ from hf_moeprune import compat
 logger = logging.getLogger(__name__)
 
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
-# Rows (tokens x their share of one expert) up to which the packed GEMV kernels run; above it, dequantize + fp32
-# GEMM. Measured crossover on one AVX2 core, torch 2.13 (benchmarks/quantized_inference_benchmark.py
-# --kernels): between 16 and 64 rows for int8pack and int4pack at every shape of the benchmark.
-GEMV_MAX_ROWS = 16
+# Rows (tokens routed to one expert, or tokens through one linear) up to which the packed GEMV kernels run; above
+# it, one fp32 GEMM. Both GEMV kernels cost about rows x their one-row time, the GEMM pays a weight conversion
+# once. Measured on one AVX2 core, torch 2.13 (kernels table of benchmarks/results/quantized_inference.md), at
+# [4096, 1024]: int8pack 9.4 ms vs 20 ms for the int8 GEMM path at 16 rows, 36 vs 32 at 64; int4pack 29 ms vs
+# 42 ms for dequantize + GEMM at 64 rows. Transposed experts use the int8 limit.
+GEMV_MAX_ROWS = {"int8": 32, "int4": 64}
 # torch's int4 CPU packing takes an inner-k-tiles argument that the CPU kernel does not use for its layout
 # (torch 2.13); 2 is accepted for every K that is a multiple of the group size.
 INNER_K_TILES = 2
@@ -229,8 +232,9 @@ KERNELS_BY_SCHEME = {"int8": ("int8pack", "int8_gemm"), "int4": ("int4pack", "de
 
 def choose_kernel(scheme: str, rows: int, transposed: bool = False) -> str:
     """The kernel (a key of ``KERNELS``) for multiplying ``rows`` rows by one packed weight of ``scheme``."""
-    few, many = KERNELS_BY_SCHEME["int8" if transposed else scheme]
-    return few if rows <= GEMV_MAX_ROWS else many
+    scheme = "int8" if transposed else scheme
+    few, many = KERNELS_BY_SCHEME[scheme]
+    return few if rows <= GEMV_MAX_ROWS[scheme] else many
 
 
 def _materialize(value):
