@@ -12,6 +12,8 @@ largest single tensor (one layer's experts), and every forward pays one dequanti
 (elementwise, cheap next to the matmul for batched prompts, noticeable for one-token decoding). Expert
 modules read their weights once per forward under grouped_mm/batched_mm, but once per selected
 expert under ``eager``; a cache scoped to the experts module's forward (below) makes that once too.
+For CPU inference none of this dequantization happens: reads return ``PackedWeight`` handles and experts
+run on hf_moeprune's own experts implementation (``packed_kernels.py``, ``packed_experts.py``).
 """
 
 from __future__ import annotations
