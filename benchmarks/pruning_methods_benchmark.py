@@ -271,18 +271,23 @@ def plot(result: dict, path: Path) -> None:
 
     summary = summarize(result["runs"])
     ref = next(r for r in summary if r["method"] == REFERENCE)
-    methods = [m for m in dict.fromkeys(r["method"] for r in summary) if m != REFERENCE]
+    base = next((r for r in summary if r["sparsity"] == 0 and r["method"] != REFERENCE), None)
+    methods = list(dict.fromkeys(r["method"] for r in summary if r["sparsity"] > 0))
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     markers = itertools.cycle("osD^v<>p*hX")
-    for method in methods:
+    for index, method in enumerate(methods):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["sparsity"])
-        marker = next(markers)
+        marker, color = next(markers), plt.cm.tab20(index % 20)
         for ax, domain in zip(axes, ("prose", "code")):
-            ax.errorbar([r["sparsity"] for r in rows], [r[f"{domain}_mean"] for r in rows],
+            # a small sideways offset per method keeps the error bars apart
+            offset = 0.006 * (index - (len(methods) - 1) / 2)
+            ax.errorbar([r["sparsity"] + offset for r in rows], [r[f"{domain}_mean"] for r in rows],
                         yerr=[r[f"{domain}_std"] or 0.0 for r in rows], marker=marker, capsize=3, label=method,
-                        linestyle="--" if method.startswith("post-hoc") or method == "random" else "-")  # fmt: skip
+                        color=color, linestyle="-" if method.startswith("dynamic") else "--")  # fmt: skip
     for ax, domain, what in zip(axes, ("prose", "code"), ("target", "forgetting")):
         ax.axhline(ref[f"{domain}_mean"], color="black", linestyle=":", label="full fine-tune (0%)")
+        if base is not None:
+            ax.axhline(base[f"{domain}_mean"], color="grey", linestyle="-.", label=base["method"])
         ax.set_xlabel("fraction of routed experts removed")
         ax.set_ylabel(f"held-out {domain} loss ({what})")
         ax.set_xticks(sorted({r["sparsity"] for r in summary if r["sparsity"] > 0}))
