@@ -194,9 +194,14 @@ def report(result: dict) -> str:
         "",
         f"Command: `{result['command']}` ({result['seconds']} s, {result['device']}, on a shared 2-core machine "
         "that other jobs were using: timings are indicative only)  ",
+        *(
+            [f"Report re-rendered from its JSON with `{result['rendered_with']}`.  "]
+            if "rendered_with" in result
+            else []
+        ),  # fmt: skip
         f"Base: {result['base']['description']} (`{result['model']}`): pretrained {result['base']['max_steps']} "
-        f"steps on `{result['base']['pretrain_domain']}` only; its held-out loss before fine-tuning: code "
-        f"{result['base']['held_out_code_loss']:.4f}, prose {result['base']['held_out_prose_loss']:.4f}.  ",
+        f"steps on `{result['base']['pretrain_domain']}` only (its build report, 128 held-out blocks per domain: "
+        f"code loss {result['base']['held_out_code_loss']:.4f}, prose {result['base']['held_out_prose_loss']:.4f}).  ",
         f"Fine-tune: stdlib docstrings (prose) for {result['steps']} steps of {result['batch']}, lr 1e-3; dynamic "
         f"schedules gradual from step {result['steps'] // 10} to {result['steps'] // 2}. Seeds: "
         f"{result['seeds']} (data order, calibration draw of {result['calibration_blocks']} blocks, random baseline). "
@@ -222,11 +227,13 @@ def report(result: dict) -> str:
         "## Which differences exceed the seed spread",
         "",
         "Rule: a difference of mean prose loss counts as larger than the seed spread when it exceeds the sum of "
-        "the two standard deviations (the mean ± std ranges do not overlap); `a < b seeds` counts the seeds on "
-        "which a had the lower loss (the runs of a seed share the data order and, for post-hoc methods, the "
-        "fine-tuned model).",
+        "the two standard deviations (the mean ± std ranges do not overlap); `seeds it was lower` counts the seeds "
+        "on which the method with the lower mean had the lower loss (the runs of a seed share the data order and, for "
+        "post-hoc methods, the fine-tuned model). The first row of each sparsity compares the best dynamic method "
+        "with the best other one.",
         "",
-        "| removed | a | b | mean b − a | spread (std a + std b) | a < b seeds | beyond spread |",
+        "| removed | compared | lower mean loss | difference of means | spread (std + std) | seeds it was lower | "
+        "beyond spread |",
         "|---|---|---|---|---|---|---|",
     ]
     for sparsity in sparsities:
@@ -240,9 +247,11 @@ def report(result: dict) -> str:
                   if (a, sparsity) in by_key and (b, sparsity) in by_key]  # fmt: skip
         for a, b in pairs:
             c = compare(a, b)
+            winner, lower = (a, c["a_lower"]) if c["gap"] >= 0 else (b, c["seeds"] - c["a_lower"])
+            name = winner["method"] if c["gap"] else "tie (same losses)"
             lines.append(
-                f"| {sparsity:.0%} | {a['method']} | {b['method']} | {c['gap']:+.4f} | {c['spread']:.4f} | "
-                f"{c['a_lower']}/{c['seeds']} | {'yes' if c['beyond_spread'] else 'no'} |"
+                f"| {sparsity:.0%} | {a['method']} vs {b['method']} | {name} | {abs(c['gap']):.4f} | "
+                f"{c['spread']:.4f} | {lower}/{c['seeds']} | {'yes' if c['beyond_spread'] else 'no'} |"
             )
     lines += ["", "Every method, ranked by mean prose loss, and the methods it beats by more than the seed spread:", ""]
     for sparsity in sparsities:
@@ -273,18 +282,19 @@ def plot(result: dict, path: Path) -> None:
     ref = next(r for r in summary if r["method"] == REFERENCE)
     base = next((r for r in summary if r["sparsity"] == 0 and r["method"] != REFERENCE), None)
     methods = list(dict.fromkeys(r["method"] for r in summary if r["sparsity"] > 0))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5))
+    panels = (("prose", "target"), ("prose", "target, zoomed"), ("code", "forgetting"))
     markers = itertools.cycle("osD^v<>p*hX")
     for index, method in enumerate(methods):
         rows = sorted((r for r in summary if r["method"] == method), key=lambda r: r["sparsity"])
         marker, color = next(markers), plt.cm.tab20(index % 20)
-        for ax, domain in zip(axes, ("prose", "code")):
+        for ax, (domain, _) in zip(axes, panels):
             # a small sideways offset per method keeps the error bars apart
             offset = 0.006 * (index - (len(methods) - 1) / 2)
             ax.errorbar([r["sparsity"] + offset for r in rows], [r[f"{domain}_mean"] for r in rows],
                         yerr=[r[f"{domain}_std"] or 0.0 for r in rows], marker=marker, capsize=3, label=method,
                         color=color, linestyle="-" if method.startswith("dynamic") else "--")  # fmt: skip
-    for ax, domain, what in zip(axes, ("prose", "code"), ("target", "forgetting")):
+    for ax, (domain, what) in zip(axes, panels):
         ax.axhline(ref[f"{domain}_mean"], color="black", linestyle=":", label="full fine-tune (0%)")
         if base is not None:
             ax.axhline(base[f"{domain}_mean"], color="grey", linestyle="-.", label=base["method"])
@@ -292,9 +302,12 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"held-out {domain} loss ({what})")
         ax.set_xticks(sorted({r["sparsity"] for r in summary if r["sparsity"] > 0}))
     axes[0].set_ylim(top=min(axes[0].get_ylim()[1], ref["prose_mean"] * 1.25))
-    axes[0].set_title("prose after code-only pretraining (mean ± std)")
-    axes[1].set_title("code (pretraining domain)")
-    axes[1].legend(fontsize=7)
+    axes[0].set_title(f"prose after {result['base']['pretrain_domain']}-only pretraining (mean ± std)")
+    # the zoom shows the band where the dynamic and post-hoc methods differ (random and merging leave it)
+    axes[1].set_ylim(ref["prose_mean"] - 0.02, ref["prose_mean"] + 0.2)
+    axes[1].set_title("prose, zoomed")
+    axes[2].set_title(f"code (pretrained on {result['base']['pretrain_domain']})")
+    axes[2].legend(fontsize=7)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
@@ -327,6 +340,7 @@ def main() -> None:
     if opts.from_json:
         result = json.loads(Path(opts.from_json).read_text())
         result["out"] = opts.out
+        result["rendered_with"] = "python " + " ".join(sys.argv)
         if analysis:
             result["analysis"] = analysis
         write(result)
