@@ -1,11 +1,15 @@
 """The demo's built-in data: stdlib corpus, tokenizer, base-model build and the specialisation maths."""
 
 import ast
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from datasets import DatasetDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_moeprune.data import pack_token_ids, tokenize_and_pack
@@ -128,6 +132,8 @@ def test_configs_name_bad_values():
         BaseModelConfig(num_local_experts=2, num_experts_per_tok=3)
     with pytest.raises(ValueError, match="experts_implementation='fast'"):
         BaseModelConfig(experts_implementation="fast")
+    with pytest.raises(ValueError, match="pretrain_domain='docs'"):
+        BaseModelConfig(pretrain_domain="docs")
     with pytest.raises(ValueError, match="vocab_size=100"):
         TokenizerConfig(vocab_size=100)
 
@@ -326,6 +332,26 @@ def test_tiny_pretraining_produces_loadable_cached_folder(cache):
     mtime = (path / bm.BUILD_INFO).stat().st_mtime_ns
     assert load_or_train_base_model(TINY_RECIPE, SMALL, TINY_TOKENIZER, cache) == path
     assert (path / bm.BUILD_INFO).stat().st_mtime_ns == mtime
+
+
+def test_single_domain_pretraining_reads_only_that_domain(small_corpus, cache):
+    code_only = dataclasses.replace(TINY_RECIPE, pretrain_domain="code")
+    path = load_or_train_base_model(code_only, SMALL, TINY_TOKENIZER, cache)
+    tokenizer = load_or_train_tokenizer(small_corpus, TINY_TOKENIZER, cache)
+    info = json.loads((path / bm.BUILD_INFO).read_text())
+    code_blocks = tokenize_and_pack(DatasetDict(train=small_corpus.code["train"]), tokenizer, TINY_RECIPE.block_size)
+    mixed_blocks = tokenize_and_pack(DatasetDict(train=small_corpus.mixed["train"]), tokenizer, TINY_RECIPE.block_size)
+    assert info["recipe"]["pretrain_domain"] == "code"
+    assert info["train_blocks"] == len(code_blocks["train"]) < len(mixed_blocks["train"])
+    # its own cache entry; the default (mixed) keeps the key it had before the field existed
+    assert path != bm.base_model_dir(small_corpus, tokenizer, TINY_RECIPE, cache)
+    old_recipe = dataclasses.asdict(TINY_RECIPE) | {"num_threads": None}
+    del old_recipe["pretrain_domain"]
+    old_key = cm.config_hash(
+        bm.BASE_MODEL_FORMAT_VERSION, small_corpus.fingerprint, Path(tokenizer.name_or_path).name, old_recipe,
+        transformers.__version__,
+    )  # fmt: skip
+    assert bm.base_model_dir(small_corpus, tokenizer, TINY_RECIPE, cache).name == f"base-model-{old_key}"
 
 
 def test_specialisation_report_counts_specialists_and_dead_experts():

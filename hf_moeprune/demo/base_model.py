@@ -32,7 +32,15 @@ from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from hf_moeprune.data import tokenize_and_pack
-from hf_moeprune.demo.corpus import Corpus, CorpusConfig, build_corpus, cache_root, cached_build, config_hash
+from hf_moeprune.demo.corpus import (
+    DOMAINS,
+    Corpus,
+    CorpusConfig,
+    build_corpus,
+    cache_root,
+    cached_build,
+    config_hash,
+)
 from hf_moeprune.observation import observe_routing, routed_counts
 
 logger = logging.getLogger(__name__)
@@ -45,6 +53,8 @@ SPECIAL_TOKENS: dict[str, str] = {"pad_token": "<pad>", "bos_token": "<s>", "eos
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 # an expert counts as a specialist of a domain when under this share of its (domain-balanced) load is the other's
 SPECIALIST_SHARE = 0.2
+# what the base model can be pretrained on: both domains interleaved, or one domain only (for a domain shift)
+PRETRAIN_DOMAINS = ("mixed", *DOMAINS)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
@@ -151,6 +161,11 @@ class BaseModelConfig:
         default=None, metadata={"help": "torch CPU threads while training (None: the CPUs this process may use)"}
     )
     eval_blocks: int = field(default=128, metadata={"help": "held-out blocks per domain for the build report"})
+    pretrain_domain: str = field(
+        default="mixed",
+        metadata={"help": f"corpus domain pretrained on, one of {PRETRAIN_DOMAINS} (one domain: a later fine-tune "
+                  "on the other is a domain shift)"},
+    )  # fmt: skip
 
     def __post_init__(self):
         positive = (
@@ -194,6 +209,8 @@ class BaseModelConfig:
             )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be None or >= 1")
+        if self.pretrain_domain not in PRETRAIN_DOMAINS:
+            raise ValueError(f"pretrain_domain={self.pretrain_domain!r}; known: {list(PRETRAIN_DOMAINS)}")
 
 
 def mixtral_config(config: BaseModelConfig, tokenizer: PreTrainedTokenizerFast) -> transformers.MixtralConfig:
@@ -270,7 +287,10 @@ def base_model_dir(
     corpus: Corpus, tokenizer: PreTrainedTokenizerFast, config: BaseModelConfig, cache_dir: str | os.PathLike | None
 ) -> Path:
     # threads change float reduction order only, not the recipe
-    recipe = dataclasses.replace(config, num_threads=None)
+    recipe = dataclasses.asdict(dataclasses.replace(config, num_threads=None))
+    if recipe["pretrain_domain"] == "mixed":
+        # the default keeps the key it had before the field existed, so cached demo models stay valid
+        del recipe["pretrain_domain"]
     key = config_hash(
         BASE_MODEL_FORMAT_VERSION,
         corpus.fingerprint,
@@ -300,7 +320,8 @@ def load_or_train_base_model(
     def build(tmp: Path) -> None:
         start = time.perf_counter()
         # the per-domain sets are only measured, so only their validation split is packed
-        packed = {"mixed": tokenize_and_pack(DatasetDict(train=corpus.mixed["train"]), tokenizer, config.block_size)}
+        pretrain_texts = DatasetDict(train=corpus[config.pretrain_domain]["train"])
+        packed = {"pretrain": tokenize_and_pack(pretrain_texts, tokenizer, config.block_size)}
         for domain in ("code", "prose"):
             held_out = DatasetDict(validation=corpus[domain]["validation"])
             packed[domain] = tokenize_and_pack(held_out, tokenizer, config.block_size)
@@ -310,12 +331,12 @@ def load_or_train_base_model(
             "pretraining a %.2fM-parameter MoE for %d steps on %d blocks of %d tokens",
             model.num_parameters() / 1e6,
             config.max_steps,
-            len(packed["mixed"]["train"]),
+            len(packed["pretrain"]["train"]),
             config.block_size,
         )
         cpu_start, start = time.process_time(), time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="hf_moeprune-trainer-") as work_dir:
-            result = pretrain(model, packed["mixed"]["train"], config, work_dir)
+            result = pretrain(model, packed["pretrain"]["train"], config, work_dir)
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         model.eval()
         model.config.use_cache = True  # Trainer turns the KV cache off for training; generation wants it back
@@ -323,7 +344,7 @@ def load_or_train_base_model(
             model,
             {d: packed[d]["validation"] for d in ("code", "prose")},
             max_blocks=config.eval_blocks,
-            unigram_counts=token_counts(packed["mixed"]["train"], len(tokenizer)),
+            unigram_counts=token_counts(packed["pretrain"]["train"], len(tokenizer)),
         )
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -334,7 +355,7 @@ def load_or_train_base_model(
             "corpus_fingerprint": corpus.fingerprint,
             "tokenizer": str(tokenizer.name_or_path),
             "num_parameters": model.num_parameters(),
-            "train_blocks": len(packed["mixed"]["train"]),
+            "train_blocks": len(packed["pretrain"]["train"]),
             "tokens_seen": config.max_steps * config.per_device_train_batch_size * config.block_size,
             "final_train_loss": result.training_loss,
             "pack_seconds": round(pack_s, 2),
