@@ -46,6 +46,10 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "softmax_topk_renorm_biased": True,
     "sigmoid_topk_block_bias": True,
     "sigmoid_topk_expert_bias": None,
+    "sigmoid_group_limited_sorted": True,
+    "sigmoid_group_limited_zero_fill": True,
+    "sigmoid_topk": True,
+    "logit_topk_sigmoid": True,
 }
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

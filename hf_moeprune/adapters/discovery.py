@@ -31,6 +31,8 @@ RULE_PREFERENCE = (
     "topk_softmax",
     "softmax_topk_scaled",
     "sigmoid_group_limited",
+    "sigmoid_group_limited_zero_fill",
+    "sigmoid_group_limited_sorted",
 )
 GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
 
@@ -151,7 +153,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         router_tensors=tuple(router_tensors),
         expert_tensors=tuple(expert_tensors),
         block_tensors=tuple(block_tensors),
-        score_function="sigmoid" if routing.startswith("sigmoid") else "softmax",
+        score_function="sigmoid" if "sigmoid" in routing else "softmax",
         routing=routing,
         config_class=type(config).__name__,
         model_class=type(model).__name__,

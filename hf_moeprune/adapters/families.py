@@ -964,6 +964,70 @@ register_family(
     )
 )
 
+# -- families added in issue 13 (text MoE families that were listed unsupported) ---------------------------------------
+# Tiny configs: 3 layers, hidden 32, 8 experts of which 2 per token, at least two MoE layers.
+_TINY_13: dict[str, Any] = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=32,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+# Lara-Mini (gated delta-net + attention): Qwen3-MoE router (fp32 logits), an ungated shared expert.
+register_family(
+    MoEAdapter(
+        model_type="lara_mini",
+        routing="softmax_topk",
+        tiny_config={
+            **_TINY_13,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 24,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_conv_kernel_dim": 2,
+        },
+    )
+)
+
+# Flint: sigmoid scores without bias, sorted top-k, renormalised with norm_topk_prob; dense layers in mlp_only_layers.
+register_family(
+    MoEAdapter(
+        model_type="flint",
+        score_function="sigmoid",
+        routing="sigmoid_topk",
+        tiny_config={**_TINY_13, "num_experts": 8, "shared_expert_intermediate_size": 24, "mlp_only_layers": [0]},
+    )
+)
+
+# Beam: DeepSeek-V3's group-limited sigmoid router with a sorted top-k; routed_scaling_factor scales the block output.
+register_family(
+    MoEAdapter(
+        model_type="beam",
+        **{**_DEEPSEEK_V3_ROUTER, "routing": "sigmoid_group_limited_sorted"},
+        tiny_config={
+            **_TINY_13,
+            "num_experts": 8,
+            "n_group": 2,
+            "topk_group": 1,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "sliding_window": 16,
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1000,9 +1064,6 @@ for _model_type, _reason in {
     "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
-    "beam": "no tiny config of this family has been verified yet",
-    "flint": "no tiny config of this family has been verified yet",
-    "lara_mini": "no tiny config of this family has been verified yet",
     "gemma4_text": "no tiny config of this family has been verified yet",
     "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
     "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",

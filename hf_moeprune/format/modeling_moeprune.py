@@ -82,23 +82,68 @@ def topk_softmax(router: nn.Module, logits: torch.Tensor, selection_bias: torch.
     return torch.softmax(values, dim=1, dtype=values.dtype), indices
 
 
-def sigmoid_group_limited(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-    """DeepSeek-V3: sigmoid scores + e_score_correction_bias, best ``topk_group`` groups, top-k inside them."""
+def _sigmoid_grouped(router, logits, selection_bias, sorted_topk: bool, masked_value: float):
+    """Sigmoid scores + e_score_correction_bias, the best ``topk_group`` groups by the sum of their top-2 members
+    (skipped when the router has no groups: ``num_group`` None), top-k inside them, weights = the raw scores of the
+    chosen experts, renormalised with ``norm_topk_prob``, x ``routed_scaling_factor`` where the router applies it."""
     scores = logits.sigmoid()
     choice = scores + router.e_score_correction_bias
     if selection_bias is not None:
         choice = choice + selection_bias.to(choice.dtype)
     groups, num_experts = router.num_group, router.num_experts
-    group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    if groups is not None:
+        group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+        choice = choice.masked_fill(~score_mask.bool(), masked_value)
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=sorted_topk)[1]
     weights = scores.gather(1, indices)
     if router.norm_topk_prob:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
-    return weights * router.routed_scaling_factor, indices
+    scale = getattr(router, "routed_scaling_factor", None)  # Beam scales the MoE block's output instead
+    return (weights if scale is None else weights * scale), indices
+
+
+def sigmoid_group_limited(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """DeepSeek-V3: sigmoid scores + e_score_correction_bias, best ``topk_group`` groups, unsorted top-k inside them
+    (the other groups' experts masked with -inf)."""
+    return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=False, masked_value=float("-inf"))
+
+
+def sigmoid_group_limited_sorted(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Beam: DeepSeek-V3's rule with a sorted top-k and no scaling in the router (the MoE block scales its output)."""
+    return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=True, masked_value=float("-inf"))
+
+
+def sigmoid_group_limited_zero_fill(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None
+):
+    """A.X K2: DeepSeek-V3's rule with the other groups' experts masked with 0.0 (as its reference implementation
+    does; a negative corrected score can then lose to a masked expert), groups optional (``n_group`` None)."""
+    return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=False, masked_value=0.0)
+
+
+def sigmoid_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Flint, Laguna: fp32 sigmoid scores, sorted top-k on score (+ the router's ``e_score_correction_bias`` where it
+    has one: Laguna), weights = the chosen raw scores, renormalised (Flint: if ``norm_topk_prob``)."""
+    scores = torch.sigmoid(logits.float())
+    bias = getattr(router, "e_score_correction_bias", None)
+    indices = _select(scores if bias is None else scores + bias.to(scores.dtype), router.top_k, selection_bias)
+    weights = scores.gather(-1, indices)
+    if getattr(router, "norm_topk_prob", True):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Kolibri-1: top-k on the logits + e_score_correction_bias, weights = sigmoid of the chosen logits, renormalised
+    with ``norm_topk_prob``."""
+    indices = _select(logits + router.e_score_correction_bias, router.top_k, selection_bias)
+    weights = logits.gather(1, indices).sigmoid()
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
 
 
 def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
@@ -169,6 +214,10 @@ ROUTE_FUNCTIONS = {
     "softmax_topk_renorm_biased": softmax_topk_renorm_biased,
     "sigmoid_topk_block_bias": sigmoid_topk_block_bias,
     "sigmoid_topk_expert_bias": sigmoid_topk_expert_bias,
+    "sigmoid_group_limited_sorted": sigmoid_group_limited_sorted,
+    "sigmoid_group_limited_zero_fill": sigmoid_group_limited_zero_fill,
+    "sigmoid_topk": sigmoid_topk,
+    "logit_topk_sigmoid": logit_topk_sigmoid,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
