@@ -1028,6 +1028,75 @@ register_family(
 )
 
 
+# Laguna: sigmoid scores of the (optionally tanh-softcapped) logits, sorted top-k on score + e_score_correction_bias,
+# renormalised; the router returns the softcapped logits, so the rule applies to them as they are.
+register_family(
+    MoEAdapter(
+        model_type="laguna",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="sigmoid_topk",
+        tiny_config={
+            **_TINY_13,
+            "head_dim": 8,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 16,
+            "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+            "num_attention_heads_per_layer": [2, 2, 2],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "moe_router_logit_softcapping": 30.0,
+            "sliding_window": 32,
+        },
+    )
+)
+
+# Kolibri-1: top-k on logits + e_score_correction_bias, weights = sigmoid of the chosen logits (norm_topk_prob).
+register_family(
+    MoEAdapter(
+        model_type="kolibri1",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="logit_topk_sigmoid",
+        tiny_config={
+            **_TINY_13,
+            "num_local_experts": 8,
+            "norm_topk_prob": True,
+            "shared_expert_intermediate_size": 36,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    )
+)
+
+# A.X K2: DeepSeek-V3 router whose group mask fills 0.0 (A.X-K2-Light: no groups, n_group None).
+register_family(
+    MoEAdapter(
+        model_type="axk2",
+        **{**_DEEPSEEK_V3_ROUTER, "routing": "sigmoid_group_limited_zero_fill"},
+        tiny_config={
+            **_TINY_13,
+            "head_dim": 64,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 16,
+            "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 64,
+            "qk_head_dim": 128,
+            "v_head_dim": 32,
+            "index_topk": 8,
+            "index_head_dim": 64,
+            "index_n_heads": 2,
+            "gated_norm_rank": 4,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["indexed_attention", "indexed_attention", "indexed_attention"],
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1047,10 +1116,7 @@ for _model_type, _reason in {
         "sparsemixer routing samples experts in training (Gumbel) with a custom gradient (PhimoeMultiplier), which a "
         "deterministic routing rule cannot reproduce"
     ),
-    "axk2": _OWN_RULE,
     "deepseek_v4": _OWN_RULE,
-    "kolibri1": _OWN_RULE,
-    "laguna": _OWN_RULE,
     "minimax_m3_vl_text": _OWN_RULE,
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
