@@ -1097,6 +1097,43 @@ register_family(
 )
 
 
+# Sarvam-MLA and Sarvam-MoE: their own config classes build DeepseekV3ForCausalLM / Glm4MoeForCausalLM (transformers'
+# auto mapping); the pruned classes are named after both (MoEPruneDeepseekV3ForCausalLM__SarvamMLAConfig).
+register_family(
+    MoEAdapter(
+        model_type="sarvam_mla",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            **_TINY_13,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+        },
+    )
+)
+register_family(
+    MoEAdapter(
+        model_type="sarvam_moe",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            **_TINY_13,
+            "head_dim": 8,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1131,8 +1168,6 @@ for _model_type, _reason in {
     "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
     "gemma4_text": "no tiny config of this family has been verified yet",
-    "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
-    "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",
     "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
     "dots3_note": _MULTIMODAL.format("dots3_note_text"),

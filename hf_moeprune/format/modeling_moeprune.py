@@ -19,6 +19,7 @@ import torch
 import transformers
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -636,18 +637,26 @@ def _make_init(stock_model_cls):
 
 
 PRUNED_CLASSES: dict[str, tuple[type, type]] = {}  # stock model_type -> (pruned config, pruned causal LM)
+CONFIG_SEPARATOR = "__"  # in a pruned model class named after its stock model class and a foreign config class
 
 
 def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
     """The (config, causal-LM) pair that extends the stock ``transformers.<config_name>`` / ``<model_name>``;
     created once, then returned from the module namespace (auto_map resolves the same names)."""
-    pruned_config_name, pruned_model_name = CLASS_PREFIX + config_name, CLASS_PREFIX + model_name
-    if pruned_model_name in globals():
-        return globals()[pruned_config_name], globals()[pruned_model_name]
     stock_config = getattr(transformers, config_name)
     stock_model = getattr(transformers, model_name)
-    if stock_model.config_class is not stock_config:
-        raise ValueError(f"{model_name}.config_class is {stock_model.config_class.__name__}, not {config_name}")
+    # A model class serves other config classes too (Sarvam-MLA's config builds DeepseekV3ForCausalLM): the pruned
+    # model class is then named after both, so each config keeps its own pruned pair and auto_map entry.
+    own_config = stock_model.config_class is stock_config
+    if not own_config and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(stock_config.model_type) != model_name:
+        raise ValueError(
+            f"{model_name}.config_class is {stock_model.config_class.__name__}, and transformers does not map "
+            f"{config_name} (model_type {stock_config.model_type!r}) to {model_name} either"
+        )
+    pruned_config_name = CLASS_PREFIX + config_name
+    pruned_model_name = CLASS_PREFIX + model_name + ("" if own_config else CONFIG_SEPARATOR + config_name)
+    if pruned_model_name in globals():
+        return globals()[pruned_config_name], globals()[pruned_model_name]
     pruned_config = globals().get(pruned_config_name) or type(
         pruned_config_name,
         (stock_config,),
@@ -682,9 +691,12 @@ def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
 def __getattr__(name: str):
     # trust_remote_code resolves auto_map entries ("modeling_moeprune.MoEPruneMixtralForCausalLM") by name.
     stock_name = name[len(CLASS_PREFIX) :] if name.startswith(CLASS_PREFIX) else None
+    config_name = None
+    if stock_name and CONFIG_SEPARATOR in stock_name:  # MoEPrune<Model>__<Config>, see make_pruned_classes
+        stock_name, config_name = stock_name.split(CONFIG_SEPARATOR, 1)
     stock = getattr(transformers, stock_name, None) if stock_name else None
     if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
-        return make_pruned_classes(stock.config_class.__name__, stock_name)[1]
+        return make_pruned_classes(config_name or stock.config_class.__name__, stock_name)[1]
     if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedConfig):
         config_cls = type(
             name,
