@@ -311,7 +311,7 @@ def prune_checkpoint(
                 expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
             if unit in merge:
                 merged_names = {
-                    f"{prefixes[unit]}{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors
+                    f"{prefixes[unit]}{adapter.experts_path}.{n}" for n in adapter.expert_tensors
                 }
             for group in loader.groups(unit):
                 for name in list(group):

@@ -22,7 +22,7 @@ import hf_moeprune
 from hf_moeprune import prune_experts
 from hf_moeprune.adapters import ADAPTERS, UNSUPPORTED
 from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES
-from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, identify_routing
+from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, identify_routing, router_top_k
 from hf_moeprune.balancing.loads import measure_expert_loads
 from hf_moeprune.demo.tiny_models import tiny_model
 
@@ -97,7 +97,7 @@ def test_registration_matches_the_model(family):
     )
     layer = declared.decoder_layers(model)[declared.moe_layer_indices(model)[0]]
     assert getattr(model.config, declared.num_experts_field) == declared.num_experts(layer) == 8
-    assert declared.top_k(model.config) == declared.router(layer).top_k == 2
+    assert declared.top_k(model.config) == router_top_k(declared.router(layer), model.config.hidden_size) == 2
     router_args = block_router_args(declared.moe_block(layer), declared.block_tensors)
     assert declared.routing in identify_routing(
         declared.router(layer), model.config.hidden_size, router_args=router_args

@@ -152,7 +152,7 @@ def test_quantize_every_family(family):
     layers = adapter.moe_layer_indices(model)
     for layer in layers:
         for tensor in ("gate_up_proj", "down_proj"):
-            name = f"model.layers.{layer}.{adapter.block_attr}.{adapter.experts_attr}.{tensor}"
+            name = f"model.layers.{layer}.{adapter.experts_path}.{tensor}"
             assert name in quantized and original[name].ndim == 3
             assert getattr(model.get_submodule(name.rpartition(".")[0]), tensor).shape == original[name].shape
     assert any(".self_attn." in name for name in quantized)

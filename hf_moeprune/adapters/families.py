@@ -1134,6 +1134,32 @@ register_family(
 )
 
 
+# Gemma-4 (text model): the decoder layer itself holds the router and the experts, next to a dense MLP that runs in
+# parallel; the router returns probabilities of its normalised, scaled input, renormalised over the top-k and x a
+# learned per_expert_scale (a per-expert router tensor, so surgery keeps it with its expert).
+register_family(
+    MoEAdapter(
+        model_type="gemma4_text",
+        block_attr="",
+        router_attr="router",
+        router_tensors=("proj.weight", "per_expert_scale"),
+        score_function="probabilities",
+        routing="softmax_topk_renorm_expert_scale",
+        tiny_config={
+            **_TINY_13,
+            "enable_moe_block": True,
+            "num_experts": 8,
+            "top_k_experts": 2,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": 99,
+            "global_head_dim": 16,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "sliding_window": 16,
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1167,11 +1193,10 @@ for _model_type, _reason in {
     "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
-    "gemma4_text": "no tiny config of this family has been verified yet",
     "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
     "dots3_note": _MULTIMODAL.format("dots3_note_text"),
     "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
-    "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
+    "gemma4": _MULTIMODAL.format("gemma4_text"),
 }.items():
     register_unsupported(_model_type, _reason)

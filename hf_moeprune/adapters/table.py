@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter
+from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter, join_path
 
 START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
 
@@ -30,9 +30,9 @@ def _layout(adapter: MoEAdapter) -> str:
     parts = [f"`{adapter.router_path}.{adapter.router_tensors[0]}`"]
     parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
     parts.append(
-        f"`{adapter.block_attr}.{adapter.experts_attr}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors)
+        f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors)
     )
-    parts += [f"`{adapter.block_attr}.{n}`" for n in adapter.block_tensors]
+    parts += [f"`{join_path(adapter.block_attr, n)}`" for n in adapter.block_tensors]
     return "; ".join(parts)
 
 

@@ -206,6 +206,17 @@ def sigmoid_topk_expert_bias(
     return weights * router.routed_scaling_factor, indices
 
 
+
+def softmax_topk_renorm_expert_scale(
+    router: nn.Module, probs: torch.Tensor, selection_bias: torch.Tensor | None = None
+):
+    """Gemma-4: the router returns fp32 probabilities (not logits); top-k (``config.top_k_experts``), renormalised
+    over the k, x the router's learned ``per_expert_scale`` of each chosen expert."""
+    indices = _select(probs, router.config.top_k_experts, selection_bias)
+    weights = probs.gather(-1, indices)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    return weights * router.per_expert_scale[indices], indices
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
@@ -219,6 +230,7 @@ ROUTE_FUNCTIONS = {
     "sigmoid_group_limited_zero_fill": sigmoid_group_limited_zero_fill,
     "sigmoid_topk": sigmoid_topk,
     "logit_topk_sigmoid": logit_topk_sigmoid,
+    "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
