@@ -29,9 +29,7 @@ REMOVAL = {
 def _layout(adapter: MoEAdapter) -> str:
     parts = [f"`{adapter.router_path}.{adapter.router_tensors[0]}`"]
     parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
-    parts.append(
-        f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors)
-    )
+    parts.append(f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors))
     parts += [f"`{join_path(adapter.block_attr, n)}`" for n in adapter.block_tensors]
     return "; ".join(parts)
 

@@ -56,9 +56,9 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     adapter = get_adapter(config)
-    biases = {
-        f"{adapter.router_path}.{n}" for n in adapter.router_tensors[1:] if n.endswith("bias")
-    } | {f"{adapter.experts_path}.{n}" for n in adapter.expert_tensors if n.endswith("bias")}
+    biases = {f"{adapter.router_path}.{n}" for n in adapter.router_tensors[1:] if n.endswith("bias")} | {
+        f"{adapter.experts_path}.{n}" for n in adapter.expert_tensors if n.endswith("bias")
+    }
     biases |= {join_path(adapter.block_attr, n) for n in adapter.block_tensors if n.endswith("bias")}
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -206,7 +206,6 @@ def sigmoid_topk_expert_bias(
     return weights * router.routed_scaling_factor, indices
 
 
-
 def softmax_topk_renorm_expert_scale(
     router: nn.Module, probs: torch.Tensor, selection_bias: torch.Tensor | None = None
 ):
@@ -216,6 +215,7 @@ def softmax_topk_renorm_expert_scale(
     weights = probs.gather(-1, indices)
     weights /= weights.sum(dim=-1, keepdim=True)
     return weights * router.per_expert_scale[indices], indices
+
 
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
