@@ -49,6 +49,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sigmoid_group_limited_sorted": True,
     "sigmoid_group_limited_zero_fill": True,
     "sigmoid_topk": True,
+    "sigmoid_topk_unsorted": True,
     "logit_topk_sigmoid": True,
     "softmax_topk_renorm_expert_scale": True,
 }

@@ -1163,6 +1163,37 @@ register_family(
 )
 
 
+# MiniMax-M3-VL's language model: sigmoid scores, unsorted top-k on score + the router's e_score_correction_bias,
+# renormalised; routed_scaling_factor scales the block output. Sparse (indexed) attention layers do not touch it.
+register_family(
+    MoEAdapter(
+        model_type="minimax_m3_vl_text",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="sigmoid_topk_unsorted",
+        tiny_config={
+            **_TINY_13,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "head_dim": 32,
+            "num_local_experts": 8,
+            "dense_intermediate_size": 64,
+            "shared_intermediate_size": 32,
+            "routed_scaling_factor": 2.0,
+            "rotary_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "index_n_heads": 2,
+            "index_head_dim": 16,
+            "index_block_size": 8,
+            "index_topk_blocks": 4,
+            "index_local_blocks": 1,
+            "layer_types": ["full_attention", "minimax_m3_sparse", "full_attention"],
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1183,7 +1214,6 @@ for _model_type, _reason in {
         "deterministic routing rule cannot reproduce"
     ),
     "deepseek_v4": _OWN_RULE,
-    "minimax_m3_vl_text": _OWN_RULE,
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
         "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "

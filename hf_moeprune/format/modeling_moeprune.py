@@ -125,16 +125,30 @@ def sigmoid_group_limited_zero_fill(
     return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=False, masked_value=0.0)
 
 
-def sigmoid_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-    """Flint, Laguna: fp32 sigmoid scores, sorted top-k on score (+ the router's ``e_score_correction_bias`` where it
-    has one: Laguna), weights = the chosen raw scores, renormalised (Flint: if ``norm_topk_prob``)."""
+def _sigmoid_topk(router, logits, selection_bias, sorted_topk: bool):
     scores = torch.sigmoid(logits.float())
+    choice = scores
     bias = getattr(router, "e_score_correction_bias", None)
-    indices = _select(scores if bias is None else scores + bias.to(scores.dtype), router.top_k, selection_bias)
+    if bias is not None:
+        choice = choice + bias.to(scores.dtype)
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(scores.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=sorted_topk).indices
     weights = scores.gather(-1, indices)
     if getattr(router, "norm_topk_prob", True):
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
+
+
+def sigmoid_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Flint, Laguna: fp32 sigmoid scores, sorted top-k on score (+ the router's ``e_score_correction_bias`` where it
+    has one: Laguna), weights = the chosen raw scores, renormalised (Flint: if ``norm_topk_prob``)."""
+    return _sigmoid_topk(router, logits, selection_bias, sorted_topk=True)
+
+
+def sigmoid_topk_unsorted(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """MiniMax-M3-VL (language model): `sigmoid_topk` with an unsorted top-k."""
+    return _sigmoid_topk(router, logits, selection_bias, sorted_topk=False)
 
 
 def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
@@ -229,6 +243,7 @@ ROUTE_FUNCTIONS = {
     "sigmoid_group_limited_sorted": sigmoid_group_limited_sorted,
     "sigmoid_group_limited_zero_fill": sigmoid_group_limited_zero_fill,
     "sigmoid_topk": sigmoid_topk,
+    "sigmoid_topk_unsorted": sigmoid_topk_unsorted,
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
