@@ -247,7 +247,7 @@ def test_registration_checks_the_remote_code_file_and_quantization():
     assert "olmo2" not in ADAPTERS
 
 
-@pytest.mark.parametrize("family", ["minimax_m2", "lfm2_moe", "ernie4_5_moe"])
+@pytest.mark.parametrize("family", ["minimax_m2", "lfm2_moe", "ernie4_5_moe", "afmoe"])
 def test_selection_bias_on_families_with_their_own_bias(family, tmp_path):
     """The learned selection bias composes with a block-held (MiniMax-M2, LFM2) or [1, experts] (Ernie) bias: zero
     changes nothing, a large entry forces its expert, and it is saved and reloaded."""

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hf_moeprune
-from hf_moeprune.adapters.discovery import block_router_args
+from hf_moeprune.adapters.discovery import block_router_args, call_router
 from hf_moeprune.demo.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -33,7 +33,7 @@ def test_route_function_reproduces_stock_router_exactly(family, overrides):
     for layer in adapter.moe_layer_indices(model):
         router = adapter.router(adapter.decoder_layers(model)[layer])
         args = block_router_args(adapter.moe_block(adapter.decoder_layers(model)[layer]), adapter.block_tensors)
-        logits, weights, indices = router(hidden, *args)
+        logits, weights, indices = call_router(router, hidden, *args)
         w, i = adapter.route(router, logits, None, *args)
         assert torch.equal(i, indices)
         assert torch.equal(w, weights) and w.dtype == weights.dtype

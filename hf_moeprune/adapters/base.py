@@ -50,6 +50,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sigmoid_group_limited_zero_fill": True,
     "sigmoid_topk": True,
     "sigmoid_topk_unsorted": True,
+    "sigmoid_topk_block_bias_sorted": True,
     "logit_topk_sigmoid": True,
     "softmax_topk_renorm_expert_scale": True,
 }

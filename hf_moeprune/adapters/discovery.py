@@ -88,7 +88,7 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_
     hidden = torch.randn(64, hidden_size, generator=generator).to(weight.dtype)
     with torch.no_grad():
         try:
-            output = router(hidden, *router_args)
+            output = call_router(router, hidden, *router_args)
         except TypeError as exc:  # a router that needs more than the hidden states (a bias owned by the block)
             raise DiscoveryError(f"{type(router).__name__} is not called as router(hidden_states): {exc}") from None
     if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(t, torch.Tensor) for t in output)):
@@ -105,6 +105,15 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_
     return matches
 
 
+def call_router(router: nn.Module, hidden: torch.Tensor, *router_args):
+    """``router(hidden [tokens, hidden], *router_args)``; a router that unpacks [batch, seq, hidden] (AFMoE) gets the
+    tokens as one sequence. Its outputs are per token either way."""
+    try:
+        return router(hidden, *router_args)
+    except ValueError:  # "not enough values to unpack": the router reads batch, seq, hidden off the shape
+        return router(hidden.unsqueeze(0), *router_args)
+
+
 def router_top_k(router: nn.Module, hidden_size: int) -> int | None:
     """The router's experts per token: its ``top_k`` attribute, else (Gemma-4 reads it from its config) the width of
     the indices it returns."""
@@ -112,7 +121,7 @@ def router_top_k(router: nn.Module, hidden_size: int) -> int | None:
         return router.top_k
     weight = next(router.parameters())
     with torch.no_grad():
-        output = router(torch.zeros(1, hidden_size, dtype=weight.dtype, device=weight.device))
+        output = call_router(router, torch.zeros(1, hidden_size, dtype=weight.dtype, device=weight.device))
     return output[-1].shape[-1] if isinstance(output, tuple) else None
 
 

@@ -1194,21 +1194,40 @@ register_family(
 )
 
 
+# AFMoE: sigmoid scores, sorted top-k on score + the MoE block's expert_bias (passed to the router), renormalised,
+# x route_scale; the router's projection is a Linear one module deeper (mlp.router.gate.weight).
+register_family(
+    MoEAdapter(
+        model_type="afmoe",
+        router_attr="router",
+        router_tensors=("gate.weight",),
+        block_tensors=("expert_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_block_bias_sorted",
+        tiny_config={
+            **_TINY_13,
+            "num_experts": 8,
+            "num_shared_experts": 1,
+            "num_dense_layers": 1,
+            "route_scale": 2.5,
+            "global_attn_every_n_layers": 2,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
     "adapters.discovery.identify_routing); it needs a rule of its own"
-)
-_BLOCK_BIAS = (
-    "its router is called with a correction bias held by the MoE block (router(hidden, bias)); the routing rules "
-    "and the statistics hooks take the router's own tensors only"
 )
 _MULTIMODAL = (
     "composite vision-language config: prune its language model through the text family ({}); saving the whole "
     "multimodal model is not supported yet"
 )
 for _model_type, _reason in {
-    "afmoe": _BLOCK_BIAS,
     "phimoe": (
         "sparsemixer routing samples experts in training (Gumbel) with a custom gradient (PhimoeMultiplier), which a "
         "deterministic routing rule cannot reproduce"

@@ -188,20 +188,32 @@ def softmax_topk_renorm_biased(router: nn.Module, logits: torch.Tensor, selectio
     return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), indices
 
 
+def _sigmoid_topk_block_bias(router, logits, selection_bias, correction_bias, sorted_topk: bool):
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=sorted_topk).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    # HY-V3: router_scaling_factor, AFMoE: route_scale; MiniMax-M2 has neither
+    scale = getattr(router, "router_scaling_factor", None) or getattr(router, "route_scale", None)
+    return (weights * scale if scale is not None else weights), indices
+
+
 def sigmoid_topk_block_bias(
     router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, correction_bias=None
 ):
     """MiniMax-M2, HY-V3: fp32 sigmoid scores, unsorted top-k on score + the MoE block's ``e_score_correction_bias``
     (the router's second argument), renormalised, x ``router_scaling_factor`` where the router has one (HY-V3)."""
-    scores = torch.sigmoid(logits.float())
-    choice = scores + correction_bias
-    if selection_bias is not None:
-        choice = choice + selection_bias.to(choice.dtype)
-    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
-    weights = scores.gather(1, indices)
-    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    scale = getattr(router, "router_scaling_factor", None)
-    return (weights * scale if scale is not None else weights), indices
+    return _sigmoid_topk_block_bias(router, logits, selection_bias, correction_bias, sorted_topk=False)
+
+
+def sigmoid_topk_block_bias_sorted(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, expert_bias=None
+):
+    """AFMoE: `sigmoid_topk_block_bias` with a sorted top-k, on the block's ``expert_bias``, x ``route_scale``."""
+    return _sigmoid_topk_block_bias(router, logits, selection_bias, expert_bias, sorted_topk=True)
 
 
 def sigmoid_topk_expert_bias(
@@ -244,6 +256,7 @@ ROUTE_FUNCTIONS = {
     "sigmoid_group_limited_zero_fill": sigmoid_group_limited_zero_fill,
     "sigmoid_topk": sigmoid_topk,
     "sigmoid_topk_unsorted": sigmoid_topk_unsorted,
+    "sigmoid_topk_block_bias_sorted": sigmoid_topk_block_bias_sorted,
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
