@@ -51,6 +51,8 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sigmoid_topk": True,
     "sigmoid_topk_unsorted": True,
     "sigmoid_topk_block_bias_sorted": True,
+    # the weights are softmaxes over the experts near the pick, so removing one of them changes the weights
+    "sparsemixer_eval": False,
     "logit_topk_sigmoid": True,
     "softmax_topk_renorm_expert_scale": True,
 }

@@ -1218,6 +1218,26 @@ register_family(
 )
 
 
+# PhiMoE: SparseMixer routing (always two experts). The rule reproduces eval mode; in training the stock router samples
+# experts with its own gradient estimator and hf_moeprune only observes what it chose (statistics, pruning, saving
+# all work); a learned selection bias is refused in training (sparsemixer_eval says why).
+register_family(
+    MoEAdapter(
+        model_type="phimoe",
+        router_attr="router",
+        routing="sparsemixer_eval",
+        tiny_config={
+            **_TINY_13,
+            "num_local_experts": 8,
+            "router_jitter_noise": 0.01,
+            "input_jitter_noise": 0.0,
+            "hidden_act": "gelu",
+            "tie_word_embeddings": False,
+        },
+    )
+)
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1228,10 +1248,6 @@ _MULTIMODAL = (
     "multimodal model is not supported yet"
 )
 for _model_type, _reason in {
-    "phimoe": (
-        "sparsemixer routing samples experts in training (Gumbel) with a custom gradient (PhimoeMultiplier), which a "
-        "deterministic routing rule cannot reproduce"
-    ),
     "deepseek_v4": _OWN_RULE,
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "

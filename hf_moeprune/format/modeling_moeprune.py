@@ -243,6 +243,36 @@ def softmax_topk_renorm_expert_scale(
     return weights * router.per_expert_scale[indices], indices
 
 
+def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, jitter_eps: float, selection_bias):
+    """One SparseMixer pick in eval mode: the best candidate, and its softmax weight over the candidates whose score is
+    within ``2 * jitter_eps`` (relative) of the pick's; with a selection bias the pick is made on candidates + bias."""
+    choice = candidates if selection_bias is None else candidates + selection_bias.to(candidates.dtype)
+    picked = choice.max(dim=-1, keepdim=True)[1]
+    with torch.no_grad():
+        threshold = candidates.gather(-1, picked)  # the stock code's row maximum when there is no selection bias
+        factor = scores.abs().clamp(min=threshold)
+        far = ((threshold - scores) / factor) > (2 * jitter_eps)
+    weight = torch.softmax(candidates.masked_fill(far, float("-inf")), dim=-1).gather(-1, picked)
+    return weight, picked
+
+
+def sparsemixer_eval(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """PhiMoE in eval mode: SparseMixer's deterministic top-2 (transformers' ``sparsemixer(training=False)``): the best
+    expert, then the best of the rest, each weighted by a softmax over the experts within the router's jitter
+    threshold of it. In training the stock router samples experts (Gumbel) with its own gradient estimator, which no
+    deterministic rule reproduces: a selection bias is refused there rather than silently changing the training."""
+    if router.training:
+        raise RuntimeError(
+            "PhiMoE's router samples experts in training (SparseMixer); hf_moeprune's selection bias (aux-loss-free "
+            "balancing, router_bias_update_rate > 0) applies to it in eval mode only"
+        )
+    eps = router.router_jitter_noise
+    first_weight, first = _sparsemixer_pick(logits, logits, eps, selection_bias)
+    rest = torch.scatter(logits, -1, first, float("-inf"))
+    second_weight, second = _sparsemixer_pick(logits, rest, eps, selection_bias)
+    return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)
+
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
@@ -257,6 +287,7 @@ ROUTE_FUNCTIONS = {
     "sigmoid_topk": sigmoid_topk,
     "sigmoid_topk_unsorted": sigmoid_topk_unsorted,
     "sigmoid_topk_block_bias_sorted": sigmoid_topk_block_bias_sorted,
+    "sparsemixer_eval": sparsemixer_eval,
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
