@@ -53,6 +53,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sigmoid_topk_block_bias_sorted": True,
     # the weights are softmaxes over the experts near the pick, so removing one of them changes the weights
     "sparsemixer_eval": False,
+    "score_fn_topk": True,  # per-expert scores (sigmoid, sqrtsoftplus): no shared denominator
     "logit_topk_sigmoid": True,
     "softmax_topk_renorm_expert_scale": True,
 }

@@ -1238,6 +1238,31 @@ register_family(
 )
 
 
+# Inkling-2 and its looped variant: DeepSeek-V4's top-k router (the config's scoring_func, sigmoid by default, unsorted
+# top-k on score + e_score_correction_bias, renormalised, x route_scale).
+_INKLING2: dict[str, Any] = dict(
+    router_tensors=("weight", "e_score_correction_bias"),
+    score_function="sigmoid",
+    routing="score_fn_topk",
+    tiny_config={
+        **_TINY_13,
+        "unpadded_vocab_size": 99,
+        "swa_num_attention_heads": 2,
+        "swa_num_key_value_heads": 2,
+        "swa_head_dim": 16,
+        "sliding_window_size": 16,
+        "d_rel": 4,
+        "rel_extent": 16,
+        "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+        "n_routed_experts": 8,
+        "route_scale": 2.5,
+        "n_layers_per_attn_res_block": 3,
+    },
+)
+register_family(MoEAdapter(model_type="inkling2_text", **_INKLING2))
+register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
+
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
@@ -1256,8 +1281,6 @@ for _model_type, _reason in {
     ),
     "longcat_flash": "zero-computation experts share the router with the routed ones (router width != expert count)",
     "inkling_text": "the router also scores the shared experts (router width != routed-expert count)",
-    "inkling2_text": "the router also scores the shared experts (router width != routed-expert count)",
-    "inkling2_loop_text": "the router also scores the shared experts (router width != routed-expert count)",
     "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
     "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",

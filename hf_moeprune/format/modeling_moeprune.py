@@ -243,6 +243,19 @@ def softmax_topk_renorm_expert_scale(
     return weights * router.per_expert_scale[indices], indices
 
 
+def score_fn_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """DeepSeek-V4, Inkling-2: the router's own ``score_fn`` (``config.scoring_func``: sigmoid, sqrtsoftplus, ...),
+    unsorted top-k on score + ``e_score_correction_bias``, renormalised (+1e-20), x ``routed_scaling_factor``."""
+    scores = router.score_fn(logits)
+    choice = scores + router.e_score_correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, indices
+
+
 def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, jitter_eps: float, selection_bias):
     """One SparseMixer pick in eval mode: the best candidate, and its softmax weight over the candidates whose score is
     within ``2 * jitter_eps`` (relative) of the pick's; with a selection bias the pick is made on candidates + bias."""
@@ -288,6 +301,7 @@ ROUTE_FUNCTIONS = {
     "sigmoid_topk_unsorted": sigmoid_topk_unsorted,
     "sigmoid_topk_block_bias_sorted": sigmoid_topk_block_bias_sorted,
     "sparsemixer_eval": sparsemixer_eval,
+    "score_fn_topk": score_fn_topk,
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
