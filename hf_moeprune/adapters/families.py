@@ -1264,26 +1264,50 @@ register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
 
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
-_OWN_RULE = (
-    "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
-    "adapters.discovery.identify_routing); it needs a rule of its own"
+# Router rows beyond the routed experts (Longcat-Flash's zero-computation experts, Inkling's shared experts, ZAYA's skip
+# slot): surgery, statistics and the pruned format size a router by its routed experts, so these families need a
+# declared "extra router rows" mechanism, not built yet.
+_EXTRA_ROWS = (
+    "its router scores {} after the routed experts ({}); surgery, the statistics and the pruned format take a router's "
+    "width to be the routed-expert count, so pruning would drop or misplace those rows"
 )
 _MULTIMODAL = (
     "composite vision-language config: prune its language model through the text family ({}); saving the whole "
     "multimodal model is not supported yet"
 )
 for _model_type, _reason in {
-    "deepseek_v4": _OWN_RULE,
+    "deepseek_v4": (
+        "its first mlp_layer_types 'hash_moe' layers choose experts by a token-id table (DeepseekV4HashRouter.tid2eid, "
+        "[vocab, top_k]), not by the router: removing an expert there would re-assign token ids, and pruning plans "
+        "cannot mark layers that must keep all their experts yet (its top-k layers route with score_fn_topk)"
+    ),
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
         "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "
         "hooks of the statistics and of the selection bias do not apply"
     ),
-    "longcat_flash": "zero-computation experts share the router with the routed ones (router width != expert count)",
-    "inkling_text": "the router also scores the shared experts (router width != routed-expert count)",
-    "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
-    "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
-    "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
+    "longcat_flash": _EXTRA_ROWS.format(
+        "zero_expert_num zero-computation (identity) experts",
+        "the experts module sends indices >= n_routed_experts to them, and its gate_up_proj holds rows for them too "
+        "while down_proj holds the routed experts only",
+    ),
+    "inkling_text": _EXTRA_ROWS.format(
+        "the n_shared_experts shared experts", "their logits join the routed top-k in one log-sigmoid normalisation"
+    ),
+    "jetmoe": (
+        "no v5 experts module: the MLP experts are split over two JetMoeParallelExperts modules (mlp.input_linear, "
+        "mlp.output_linear) called with their own dispatch, and the attention is itself a mixture of experts (MoA) "
+        "with a second router; adapters name one experts module called as experts(hidden, top_k_index, top_k_weights)"
+    ),
+    "doge": (
+        "product-key routing: the router scores sqrt(E) x sqrt(E) key pairs and an expert's id is its cell in the grid "
+        "(experts are rows of up/down embeddings), so removing one expert renumbers the others; there is no "
+        "[experts, hidden] router"
+    ),
+    "zaya": (
+        "its router is an MLP (down_proj, then fc1/fc2, then out_proj) that also reads the previous layer's router "
+        "state; " + _EXTRA_ROWS.format("a skip slot", "balancing_biases has experts + 1 entries")
+    ),
     "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
     "dots3_note": _MULTIMODAL.format("dots3_note_text"),
