@@ -65,3 +65,20 @@ def test_deepseek_v2_group_limited_routing_differs_from_greedy():
     router.topk_method = "greedy"
     _, greedy = adapter.route(router, logits)
     assert (grouped.sort(-1).values != greedy.sort(-1).values).any(-1).sum() > 10
+
+
+def test_phimoe_rule_is_eval_mode_sparsemixer_and_refuses_training():
+    """PhiMoE's rule is SparseMixer's deterministic (eval) top-2; in training the stock router samples, so applying a
+    selection bias there is refused instead of silently replacing the sampled choice."""
+    model = tiny_model("phimoe")
+    adapter = hf_moeprune.get_adapter(model)
+    router = adapter.router(adapter.decoder_layers(model)[0])
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    weights, indices = adapter.route(router, logits)
+    assert torch.equal(indices[:, 0], logits.argmax(-1))  # the best expert first, then the best of the rest
+    bias = torch.zeros(8)
+    bias[5] = 100.0
+    assert (adapter.route(router, logits, bias)[1] == 5).any(dim=-1).all()
+    router.train()
+    with pytest.raises(RuntimeError, match="samples experts in training"):
+        adapter.route(router, logits, bias)
