@@ -287,6 +287,10 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_a
 
 def int8pack_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor):
     """bf16 ``x @ (int8 weight * per-output-channel scales).T``."""
+    if x.shape[-1] % 8:
+        # torch 2.13's CPU kernel crashes the process (segfault) when the inner dimension is not a multiple of 8 (an
+        # A.X-K2 gated-norm projection of rank 4, for one); such layers are small, so compute them unpacked
+        return (x.float() @ (weight.float() * scales.float()[:, None]).T).to(x.dtype)
     return torch.ops.aten._weight_int8pack_mm(x, weight, scales)
 
 

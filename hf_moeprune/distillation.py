@@ -380,7 +380,7 @@ def default_expert_lora_parameters(model: nn.Module) -> list[str]:
     layers = adapter.decoder_layers(model)
     names = []
     for dotted in adapter.tensor_names:
-        if not dotted.startswith(f"{adapter.block_attr}.{adapter.experts_attr}."):
+        if not dotted.startswith(f"{adapter.experts_path}."):
             continue
         for idx in adapter.moe_layer_indices(model):
             try:

@@ -310,9 +310,7 @@ def prune_checkpoint(
             if unit in index:
                 expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
             if unit in merge:
-                merged_names = {
-                    f"{prefixes[unit]}{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors
-                }
+                merged_names = {f"{prefixes[unit]}{adapter.experts_path}.{n}" for n in adapter.expert_tensors}
             for group in loader.groups(unit):
                 for name in list(group):
                     if name in merged_names:

@@ -32,6 +32,7 @@ FAMILIES = sorted(
         "deepseek_v2",
         "jamba",
         "hunyuan_v1_moe",
+        "gemma4_text",  # router and experts on the decoder layer itself, a router that returns probabilities
     }  # fmt: skip
 )
 assert set(FAMILIES) <= set(TINY_CONFIGS)

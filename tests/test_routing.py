@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import hf_moeprune
-from hf_moeprune.adapters.discovery import block_router_args
+from hf_moeprune.adapters.discovery import block_router_args, call_router
 from hf_moeprune.demo.tiny_models import TINY_CONFIGS, tiny_config, tiny_model
 
 FAMILIES = sorted(TINY_CONFIGS)
@@ -33,7 +33,7 @@ def test_route_function_reproduces_stock_router_exactly(family, overrides):
     for layer in adapter.moe_layer_indices(model):
         router = adapter.router(adapter.decoder_layers(model)[layer])
         args = block_router_args(adapter.moe_block(adapter.decoder_layers(model)[layer]), adapter.block_tensors)
-        logits, weights, indices = router(hidden, *args)
+        logits, weights, indices = call_router(router, hidden, *args)
         w, i = adapter.route(router, logits, None, *args)
         assert torch.equal(i, indices)
         assert torch.equal(w, weights) and w.dtype == weights.dtype
@@ -65,3 +65,20 @@ def test_deepseek_v2_group_limited_routing_differs_from_greedy():
     router.topk_method = "greedy"
     _, greedy = adapter.route(router, logits)
     assert (grouped.sort(-1).values != greedy.sort(-1).values).any(-1).sum() > 10
+
+
+def test_phimoe_rule_is_eval_mode_sparsemixer_and_refuses_training():
+    """PhiMoE's rule is SparseMixer's deterministic (eval) top-2; in training the stock router samples, so applying a
+    selection bias there is refused instead of silently replacing the sampled choice."""
+    model = tiny_model("phimoe")
+    adapter = hf_moeprune.get_adapter(model)
+    router = adapter.router(adapter.decoder_layers(model)[0])
+    logits = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    weights, indices = adapter.route(router, logits)
+    assert torch.equal(indices[:, 0], logits.argmax(-1))  # the best expert first, then the best of the rest
+    bias = torch.zeros(8)
+    bias[5] = 100.0
+    assert (adapter.route(router, logits, bias)[1] == 5).any(dim=-1).all()
+    router.train()
+    with pytest.raises(RuntimeError, match="samples experts in training"):
+        adapter.route(router, logits, bias)

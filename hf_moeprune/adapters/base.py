@@ -32,7 +32,7 @@ from hf_moeprune.format.modeling_moeprune import (
 
 logger = logging.getLogger(__name__)
 
-TOP_K_FIELD_CANDIDATES = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token")
+TOP_K_FIELD_CANDIDATES = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "top_k_experts")
 
 # Whether a routing rule renormalises the combine weights over the chosen experts (per-expert scores count
 # as renormalised: no shared denominator), so that removing an expert no token chose changes nothing.
@@ -46,12 +46,35 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "softmax_topk_renorm_biased": True,
     "sigmoid_topk_block_bias": True,
     "sigmoid_topk_expert_bias": None,
+    "sigmoid_group_limited_sorted": True,
+    "sigmoid_group_limited_zero_fill": True,
+    "sigmoid_topk": True,
+    "sigmoid_topk_unsorted": True,
+    "sigmoid_topk_block_bias_sorted": True,
+    # the weights are softmaxes over the experts near the pick, so removing one of them changes the weights
+    "sparsemixer_eval": False,
+    "score_fn_topk": True,  # per-expert scores (sigmoid, sqrtsoftplus): no shared denominator
+    "logit_topk_sigmoid": True,
+    "softmax_topk_renorm_expert_scale": True,
+}
+# What the router's first output is turned into per-expert scores with, per rule (statistics, balancing losses).
+# Gemma-4's router returns probabilities already, not logits.
+RULE_SCORE_FUNCTION: dict[str, str] = {
+    **{rule: "sigmoid" for rule in RULE_RENORMALIZES if "sigmoid" in rule},
+    "softmax_topk_renorm_expert_scale": "probabilities",
 }
 
 ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
     "sigmoid": lambda logits: torch.sigmoid(logits.float()),
+    "probabilities": lambda probs: probs.float(),
 }
+
+
+def join_path(*parts: str) -> str:
+    """A dotted module path from its parts, skipping empty ones (``block_attr=""``: the decoder layer itself holds the
+    router and the experts, as in Gemma-4)."""
+    return ".".join(part for part in parts if part)
 
 
 @dataclass(frozen=True)
@@ -70,11 +93,13 @@ class MoEAdapter:
         skip_quantization: tensor names (relative to the decoder layer) that quantization must leave in high
             precision besides the router (e.g. Qwen2-MoE's ``shared_expert_gate``); checked against
             ``quantization.config.DEFAULT_SKIP_PATTERNS`` at registration.
-        block_attr / router_attr / experts_attr: attribute path decoder layer -> MoE block -> router/experts.
+        block_attr / router_attr / experts_attr: attribute path decoder layer -> MoE block -> router/experts
+            (``block_attr=""``: the decoder layer is the MoE block, Gemma-4).
         router_tensors / expert_tensors: per-expert tensors (expert index on dim 0) of router and experts,
             relative to the router / experts module and possibly dotted (HunYuan: ``"wg.weight"``); the first
             router tensor is the router's weight ``[experts, hidden]``.
-        score_function: how the router turns logits into per-expert scores (``softmax`` or ``sigmoid``).
+        score_function: how the router's first output becomes per-expert scores (``softmax``, ``sigmoid``, or
+            ``probabilities`` when the router returns them: Gemma-4).
         routing: name of the family's routing rule in ``adapters.routing.ROUTE_FUNCTIONS``.
         renormalizes: ``config -> bool``; True when the combine weights are renormalised over the chosen
             top-k (or the score is per-expert), so removing an expert no token chose leaves outputs unchanged.
@@ -162,7 +187,7 @@ class MoEAdapter:
         return base.layers
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
-        block = getattr(layer, self.block_attr, None)
+        block = getattr(layer, self.block_attr, None) if self.block_attr else layer
         if block is None:
             return None
         if hasattr(block, self.router_attr) and hasattr(block, self.experts_attr):
@@ -189,24 +214,29 @@ class MoEAdapter:
     def tensor_names(self) -> list[str]:
         """Per-expert tensors, relative to the decoder layer (the router's learned ``selection_bias`` buffer
         is listed too; names a layer does not have are skipped by surgery)."""
-        router = [f"{self.block_attr}.{self.router_attr}.{n}" for n in (*self.router_tensors, SELECTION_BIAS)]
-        experts = [f"{self.block_attr}.{self.experts_attr}.{n}" for n in self.expert_tensors]
-        block = [f"{self.block_attr}.{n}" for n in self.block_tensors]
+        router = [join_path(self.router_path, n) for n in (*self.router_tensors, SELECTION_BIAS)]
+        experts = [join_path(self.experts_path, n) for n in self.expert_tensors]
+        block = [join_path(self.block_attr, n) for n in self.block_tensors]
         return router + experts + block
 
     @property
     def count_attributes(self) -> list[str]:
         """Module attributes that cache the expert count and must follow surgery."""
         return [
-            f"{self.block_attr}.{self.router_attr}.num_experts",
-            f"{self.block_attr}.{self.experts_attr}.num_experts",
-            f"{self.block_attr}.num_experts",
+            join_path(self.router_path, "num_experts"),
+            join_path(self.experts_path, "num_experts"),
+            join_path(self.block_attr, "num_experts"),
         ]
 
     @property
     def router_path(self) -> str:
         """The router's path inside a decoder layer, e.g. ``"mlp.gate"``."""
-        return f"{self.block_attr}.{self.router_attr}"
+        return join_path(self.block_attr, self.router_attr)
+
+    @property
+    def experts_path(self) -> str:
+        """The experts module's path inside a decoder layer, e.g. ``"mlp.experts"``."""
+        return join_path(self.block_attr, self.experts_attr)
 
     @property
     def has_native_selection_bias(self) -> bool:

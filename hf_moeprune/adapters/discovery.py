@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES, TOP_K_FIELD_CANDIDATES, MoEAdapter
+from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES, RULE_SCORE_FUNCTION, TOP_K_FIELD_CANDIDATES, MoEAdapter
 from hf_moeprune.format.modeling_moeprune import ROUTE_FUNCTIONS
 
 logger = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ RULE_PREFERENCE = (
     "topk_softmax",
     "softmax_topk_scaled",
     "sigmoid_group_limited",
+    "sigmoid_group_limited_zero_fill",
+    "sigmoid_group_limited_sorted",
 )
 GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
 
@@ -51,8 +53,9 @@ def _per_expert(module: nn.Module, num_experts: int, recurse: bool = True) -> li
 
 
 def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
-    """(block attribute, router attribute, router weight path, experts module) of a decoder layer, or None."""
-    for block_attr, block in layer.named_children():
+    """(block attribute, router attribute, router weight path, experts module) of a decoder layer, or None. The block
+    attribute is "" when the layer itself holds router and experts (Gemma-4)."""
+    for block_attr, block in [("", layer), *layer.named_children()]:
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module):
             continue
@@ -61,7 +64,9 @@ def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
             continue
         num_experts = fused[0].shape[0]
         hidden = fused[0].shape[1:]
-        for router_attr, router in block.named_children():
+        # a router module before bare projections (Gemma-4's decoder layer also holds per-layer-input Linears)
+        children = sorted(block.named_children(), key=lambda child: isinstance(child[1], nn.Linear))
+        for router_attr, router in children:
             if router_attr == "experts":
                 continue
             for name, param in router.named_parameters():
@@ -83,7 +88,7 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_
     hidden = torch.randn(64, hidden_size, generator=generator).to(weight.dtype)
     with torch.no_grad():
         try:
-            output = router(hidden, *router_args)
+            output = call_router(router, hidden, *router_args)
         except TypeError as exc:  # a router that needs more than the hidden states (a bias owned by the block)
             raise DiscoveryError(f"{type(router).__name__} is not called as router(hidden_states): {exc}") from None
     if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(t, torch.Tensor) for t in output)):
@@ -98,6 +103,26 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_
         if torch.equal(i, indices) and w.dtype == weights.dtype and torch.equal(w, weights):
             matches.append(name)
     return matches
+
+
+def call_router(router: nn.Module, hidden: torch.Tensor, *router_args):
+    """``router(hidden [tokens, hidden], *router_args)``; a router that unpacks [batch, seq, hidden] (AFMoE) gets the
+    tokens as one sequence. Its outputs are per token either way."""
+    try:
+        return router(hidden, *router_args)
+    except ValueError:  # "not enough values to unpack": the router reads batch, seq, hidden off the shape
+        return router(hidden.unsqueeze(0), *router_args)
+
+
+def router_top_k(router: nn.Module, hidden_size: int) -> int | None:
+    """The router's experts per token: its ``top_k`` attribute, else (Gemma-4 reads it from its config) the width of
+    the indices it returns."""
+    if hasattr(router, "top_k"):
+        return router.top_k
+    weight = next(router.parameters())
+    with torch.no_grad():
+        output = call_router(router, torch.zeros(1, hidden_size, dtype=weight.dtype, device=weight.device))
+    return output[-1].shape[-1] if isinstance(output, tuple) else None
 
 
 def block_router_args(block: nn.Module, block_tensors) -> tuple:
@@ -119,14 +144,14 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     layer_idx, (block_attr, router_attr, weight_name, experts) = found[0]
     if {f[:3] for _, f in found} != {(block_attr, router_attr, weight_name)}:
         raise DiscoveryError(f"{type(model).__name__}: MoE layers place their router differently")
-    block = getattr(layers[layer_idx], block_attr)
+    block = getattr(layers[layer_idx], block_attr) if block_attr else layers[layer_idx]
     router = getattr(block, router_attr)
     num_experts = next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
     router_tensors = [weight_name] + [n for n in _per_expert(router, num_experts) if n != weight_name]
     expert_tensors = _per_expert(experts, num_experts, recurse=False)
     block_tensors = _per_expert(block, num_experts, recurse=False)
     count_field = _config_field(config, COUNT_FIELD_CANDIDATES, num_experts)
-    top_k_field = _config_field(config, TOP_K_FIELD_CANDIDATES, getattr(router, "top_k", None))
+    top_k_field = _config_field(config, TOP_K_FIELD_CANDIDATES, router_top_k(router, config.hidden_size))
     if count_field is None or top_k_field is None:
         raise DiscoveryError(
             f"{config.model_type}: no config field among {COUNT_FIELD_CANDIDATES} equals {num_experts} experts or "
@@ -151,7 +176,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         router_tensors=tuple(router_tensors),
         expert_tensors=tuple(expert_tensors),
         block_tensors=tuple(block_tensors),
-        score_function="sigmoid" if routing.startswith("sigmoid") else "softmax",
+        score_function=RULE_SCORE_FUNCTION.get(routing, "softmax"),
         routing=routing,
         config_class=type(config).__name__,
         model_class=type(model).__name__,

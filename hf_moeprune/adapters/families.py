@@ -964,52 +964,354 @@ register_family(
     )
 )
 
-# -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
-_OWN_RULE = (
-    "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "
-    "adapters.discovery.identify_routing); it needs a rule of its own"
+# -- families added in issue 13 (text MoE families that were listed unsupported) ---------------------------------------
+# Tiny configs: 3 layers, hidden 32, 8 experts of which 2 per token, at least two MoE layers.
+_TINY_13: dict[str, Any] = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=32,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    num_experts_per_tok=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
-_BLOCK_BIAS = (
-    "its router is called with a correction bias held by the MoE block (router(hidden, bias)); the routing rules "
-    "and the statistics hooks take the router's own tensors only"
+
+# Lara-Mini (gated delta-net + attention): Qwen3-MoE router (fp32 logits), an ungated shared expert.
+register_family(
+    MoEAdapter(
+        model_type="lara_mini",
+        routing="softmax_topk",
+        tiny_config={
+            **_TINY_13,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 24,
+            "linear_key_head_dim": 8,
+            "linear_value_head_dim": 8,
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_conv_kernel_dim": 2,
+        },
+    )
+)
+
+# Flint: sigmoid scores without bias, sorted top-k, renormalised with norm_topk_prob; dense layers in mlp_only_layers.
+register_family(
+    MoEAdapter(
+        model_type="flint",
+        score_function="sigmoid",
+        routing="sigmoid_topk",
+        tiny_config={**_TINY_13, "num_experts": 8, "shared_expert_intermediate_size": 24, "mlp_only_layers": [0]},
+    )
+)
+
+# Beam: DeepSeek-V3's group-limited sigmoid router with a sorted top-k; routed_scaling_factor scales the block output.
+register_family(
+    MoEAdapter(
+        model_type="beam",
+        **{**_DEEPSEEK_V3_ROUTER, "routing": "sigmoid_group_limited_sorted"},
+        tiny_config={
+            **_TINY_13,
+            "num_experts": 8,
+            "n_group": 2,
+            "topk_group": 1,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "sliding_window": 16,
+        },
+    )
+)
+
+
+# Laguna: sigmoid scores of the (optionally tanh-softcapped) logits, sorted top-k on score + e_score_correction_bias,
+# renormalised; the router returns the softcapped logits, so the rule applies to them as they are.
+register_family(
+    MoEAdapter(
+        model_type="laguna",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="sigmoid_topk",
+        tiny_config={
+            **_TINY_13,
+            "head_dim": 8,
+            "num_experts": 8,
+            "shared_expert_intermediate_size": 16,
+            "layer_types": ["full_attention", "sliding_attention", "full_attention"],
+            "num_attention_heads_per_layer": [2, 2, 2],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "moe_router_logit_softcapping": 30.0,
+            "sliding_window": 32,
+        },
+    )
+)
+
+# Kolibri-1: top-k on logits + e_score_correction_bias, weights = sigmoid of the chosen logits (norm_topk_prob).
+register_family(
+    MoEAdapter(
+        model_type="kolibri1",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="logit_topk_sigmoid",
+        tiny_config={
+            **_TINY_13,
+            "num_local_experts": 8,
+            "norm_topk_prob": True,
+            "shared_expert_intermediate_size": 36,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    )
+)
+
+# A.X K2: DeepSeek-V3 router whose group mask fills 0.0 (A.X-K2-Light: no groups, n_group None).
+register_family(
+    MoEAdapter(
+        model_type="axk2",
+        **{**_DEEPSEEK_V3_ROUTER, "routing": "sigmoid_group_limited_zero_fill"},
+        tiny_config={
+            **_TINY_13,
+            "head_dim": 64,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5,
+            "kv_lora_rank": 32,
+            "q_lora_rank": 16,
+            "qk_nope_head_dim": 64,
+            "qk_rope_head_dim": 64,
+            "qk_head_dim": 128,
+            "v_head_dim": 32,
+            "index_topk": 8,
+            "index_head_dim": 64,
+            "index_n_heads": 2,
+            "gated_norm_rank": 4,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "layer_types": ["indexed_attention", "indexed_attention", "indexed_attention"],
+        },
+    )
+)
+
+
+# Sarvam-MLA and Sarvam-MoE: their own config classes build DeepseekV3ForCausalLM / Glm4MoeForCausalLM (transformers'
+# auto mapping); the pruned classes are named after both (MoEPruneDeepseekV3ForCausalLM__SarvamMLAConfig).
+register_family(
+    MoEAdapter(
+        model_type="sarvam_mla",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            **_TINY_13,
+            "num_key_value_heads": 2,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "first_k_dense_replace": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 8,
+        },
+    )
+)
+register_family(
+    MoEAdapter(
+        model_type="sarvam_moe",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            **_TINY_13,
+            "head_dim": 8,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+        },
+    )
+)
+
+
+# Gemma-4 (text model): the decoder layer itself holds the router and the experts, next to a dense MLP that runs in
+# parallel; the router returns probabilities of its normalised, scaled input, renormalised over the top-k and x a
+# learned per_expert_scale (a per-expert router tensor, so surgery keeps it with its expert).
+register_family(
+    MoEAdapter(
+        model_type="gemma4_text",
+        block_attr="",
+        router_attr="router",
+        router_tensors=("proj.weight", "per_expert_scale"),
+        score_function="probabilities",
+        routing="softmax_topk_renorm_expert_scale",
+        tiny_config={
+            **_TINY_13,
+            "vocab_size": 128,  # the deep suite (tests/conftest.py FAMILIES) feeds token ids up to 127
+            "enable_moe_block": True,
+            "num_experts": 8,
+            "top_k_experts": 2,
+            # no per-layer input embeddings (Gemma-4's small dense models use them): they do not touch the MoE block,
+            # and in a model this small they make bf16 / int8 outputs drift far more than in real checkpoints
+            "hidden_size_per_layer_input": 0,
+            "tie_word_embeddings": False,
+            "global_head_dim": 16,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "sliding_window": 16,
+        },
+    )
+)
+
+
+# MiniMax-M3-VL's language model: sigmoid scores, unsorted top-k on score + the router's e_score_correction_bias,
+# renormalised; routed_scaling_factor scales the block output. Sparse (indexed) attention layers do not touch it.
+register_family(
+    MoEAdapter(
+        model_type="minimax_m3_vl_text",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="sigmoid_topk_unsorted",
+        tiny_config={
+            **_TINY_13,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "head_dim": 32,
+            "num_local_experts": 8,
+            "dense_intermediate_size": 64,
+            "shared_intermediate_size": 32,
+            "routed_scaling_factor": 2.0,
+            "rotary_dim": 16,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "index_n_heads": 2,
+            "index_head_dim": 16,
+            "index_block_size": 8,
+            "index_topk_blocks": 4,
+            "index_local_blocks": 1,
+            "layer_types": ["full_attention", "minimax_m3_sparse", "full_attention"],
+        },
+    )
+)
+
+
+# AFMoE: sigmoid scores, sorted top-k on score + the MoE block's expert_bias (passed to the router), renormalised,
+# x route_scale; the router's projection is a Linear one module deeper (mlp.router.gate.weight).
+register_family(
+    MoEAdapter(
+        model_type="afmoe",
+        router_attr="router",
+        router_tensors=("gate.weight",),
+        block_tensors=("expert_bias",),
+        score_function="sigmoid",
+        routing="sigmoid_topk_block_bias_sorted",
+        tiny_config={
+            **_TINY_13,
+            "num_experts": 8,
+            "num_shared_experts": 1,
+            "num_dense_layers": 1,
+            "route_scale": 2.5,
+            "global_attn_every_n_layers": 2,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    )
+)
+
+
+# PhiMoE: SparseMixer routing (always two experts). The rule reproduces eval mode; in training the stock router samples
+# experts with its own gradient estimator and hf_moeprune only observes what it chose (statistics, pruning, saving
+# all work); a learned selection bias is refused in training (sparsemixer_eval says why).
+register_family(
+    MoEAdapter(
+        model_type="phimoe",
+        router_attr="router",
+        routing="sparsemixer_eval",
+        tiny_config={
+            **_TINY_13,
+            "num_local_experts": 8,
+            "router_jitter_noise": 0.01,
+            "input_jitter_noise": 0.0,
+            "hidden_act": "gelu",
+            "tie_word_embeddings": False,
+        },
+    )
+)
+
+
+# Inkling-2 and its looped variant: DeepSeek-V4's top-k router (the config's scoring_func, sigmoid by default, unsorted
+# top-k on score + e_score_correction_bias, renormalised, x route_scale).
+_INKLING2: dict[str, Any] = dict(
+    router_tensors=("weight", "e_score_correction_bias"),
+    score_function="sigmoid",
+    routing="score_fn_topk",
+    tiny_config={
+        **_TINY_13,
+        "unpadded_vocab_size": 99,
+        "swa_num_attention_heads": 2,
+        "swa_num_key_value_heads": 2,
+        "swa_head_dim": 16,
+        "sliding_window_size": 16,
+        "d_rel": 4,
+        "rel_extent": 16,
+        "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+        "n_routed_experts": 8,
+        "route_scale": 2.5,
+        "n_layers_per_attn_res_block": 3,
+    },
+)
+register_family(MoEAdapter(model_type="inkling2_text", **_INKLING2))
+register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
+
+
+# -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
+# Router rows beyond the routed experts (Longcat-Flash's zero-computation experts, Inkling's shared experts, ZAYA's skip
+# slot): surgery, statistics and the pruned format size a router by its routed experts, so these families need a
+# declared "extra router rows" mechanism, not built yet.
+_EXTRA_ROWS = (
+    "its router scores {} after the routed experts ({}); surgery, the statistics and the pruned format take a router's "
+    "width to be the routed-expert count, so pruning would drop or misplace those rows"
 )
 _MULTIMODAL = (
     "composite vision-language config: prune its language model through the text family ({}); saving the whole "
     "multimodal model is not supported yet"
 )
 for _model_type, _reason in {
-    "afmoe": _BLOCK_BIAS,
-    "phimoe": (
-        "sparsemixer routing samples experts in training (Gumbel) with a custom gradient (PhimoeMultiplier), which a "
-        "deterministic routing rule cannot reproduce"
+    "deepseek_v4": (
+        "its first mlp_layer_types 'hash_moe' layers choose experts by a token-id table (DeepseekV4HashRouter.tid2eid, "
+        "[vocab, top_k]), not by the router: removing an expert there would re-assign token ids, and pruning plans "
+        "cannot mark layers that must keep all their experts yet (its top-k layers route with score_fn_topk)"
     ),
-    "axk2": _OWN_RULE,
-    "deepseek_v4": _OWN_RULE,
-    "kolibri1": _OWN_RULE,
-    "laguna": _OWN_RULE,
-    "minimax_m3_vl_text": _OWN_RULE,
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
         "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "
         "hooks of the statistics and of the selection bias do not apply"
     ),
-    "longcat_flash": "zero-computation experts share the router with the routed ones (router width != expert count)",
-    "inkling_text": "the router also scores the shared experts (router width != routed-expert count)",
-    "inkling2_text": "the router also scores the shared experts (router width != routed-expert count)",
-    "inkling2_loop_text": "the router also scores the shared experts (router width != routed-expert count)",
-    "jetmoe": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
-    "doge": "no v5 experts module with fused 3D tensors (checked with adapters.discovery)",
-    "zaya": "its router is an MLP with balancing biases over experts + 1 slots, not a [experts, hidden] weight",
-    "beam": "no tiny config of this family has been verified yet",
-    "flint": "no tiny config of this family has been verified yet",
-    "lara_mini": "no tiny config of this family has been verified yet",
-    "gemma4_text": "no tiny config of this family has been verified yet",
-    "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
-    "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",
+    "longcat_flash": _EXTRA_ROWS.format(
+        "zero_expert_num zero-computation (identity) experts",
+        "the experts module sends indices >= n_routed_experts to them, and its gate_up_proj holds rows for them too "
+        "while down_proj holds the routed experts only",
+    ),
+    "inkling_text": _EXTRA_ROWS.format(
+        "the n_shared_experts shared experts", "their logits join the routed top-k in one log-sigmoid normalisation"
+    ),
+    "jetmoe": (
+        "no v5 experts module: the MLP experts are split over two JetMoeParallelExperts modules (mlp.input_linear, "
+        "mlp.output_linear) called with their own dispatch, and the attention is itself a mixture of experts (MoA) "
+        "with a second router; adapters name one experts module called as experts(hidden, top_k_index, top_k_weights)"
+    ),
+    "doge": (
+        "product-key routing: the router scores sqrt(E) x sqrt(E) key pairs and an expert's id is its cell in the grid "
+        "(experts are rows of up/down embeddings), so removing one expert renumbers the others; there is no "
+        "[experts, hidden] router"
+    ),
+    "zaya": (
+        "its router is an MLP (down_proj, then fc1/fc2, then out_proj) that also reads the previous layer's router "
+        "state; " + _EXTRA_ROWS.format("a skip slot", "balancing_biases has experts + 1 entries")
+    ),
     "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
     "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
     "dots3_note": _MULTIMODAL.format("dots3_note_text"),
     "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
-    "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
+    "gemma4": _MULTIMODAL.format("gemma4_text"),
 }.items():
     register_unsupported(_model_type, _reason)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter
+from hf_moeprune.adapters.base import ADAPTERS, RULE_RENORMALIZES, UNSUPPORTED, MoEAdapter, join_path
 
 START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
 
@@ -16,12 +16,31 @@ RULES = {
     "topk_softmax": "top-k on logits, softmax over the k",
     "sigmoid_group_limited": "sigmoid + `e_score_correction_bias` on the choice, group-limited top-k",
     "softmax_topk_scaled": "softmax, top-k never renormalised, x `routed_scaling_factor`",
+    "softmax_topk_renorm_biased": "softmax, top-k on probability + `[1, experts]` correction bias, renormalised",
+    "sigmoid_topk_block_bias": "sigmoid + the block's correction bias on the choice, unsorted top-k, renormalised",
+    "sigmoid_topk_block_bias_sorted": "sigmoid + the block's `expert_bias` on the choice, top-k, renormalised, x "
+    "`route_scale`",
+    "sigmoid_topk_expert_bias": "sigmoid + the block's `expert_bias` on the choice, top-k, renormalised with "
+    "`norm_topk_prob`",
+    "sigmoid_group_limited_sorted": "as `deepseek_v3` with a sorted top-k; the block scales the output",
+    "sigmoid_group_limited_zero_fill": "as `deepseek_v3`, other groups masked with 0.0; groups optional",
+    "sigmoid_topk": "sigmoid (+ `e_score_correction_bias` where the router has one) on the choice, top-k, renormalised",
+    "sigmoid_topk_unsorted": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k, renormalised",
+    "logit_topk_sigmoid": "top-k on logits + `e_score_correction_bias`, sigmoid of the chosen logits",
+    "softmax_topk_renorm_expert_scale": "router returns probabilities; top-k renormalised, x `per_expert_scale`",
+    "score_fn_topk": "the config's `scoring_func` + `e_score_correction_bias` on the choice, unsorted top-k, "
+    "renormalised, x `routed_scaling_factor`",
+    "sparsemixer_eval": "SparseMixer top-2 (eval mode; sampled in training)",
 }
+# rules not listed here: derived from adapters.base.RULE_RENORMALIZES
 REMOVAL = {
     "softmax_topk_renorm": "leaves logits unchanged",
     "softmax_topk": "unchanged with `norm_topk_prob`; otherwise weights divide by the kept probability mass",
     "topk_softmax": "leaves logits unchanged",
     "sigmoid_group_limited": "unchanged with one group; with `{group}` > 1 only if each group's top-2 survive",
+    "sigmoid_group_limited_sorted": "unchanged with one group; with `{group}` > 1 only if each group's top-2 survive",
+    "sigmoid_group_limited_zero_fill": "unchanged with one group; with `{group}` > 1 only if each group's top-2 "
+    "survive",
     "softmax_topk_scaled": "weights divide by the kept probability mass",
 }
 
@@ -29,11 +48,16 @@ REMOVAL = {
 def _layout(adapter: MoEAdapter) -> str:
     parts = [f"`{adapter.router_path}.{adapter.router_tensors[0]}`"]
     parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
-    parts.append(
-        f"`{adapter.block_attr}.{adapter.experts_attr}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors)
-    )
-    parts += [f"`{adapter.block_attr}.{n}`" for n in adapter.block_tensors]
+    parts.append(f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors))
+    parts += [f"`{join_path(adapter.block_attr, n)}`" for n in adapter.block_tensors]
     return "; ".join(parts)
+
+
+def _removal(routing: str) -> str:
+    renormalizes = RULE_RENORMALIZES.get(routing)
+    if renormalizes is None:
+        return "unchanged with `norm_topk_prob`; otherwise the weights change"
+    return "leaves logits unchanged" if renormalizes else "the weights of the remaining experts change"
 
 
 def family_table() -> str:
@@ -45,7 +69,7 @@ def family_table() -> str:
     ]
     for name in sorted(ADAPTERS):
         adapter = ADAPTERS[name]
-        removal = REMOVAL.get(adapter.routing, "").format(group=adapter.group_field)
+        removal = REMOVAL.get(adapter.routing, _removal(adapter.routing)).format(group=adapter.group_field)
         rule = RULES.get(adapter.routing, adapter.routing)
         rows.append(f"| {name} | `{adapter.num_experts_field}` | {_layout(adapter)} | {rule} | {removal} |")
     rows += ["", f"Not supported yet: {len(UNSUPPORTED)} families.", "", "| model_type | why |", "|---|---|"]

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from hf_moeprune.adapters import ADAPTERS, get_adapter
+from hf_moeprune.adapters.base import join_path
 
 
 class _TinyConfigs(Mapping):
@@ -55,10 +56,10 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     adapter = get_adapter(config)
-    biases = {
-        f"{adapter.block_attr}.{adapter.router_attr}.{n}" for n in adapter.router_tensors[1:] if n.endswith("bias")
-    } | {f"{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors if n.endswith("bias")}
-    biases |= {f"{adapter.block_attr}.{n}" for n in adapter.block_tensors if n.endswith("bias")}
+    biases = {f"{adapter.router_path}.{n}" for n in adapter.router_tensors[1:] if n.endswith("bias")} | {
+        f"{adapter.experts_path}.{n}" for n in adapter.expert_tensors if n.endswith("bias")
+    }
+    biases |= {join_path(adapter.block_attr, n) for n in adapter.block_tensors if n.endswith("bias")}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if any(name.endswith(b) for b in biases) and not name.endswith(("e_score_correction_bias", "expert_bias")):

@@ -19,6 +19,7 @@ import torch
 import transformers
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -82,23 +83,82 @@ def topk_softmax(router: nn.Module, logits: torch.Tensor, selection_bias: torch.
     return torch.softmax(values, dim=1, dtype=values.dtype), indices
 
 
-def sigmoid_group_limited(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-    """DeepSeek-V3: sigmoid scores + e_score_correction_bias, best ``topk_group`` groups, top-k inside them."""
+def _sigmoid_grouped(router, logits, selection_bias, sorted_topk: bool, masked_value: float):
+    """Sigmoid scores + e_score_correction_bias, the best ``topk_group`` groups by the sum of their top-2 members
+    (skipped when the router has no groups: ``num_group`` None), top-k inside them, weights = the raw scores of the
+    chosen experts, renormalised with ``norm_topk_prob``, x ``routed_scaling_factor`` where the router applies it."""
     scores = logits.sigmoid()
     choice = scores + router.e_score_correction_bias
     if selection_bias is not None:
         choice = choice + selection_bias.to(choice.dtype)
     groups, num_experts = router.num_group, router.num_experts
-    group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    if groups is not None:
+        group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+        choice = choice.masked_fill(~score_mask.bool(), masked_value)
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=sorted_topk)[1]
     weights = scores.gather(1, indices)
     if router.norm_topk_prob:
         weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
-    return weights * router.routed_scaling_factor, indices
+    scale = getattr(router, "routed_scaling_factor", None)  # Beam scales the MoE block's output instead
+    return (weights if scale is None else weights * scale), indices
+
+
+def sigmoid_group_limited(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """DeepSeek-V3: sigmoid scores + e_score_correction_bias, best ``topk_group`` groups, unsorted top-k inside them
+    (the other groups' experts masked with -inf)."""
+    return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=False, masked_value=float("-inf"))
+
+
+def sigmoid_group_limited_sorted(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Beam: DeepSeek-V3's rule with a sorted top-k and no scaling in the router (the MoE block scales its output)."""
+    return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=True, masked_value=float("-inf"))
+
+
+def sigmoid_group_limited_zero_fill(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None
+):
+    """A.X K2: DeepSeek-V3's rule with the other groups' experts masked with 0.0 (as its reference implementation
+    does; a negative corrected score can then lose to a masked expert), groups optional (``n_group`` None)."""
+    return _sigmoid_grouped(router, logits, selection_bias, sorted_topk=False, masked_value=0.0)
+
+
+def _sigmoid_topk(router, logits, selection_bias, sorted_topk: bool):
+    scores = torch.sigmoid(logits.float())
+    choice = scores
+    bias = getattr(router, "e_score_correction_bias", None)
+    if bias is not None:
+        choice = choice + bias.to(scores.dtype)
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(scores.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=sorted_topk).indices
+    weights = scores.gather(-1, indices)
+    if getattr(router, "norm_topk_prob", True):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
+
+
+def sigmoid_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Flint, Laguna: fp32 sigmoid scores, sorted top-k on score (+ the router's ``e_score_correction_bias`` where it
+    has one: Laguna), weights = the chosen raw scores, renormalised (Flint: if ``norm_topk_prob``)."""
+    return _sigmoid_topk(router, logits, selection_bias, sorted_topk=True)
+
+
+def sigmoid_topk_unsorted(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """MiniMax-M3-VL (language model): `sigmoid_topk` with an unsorted top-k."""
+    return _sigmoid_topk(router, logits, selection_bias, sorted_topk=False)
+
+
+def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Kolibri-1: top-k on the logits + e_score_correction_bias, weights = sigmoid of the chosen logits, renormalised
+    with ``norm_topk_prob``."""
+    indices = _select(logits + router.e_score_correction_bias, router.top_k, selection_bias)
+    weights = logits.gather(1, indices).sigmoid()
+    if router.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, indices
 
 
 def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
@@ -128,20 +188,32 @@ def softmax_topk_renorm_biased(router: nn.Module, logits: torch.Tensor, selectio
     return weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=router.norm_min), indices
 
 
+def _sigmoid_topk_block_bias(router, logits, selection_bias, correction_bias, sorted_topk: bool):
+    scores = torch.sigmoid(logits.float())
+    choice = scores + correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=sorted_topk).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    # HY-V3: router_scaling_factor, AFMoE: route_scale; MiniMax-M2 has neither
+    scale = getattr(router, "router_scaling_factor", None) or getattr(router, "route_scale", None)
+    return (weights * scale if scale is not None else weights), indices
+
+
 def sigmoid_topk_block_bias(
     router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, correction_bias=None
 ):
     """MiniMax-M2, HY-V3: fp32 sigmoid scores, unsorted top-k on score + the MoE block's ``e_score_correction_bias``
     (the router's second argument), renormalised, x ``router_scaling_factor`` where the router has one (HY-V3)."""
-    scores = torch.sigmoid(logits.float())
-    choice = scores + correction_bias
-    if selection_bias is not None:
-        choice = choice + selection_bias.to(choice.dtype)
-    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
-    weights = scores.gather(1, indices)
-    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    scale = getattr(router, "router_scaling_factor", None)
-    return (weights * scale if scale is not None else weights), indices
+    return _sigmoid_topk_block_bias(router, logits, selection_bias, correction_bias, sorted_topk=False)
+
+
+def sigmoid_topk_block_bias_sorted(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, expert_bias=None
+):
+    """AFMoE: `sigmoid_topk_block_bias` with a sorted top-k, on the block's ``expert_bias``, x ``route_scale``."""
+    return _sigmoid_topk_block_bias(router, logits, selection_bias, expert_bias, sorted_topk=True)
 
 
 def sigmoid_topk_expert_bias(
@@ -160,6 +232,60 @@ def sigmoid_topk_expert_bias(
     return weights * router.routed_scaling_factor, indices
 
 
+def softmax_topk_renorm_expert_scale(
+    router: nn.Module, probs: torch.Tensor, selection_bias: torch.Tensor | None = None
+):
+    """Gemma-4: the router returns fp32 probabilities (not logits); top-k (``config.top_k_experts``), renormalised
+    over the k, x the router's learned ``per_expert_scale`` of each chosen expert."""
+    indices = _select(probs, router.config.top_k_experts, selection_bias)
+    weights = probs.gather(-1, indices)
+    weights /= weights.sum(dim=-1, keepdim=True)
+    return weights * router.per_expert_scale[indices], indices
+
+
+def score_fn_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """DeepSeek-V4, Inkling-2: the router's own ``score_fn`` (``config.scoring_func``: sigmoid, sqrtsoftplus, ...),
+    unsorted top-k on score + ``e_score_correction_bias``, renormalised (+1e-20), x ``routed_scaling_factor``."""
+    scores = router.score_fn(logits)
+    choice = scores + router.e_score_correction_bias
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(choice.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, indices
+
+
+def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, jitter_eps: float, selection_bias):
+    """One SparseMixer pick in eval mode: the best candidate, and its softmax weight over the candidates whose score is
+    within ``2 * jitter_eps`` (relative) of the pick's; with a selection bias the pick is made on candidates + bias."""
+    choice = candidates if selection_bias is None else candidates + selection_bias.to(candidates.dtype)
+    picked = choice.max(dim=-1, keepdim=True)[1]
+    with torch.no_grad():
+        threshold = candidates.gather(-1, picked)  # the stock code's row maximum when there is no selection bias
+        factor = scores.abs().clamp(min=threshold)
+        far = ((threshold - scores) / factor) > (2 * jitter_eps)
+    weight = torch.softmax(candidates.masked_fill(far, float("-inf")), dim=-1).gather(-1, picked)
+    return weight, picked
+
+
+def sparsemixer_eval(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """PhiMoE in eval mode: SparseMixer's deterministic top-2 (transformers' ``sparsemixer(training=False)``): the best
+    expert, then the best of the rest, each weighted by a softmax over the experts within the router's jitter
+    threshold of it. In training the stock router samples experts (Gumbel) with its own gradient estimator, which no
+    deterministic rule reproduces: a selection bias is refused there rather than silently changing the training."""
+    if router.training:
+        raise RuntimeError(
+            "PhiMoE's router samples experts in training (SparseMixer); hf_moeprune's selection bias (aux-loss-free "
+            "balancing, router_bias_update_rate > 0) applies to it in eval mode only"
+        )
+    eps = router.router_jitter_noise
+    first_weight, first = _sparsemixer_pick(logits, logits, eps, selection_bias)
+    rest = torch.scatter(logits, -1, first, float("-inf"))
+    second_weight, second = _sparsemixer_pick(logits, rest, eps, selection_bias)
+    return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)
+
+
 ROUTE_FUNCTIONS = {
     "softmax_topk_renorm": softmax_topk_renorm,
     "softmax_topk": softmax_topk,
@@ -169,6 +295,15 @@ ROUTE_FUNCTIONS = {
     "softmax_topk_renorm_biased": softmax_topk_renorm_biased,
     "sigmoid_topk_block_bias": sigmoid_topk_block_bias,
     "sigmoid_topk_expert_bias": sigmoid_topk_expert_bias,
+    "sigmoid_group_limited_sorted": sigmoid_group_limited_sorted,
+    "sigmoid_group_limited_zero_fill": sigmoid_group_limited_zero_fill,
+    "sigmoid_topk": sigmoid_topk,
+    "sigmoid_topk_unsorted": sigmoid_topk_unsorted,
+    "sigmoid_topk_block_bias_sorted": sigmoid_topk_block_bias_sorted,
+    "sparsemixer_eval": sparsemixer_eval,
+    "score_fn_topk": score_fn_topk,
+    "logit_topk_sigmoid": logit_topk_sigmoid,
+    "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
@@ -587,18 +722,26 @@ def _make_init(stock_model_cls):
 
 
 PRUNED_CLASSES: dict[str, tuple[type, type]] = {}  # stock model_type -> (pruned config, pruned causal LM)
+CONFIG_SEPARATOR = "__"  # in a pruned model class named after its stock model class and a foreign config class
 
 
 def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
     """The (config, causal-LM) pair that extends the stock ``transformers.<config_name>`` / ``<model_name>``;
     created once, then returned from the module namespace (auto_map resolves the same names)."""
-    pruned_config_name, pruned_model_name = CLASS_PREFIX + config_name, CLASS_PREFIX + model_name
-    if pruned_model_name in globals():
-        return globals()[pruned_config_name], globals()[pruned_model_name]
     stock_config = getattr(transformers, config_name)
     stock_model = getattr(transformers, model_name)
-    if stock_model.config_class is not stock_config:
-        raise ValueError(f"{model_name}.config_class is {stock_model.config_class.__name__}, not {config_name}")
+    # A model class serves other config classes too (Sarvam-MLA's config builds DeepseekV3ForCausalLM): the pruned
+    # model class is then named after both, so each config keeps its own pruned pair and auto_map entry.
+    own_config = stock_model.config_class is stock_config
+    if not own_config and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(stock_config.model_type) != model_name:
+        raise ValueError(
+            f"{model_name}.config_class is {stock_model.config_class.__name__}, and transformers does not map "
+            f"{config_name} (model_type {stock_config.model_type!r}) to {model_name} either"
+        )
+    pruned_config_name = CLASS_PREFIX + config_name
+    pruned_model_name = CLASS_PREFIX + model_name + ("" if own_config else CONFIG_SEPARATOR + config_name)
+    if pruned_model_name in globals():
+        return globals()[pruned_config_name], globals()[pruned_model_name]
     pruned_config = globals().get(pruned_config_name) or type(
         pruned_config_name,
         (stock_config,),
@@ -633,9 +776,12 @@ def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
 def __getattr__(name: str):
     # trust_remote_code resolves auto_map entries ("modeling_moeprune.MoEPruneMixtralForCausalLM") by name.
     stock_name = name[len(CLASS_PREFIX) :] if name.startswith(CLASS_PREFIX) else None
+    config_name = None
+    if stock_name and CONFIG_SEPARATOR in stock_name:  # MoEPrune<Model>__<Config>, see make_pruned_classes
+        stock_name, config_name = stock_name.split(CONFIG_SEPARATOR, 1)
     stock = getattr(transformers, stock_name, None) if stock_name else None
     if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedModel):
-        return make_pruned_classes(stock.config_class.__name__, stock_name)[1]
+        return make_pruned_classes(config_name or stock.config_class.__name__, stock_name)[1]
     if isinstance(stock, type) and issubclass(stock, transformers.PreTrainedConfig):
         config_cls = type(
             name,

@@ -126,7 +126,7 @@ class MoEPruneMixin:
         if not moe_layers:
             raise ValueError(
                 f"model of type {base.config.model_type!r} has no MoE layers "
-                f"(looked for {self.adapter.block_attr}.{self.adapter.router_attr} in every decoder layer)"
+                f"(looked for {self.adapter.router_path} in every decoder layer)"
             )
         mark_pruned(base, self.adapter)  # the pruned class from the start: checkpoints keep one format
         if args.router_bias_update_rate > 0 and not self.adapter.has_native_selection_bias:
