@@ -409,7 +409,7 @@ def apply_load_conversions(
 ) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors -> model-named tensors, as ``convert_and_load_state_dict_in_model`` forms them
     (same renaming, same converter grouping, cast to the dtype of the parameter they fill). Keys the model does
-    not have are dropped, as loading drops unexpected keys."""
+    not have are dropped, as loading drops unexpected keys. Empties ``tensors`` (the converters take them over)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
@@ -417,7 +417,10 @@ def apply_load_conversions(
     pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
     prefix = model.base_model_prefix
     groups: dict[str, object] = {}
-    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+    # the tensors move out of ``tensors`` into the converters (which free each source once it is merged), so a
+    # fused group does not hold its per-expert sources until everything is converted
+    for key in sorted(tensors, key=dot_natural_key):
+        tensor = tensors.pop(key)
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
         if renamed not in meta_state and key in meta_state:
             renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
@@ -432,6 +435,7 @@ def apply_load_conversions(
             mapping = groups.setdefault(renamed, WeightRenaming(key, renamed))
             pattern = key
         mapping.add_tensor(renamed, key, pattern, tensor)
+        del tensor
     out = {}
     for first_name, mapping in groups.items():
         for name, value in mapping.convert(first_name, model=model, config=model.config).items():
