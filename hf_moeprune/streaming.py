@@ -166,6 +166,29 @@ class CheckpointReader:
             self._headers[filename] = (8 + len(raw), json.loads(raw))
         return self._headers[filename]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key`` on disk (from its file's header; nothing read)."""
+        return tuple(self._header(self.weight_map[key])[1][key]["shape"])
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (e.g. one expert's slot of a fused tensor) with tensor ``key``, cast to ``out``'s dtype;
+        straight from the file when the dtypes match and ``out`` is contiguous CPU memory."""
+        filename = self.weight_map[key]
+        data_start, header = self._header(filename)
+        entry = header[key]
+        where = f"{self.folder / filename}: tensor {key!r}"
+        if tuple(entry["shape"]) != tuple(out.shape):
+            raise ValueError(f"{where}: shape {entry['shape']} on disk, {list(out.shape)} expected")
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if sys.byteorder == "little" else None
+        if dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
+            begin, end = entry["data_offsets"]
+            if out.numel() * out.element_size() != end - begin:
+                raise ValueError(f"{where}: {end - begin} bytes of data for shape {entry['shape']} {dtype}")
+            with open(self.folder / filename, "rb", buffering=0) as f:
+                _read_exact(f, data_start + begin, out, where)
+        else:
+            out.copy_(self.read([key])[key])
+
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """The tensors ``keys``, each read with plain file reads straight into its own memory.
 
@@ -230,6 +253,7 @@ class ModuleLoader:
     conversions: list = field(default_factory=list)
     meta_state: dict[str, torch.Tensor] = field(default_factory=dict)
     units: dict[int | None, list[str]] = field(default_factory=dict)
+    stacked_groups: int = 0  # groups filled slot by slot (``compat.stacked_slots``) rather than converted whole
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: nn.Module) -> ModuleLoader:
@@ -245,6 +269,21 @@ class ModuleLoader:
             target = compat.converted_key(key, self.conversions, self.model.base_model_prefix, self.meta_state)
             by_target[target].append(key)
         for keys in by_target.values():
+            # per-expert keys that stack into one fused tensor: fill it key by key (one source in memory at a time)
+            stacked = None
+            if len(keys) > 1:
+                shapes = {key: self.reader.shape(key) for key in keys}
+                stacked = compat.stacked_slots(self.model, self.conversions, self.meta_state, shapes)
+            if stacked is not None:
+                target, slots = stacked
+                fused = torch.empty(self.meta_state[target].shape, dtype=self.meta_state[target].dtype)
+                for key, slot in slots.items():
+                    self.reader.read_into(key, slot(fused))
+                self.stacked_groups += 1
+                group = {target: fused}
+                del fused  # the caller's group is then the only reference (pruning it frees the full tensor)
+                yield group
+                continue
             tensors = compat.apply_load_conversions(
                 self.model, self.conversions, self.meta_state, self.reader.read(keys)
             )

@@ -239,6 +239,35 @@ def test_load_conversions_take_the_sources_over(tmp_path):
     assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj"], model.model.layers[0].mlp.experts.gate_up_proj)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("cast", [False, True], ids=["same-dtype", "f32-on-disk-to-bf16"])
+def test_stacked_groups_fill_slots_like_the_whole_conversion(tmp_path, family, cast):
+    """Legacy per-expert keys are read one by one into their slot of the fused tensor; the layer equals what
+    transformers' conversion of all sources at once gives (bit for bit, also when the load casts)."""
+    from transformers import AutoConfig
+
+    from hf_moeprune import compat
+    from hf_moeprune.streaming import ModuleLoader, meta_skeleton
+
+    model = tiny_model(family).to(torch.float32 if cast else torch.bfloat16)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    config = AutoConfig.from_pretrained(tmp_path / "src")
+    config.dtype = "bfloat16"
+    skeleton = meta_skeleton(tmp_path / "src", config)
+    loader = ModuleLoader.create(tmp_path / "src", skeleton)
+    layer = get_adapter(skeleton).moe_layer_indices(skeleton)[0]
+    fast = loader.load_module_state(layer)
+    assert loader.stacked_groups == 2  # gate_up_proj and down_proj
+    whole = compat.apply_load_conversions(
+        skeleton, loader.conversions, loader.meta_state, loader.reader.read(loader.units[layer])
+    )
+    assert fast.keys() == whole.keys()
+    for name in whole:
+        assert fast[name].dtype == whole[name].dtype, name
+        assert torch.equal(fast[name], whole[name]), name
+    assert {fast[n].dtype for n in fast if ".experts." in n} == {torch.bfloat16}
+
+
 def test_return_freed_memory_is_safe_to_call_repeatedly():
     from hf_moeprune import streaming
 
