@@ -21,7 +21,7 @@ import argparse
 import inspect
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from copy import deepcopy
 
 import torch
@@ -450,12 +450,14 @@ def stacked_slots(
     conversions: list,
     meta_state: Mapping[str, torch.Tensor],
     shapes: Mapping[str, tuple[int, ...]],
-) -> tuple[str, dict[str, Callable[[torch.Tensor], torch.Tensor]]] | None:
+) -> tuple[str, int, dict[str, tuple[int, int, int]]] | None:
     """For checkpoint keys (``shapes``: key -> shape on disk) that all fuse into one model tensor by stacking
-    (``MergeModulelist(dim=0)``, optionally then ``Concatenate``: how every legacy per-expert MoE layout loads),
-    that tensor's name and, per key, the view of it the key's tensor fills. ``apply_load_conversions`` would build
-    the same tensor, but only after holding every source and the intermediate stacks at once; filling the views of
-    one preallocated tensor holds one source at a time. None when the keys convert any other way."""
+    (``MergeModulelist(dim=0)``, optionally then ``Concatenate``: how every legacy per-expert MoE layout loads):
+    that tensor's name, the concatenation dim ``d`` (0 without one) and, per key, ``(index, start, length)``: the
+    key's tensor is ``fused[start + index]`` for ``d == 0``, else ``fused[index].narrow(d - 1, start, length)``.
+    ``apply_load_conversions`` builds the same tensor, but only after holding every source and the intermediate
+    stacks at once; filling slots of one preallocated tensor holds one source at a time. None when the keys
+    convert any other way."""
     from transformers.core_model_loading import (
         Concatenate,
         MergeModulelist,
@@ -500,18 +502,12 @@ def stacked_slots(
     full[dim] = sum(s[dim] for s in stacked)
     if tuple(full) != tuple(meta_state[target].shape):
         return None
-
-    def slot(index: int, start: int, length: int):
-        if dim == 0:
-            return lambda out: out[start + index]
-        return lambda out: out[index].narrow(dim - 1, start, length)
-
     slots, start = {}, 0
     for pattern, shape in zip(patterns, stacked, strict=True):
         for index, key in enumerate(by_pattern[pattern]):
-            slots[key] = slot(index, start, shape[dim])
+            slots[key] = (index, start, shape[dim])
         start += shape[dim]
-    return target, slots
+    return target, dim, slots
 
 
 def converted_key(key: str, conversions: list, prefix: str, meta_state: Mapping[str, torch.Tensor]) -> str:

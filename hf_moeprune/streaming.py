@@ -261,9 +261,14 @@ class ModuleLoader:
         reader = CheckpointReader.open(path)
         return cls(reader, model, compat.load_conversions(model), model.state_dict(), reader.keys_by_layer())
 
-    def groups(self, layer: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    def groups(
+        self, layer: int | None, select: Mapping[str, torch.Tensor] | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Model-named tensors of ``layer``, one conversion group at a time (e.g. all per-expert ``w1``/``w3``
-        keys of the layer together, since they form one ``gate_up_proj``)."""
+        keys of the layer together, since they form one ``gate_up_proj``). ``select`` maps model names to the rows
+        (dim 0, the experts) to keep: those tensors come back with only these rows, in that order (per-expert keys
+        of the other experts are then not even read)."""
+        select = select or {}
         by_target: dict[str, list[str]] = defaultdict(list)
         for key in self.units.get(layer, []):
             target = compat.converted_key(key, self.conversions, self.model.base_model_prefix, self.meta_state)
@@ -275,10 +280,22 @@ class ModuleLoader:
                 shapes = {key: self.reader.shape(key) for key in keys}
                 stacked = compat.stacked_slots(self.model, self.conversions, self.meta_state, shapes)
             if stacked is not None:
-                target, slots = stacked
-                fused = torch.empty(self.meta_state[target].shape, dtype=self.meta_state[target].dtype)
-                for key, slot in slots.items():
-                    self.reader.read_into(key, slot(fused))
+                target, dim, slots = stacked
+                shape, rows = list(self.meta_state[target].shape), None
+                # the slot index is the expert when the experts are dim 0 of the fused tensor
+                if target in select and (dim != 0 or all(start == 0 for _, start, _ in slots.values())):
+                    rows = {int(expert): row for row, expert in enumerate(select[target].tolist())}
+                    shape[0] = len(rows)
+                fused = torch.empty(shape, dtype=self.meta_state[target].dtype)
+                for key, (index, start, length) in slots.items():
+                    if rows is not None:
+                        if index not in rows:
+                            continue
+                        index = rows[index]
+                    slot = fused[start + index] if dim == 0 else fused[index].narrow(dim - 1, start, length)
+                    self.reader.read_into(key, slot)
+                if rows is None and target in select:
+                    fused = fused.index_select(0, select[target])
                 self.stacked_groups += 1
                 group = {target: fused}
                 del fused  # the caller's group is then the only reference (pruning it frees the full tensor)
@@ -287,6 +304,8 @@ class ModuleLoader:
             tensors = compat.apply_load_conversions(
                 self.model, self.conversions, self.meta_state, self.reader.read(keys)
             )
+            for name in tensors.keys() & select.keys():
+                tensors[name] = tensors[name].index_select(0, select[name])
             if tensors:
                 yield tensors
 
@@ -428,18 +447,20 @@ def prune_checkpoint(
         writer = ShardWriter(tmp, max_bytes)
         units = sorted(loader.units, key=lambda u: -1 if u is None else u)
         for unit in units:
-            expert_names, merged_names = set(), set()
+            expert_names, merged_names, select = set(), set(), {}
             if unit in index:
                 expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
             if unit in merge:
                 merged_names = {
                     f"{prefixes[unit]}{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors
                 }
-            for group in loader.groups(unit):
+            else:  # removed experts are not read at all (merging needs them)
+                select = dict.fromkeys(expert_names, index.get(unit))
+            for group in loader.groups(unit, select):
                 for name in list(group):
                     if name in merged_names:
                         group[name] = merged_rows(group[name], *merge[unit])
-                    if name in expert_names:
+                    if name in expert_names and name not in select:
                         group[name] = group[name].index_select(0, index[unit])
                     expected = pruned_state.get(name)
                     if expected is not None and tuple(expected.shape) != tuple(group[name].shape):

@@ -266,6 +266,16 @@ def test_stacked_groups_fill_slots_like_the_whole_conversion(tmp_path, family, c
         assert fast[name].dtype == whole[name].dtype, name
         assert torch.equal(fast[name], whole[name]), name
     assert {fast[n].dtype for n in fast if ".experts." in n} == {torch.bfloat16}
+    # with rows selected (a reordering too): only those experts' keys are read, in the plan's order
+    keep = torch.tensor([5, 0, 3])
+    experts = [n for n in whole if ".experts." in n]
+    selected = {}
+    for group in loader.groups(layer, dict.fromkeys(experts, keep)):
+        selected.update(group)
+    assert loader.stacked_groups == 4
+    for name in whole:
+        expected = whole[name].index_select(0, keep) if name in experts else whole[name]
+        assert torch.equal(selected[name], expected), name
 
 
 def test_return_freed_memory_is_safe_to_call_repeatedly():
