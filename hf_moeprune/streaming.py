@@ -83,7 +83,7 @@ def return_freed_memory() -> None:
     glibc serves a large allocation with its own ``mmap`` (returned on ``free``) only while it is above a threshold
     that it raises, up to 32 MiB, each time such a block is freed; after the first layer, layer-sized tensors made
     of many 1-32 MiB pieces land in the ordinary heap, which fragments and is not returned, so resident memory grew
-    by tens of MB per layer (measured: 40 layers of 100 MB took layer-wise calibration from 0.75 to 1.4 GB). The
+    by 8-30 MB with every 100 MB layer (benchmarks/results/oneshot_memory.md). The
     first call pins the threshold at glibc's initial 128 KiB (``mallopt(M_MMAP_THRESHOLD)``, which also turns the
     raising off, for the whole process); every call then trims the heap's free top (``malloc_trim(0)``)."""
     global _LIBC
