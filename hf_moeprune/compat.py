@@ -457,7 +457,8 @@ def stacked_slots(
     key's tensor is ``fused[start + index]`` for ``d == 0``, else ``fused[index].narrow(d - 1, start, length)``.
     ``apply_load_conversions`` builds the same tensor, but only after holding every source and the intermediate
     stacks at once; filling slots of one preallocated tensor holds one source at a time. None when the keys
-    convert any other way."""
+    convert any other way (the op classes and their order semantics are transformers 5.24's; an unknown op falls
+    back to ``apply_load_conversions``, and tests compare both paths bit for bit)."""
     from transformers.core_model_loading import (
         Concatenate,
         MergeModulelist,
