@@ -8,7 +8,9 @@ in memory here), then runs each command in its own process and records that proc
 1. ``hf-moeprune prune --keep ...`` (streaming surgery, the default);
 2. ``hf-moeprune prune --data ... --criterion reap`` (layer-wise calibration + streaming surgery);
 3. ``hf-moeprune prune --keep ... --streaming false`` (load, prune, save: the path before this change);
-4. ``python -c "import hf_moeprune.commands, torch, transformers"`` (what importing the libraries alone costs).
+4. ``python -c "import hf_moeprune.commands, torch, transformers"`` (what importing the libraries alone costs);
+5. command 2 again on a smaller checkpoint (``--phase_layers``, same layer size), sampling the process's own
+   memory phase by phase (import, calibration data, each layer, surgery) to show what the peak is made of.
 
 Usage: python benchmarks/oneshot_memory_benchmark.py [--layers 40] [--workdir /tmp/moeprune-memory]
 """
@@ -35,6 +37,58 @@ WRAPPER = (
     "rc = subprocess.run(sys.argv[1:]).returncode\n"
     "print('PEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, rc, time.perf_counter() - start)\n"
 )
+
+# The same layer-wise one-shot command, run in-process with a thread sampling /proc/self/status every 10 ms, and
+# the phase boundaries marked by wrapping library functions: where the peak comes from (resident = anonymous memory
+# + mapped files such as shared libraries). Linux only.
+PHASES = """
+import json, sys, threading, time
+def status():
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+phases, current, done = [], {"name": "import torch, transformers, hf_moeprune"}, False
+def sampler():
+    while not done:
+        s = status()
+        for k, v in s.items():
+            current["peak_" + k] = max(current.get("peak_" + k, 0), v)
+        time.sleep(0.01)
+def mark(name):
+    global current
+    s = status()
+    for k, v in s.items():
+        current["peak_" + k] = max(current.get("peak_" + k, 0), v)
+        current["end_" + k] = v
+    phases.append(current)
+    current = {"name": name}
+threading.Thread(target=sampler, daemon=True).start()
+import hf_moeprune.commands, hf_moeprune.streaming as streaming, torch, transformers
+from hf_moeprune.commands import main, prune
+def wrap(owner, attr, before, after=None):
+    original = getattr(owner, attr)
+    def wrapper(*args, **kwargs):
+        mark(before(*args) if callable(before) else before)
+        result = original(*args, **kwargs)
+        if after:
+            mark(after)
+        return result
+    setattr(owner, attr, wrapper)
+import hf_moeprune.oneshot as oneshot
+wrap(prune, "_calibration_batches", "calibration data (datasets + tokenizer)", "model skeleton")
+wrap(streaming.ModuleLoader, "load_module_state",
+     lambda self, layer: "embeddings + layer inputs" if layer is None else f"layer {layer} (load + forward)")
+wrap(oneshot, "save_statistics", "statistics file + plan")
+wrap(streaming, "prune_checkpoint", "streaming surgery (write the pruned shards)", "end")
+rc = main(sys.argv[1:])
+mark("end")
+done = True
+print("PHASES", json.dumps(phases))
+sys.exit(rc)
+"""
 
 
 def build_checkpoint(folder: Path, layers: int, experts: int, hidden: int, intermediate: int) -> int:
@@ -104,6 +158,14 @@ def measure(cmd: list[str]) -> dict:
     return {"peak_rss_bytes": int(line[1]), "seconds": round(float(line[3]), 1)}
 
 
+def measure_phases(cli_args: list[str]) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", PHASES, *cli_args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cli_args} failed:\n{out.stderr[-3000:]}")
+    return json.loads([x for x in out.stdout.splitlines() if x.startswith("PHASES")][-1].split(" ", 1)[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=40)
@@ -113,6 +175,9 @@ def main() -> None:
     parser.add_argument("--max_shard_size", default="100MB")
     parser.add_argument("--workdir", default="/tmp/moeprune-memory")
     parser.add_argument("--skip_in_memory", action="store_true", help="skip the load-everything baseline")
+    parser.add_argument("--phase_layers", type=int, default=4,
+                        help="layers of the smaller checkpoint on which the layer-wise run is profiled phase by "
+                             "phase (0: skip)")  # fmt: skip
     args = parser.parse_args()
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -140,6 +205,18 @@ def main() -> None:
         results[name] = measure(cmd)
         results[name]["fraction_of_checkpoint"] = round(results[name]["peak_rss_bytes"] / size, 3)
         print(name, results[name], flush=True)
+    phases, phase_size = None, None
+    if args.phase_layers:
+        phase_size = build_checkpoint(
+            work / "ckpt-phases", args.phase_layers, args.experts, args.hidden, args.intermediate
+        )
+        oneshot_args = runs["oneshot_reap_layerwise"][3:]  # without `python -m hf_moeprune.commands`
+        oneshot_args[oneshot_args.index("prune") + 1] = str(work / "ckpt-phases")
+        oneshot_args[oneshot_args.index("--output_dir") + 1] = str(work / "reap-phases")
+        oneshot_args[oneshot_args.index("--stats_out") + 1] = str(work / "stats-phases")
+        phases = measure_phases(oneshot_args)
+        for phase in phases:
+            print("phase", phase, flush=True)
     same = None
     if "prune_keep_in_memory" in results:
         from safetensors import safe_open
@@ -162,6 +239,7 @@ def main() -> None:
         "max_shard_size": args.max_shard_size,
         "runs": results,
         "streamed_equals_in_memory": same,
+        "phases": {"checkpoint_layers": args.phase_layers, "checkpoint_bytes": phase_size, "phases": phases},
         "machine": "2 shared CPU cores, no GPU; several other jobs ran at the same time (timings are noisy)",
     }  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
@@ -185,6 +263,23 @@ def main() -> None:
     if same is not None:
         lines += ["", f"Streamed output byte-identical to the in-memory output: {same}."]
     lines += ["", "Timings: 2 shared CPU cores with other jobs running at the same time; read them as rough."]
+    if phases:
+        lines += [
+            "",
+            f"## Where the layer-wise run's memory goes (the same command on a {args.phase_layers}-layer checkpoint, "
+            f"{phase_size / 1e9:.2f} GB, same layer size)",
+            "",
+            "Sampled every 10 ms inside the process (`/proc/self/status`): resident = anonymous (heap, tensors) + "
+            "file-mapped (shared libraries, and files still mapped).",
+            "",
+            "| phase | peak resident | peak anonymous | peak file-mapped | resident at its end |",
+            "|---|---|---|---|---|",
+        ]
+        for p in phases:
+            lines.append(
+                f"| {p['name']} | {p['peak_VmRSS'] / 1e6:.0f} MB | {p['peak_RssAnon'] / 1e6:.0f} MB | "
+                f"{p['peak_RssFile'] / 1e6:.0f} MB | {p['end_VmRSS'] / 1e6:.0f} MB |"
+            )
     (RESULTS / "oneshot_memory.md").write_text("\n".join(lines) + "\n")
 
 

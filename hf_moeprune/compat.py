@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+from collections import defaultdict
 from collections.abc import Mapping
 from copy import deepcopy
 
@@ -413,7 +414,7 @@ def apply_load_conversions(
 ) -> dict[str, torch.Tensor]:
     """Checkpoint-named tensors -> model-named tensors, as ``convert_and_load_state_dict_in_model`` forms them
     (same renaming, same converter grouping, cast to the dtype of the parameter they fill). Keys the model does
-    not have are dropped, as loading drops unexpected keys."""
+    not have are dropped, as loading drops unexpected keys. Empties ``tensors`` (the converters take them over)."""
     from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
@@ -421,7 +422,10 @@ def apply_load_conversions(
     pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
     prefix = model.base_model_prefix
     groups: dict[str, object] = {}
-    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+    # the tensors move out of ``tensors`` into the converters (which free each source once it is merged), so a
+    # fused group does not hold its per-expert sources until everything is converted
+    for key in sorted(tensors, key=dot_natural_key):
+        tensor = tensors.pop(key)
         renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
         if renamed not in meta_state and key in meta_state:
             renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
@@ -436,12 +440,79 @@ def apply_load_conversions(
             mapping = groups.setdefault(renamed, WeightRenaming(key, renamed))
             pattern = key
         mapping.add_tensor(renamed, key, pattern, tensor)
+        del tensor
     out = {}
     for first_name, mapping in groups.items():
         for name, value in mapping.convert(first_name, model=model, config=model.config).items():
             value = value[0] if isinstance(value, list) else value
             out[name] = value.to(meta_state[name].dtype) if name in meta_state else value
     return out
+
+
+def stacked_slots(
+    model: nn.Module,
+    conversions: list,
+    meta_state: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> tuple[str, int, dict[str, tuple[int, int, int]]] | None:
+    """For checkpoint keys (``shapes``: key -> shape on disk) that all fuse into one model tensor by stacking
+    (``MergeModulelist(dim=0)``, optionally then ``Concatenate``: how every legacy per-expert MoE layout loads):
+    that tensor's name, the concatenation dim ``d`` (0 without one) and, per key, ``(index, start, length)``: the
+    key's tensor is ``fused[start + index]`` for ``d == 0``, else ``fused[index].narrow(d - 1, start, length)``.
+    ``apply_load_conversions`` builds the same tensor, but only after holding every source and the intermediate
+    stacks at once; filling slots of one preallocated tensor holds one source at a time. None when the keys
+    convert any other way (the op classes and their order semantics are transformers 5.24's; an unknown op falls
+    back to ``apply_load_conversions``, and tests compare both paths bit for bit)."""
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        WeightConverter,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    renamings = [c for c in conversions if not isinstance(c, WeightConverter)]
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    targets, by_pattern = set(), defaultdict(list)
+    for key in sorted(shapes, key=dot_natural_key):  # the order apply_load_conversions stacks them in
+        renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if pattern is None or renamed not in meta_state:
+            return None
+        targets.add(renamed)
+        by_pattern[pattern].append(key)
+    if len(targets) != 1:
+        return None
+    (target,) = targets
+    converter = pattern_to_converter[next(iter(by_pattern))]
+    ops = converter.operations
+    merge_only = len(ops) == 1 and type(ops[0]) is MergeModulelist
+    merge_concat = len(ops) == 2 and type(ops[0]) is MergeModulelist and type(ops[1]) is Concatenate
+    if not (merge_only or merge_concat) or ops[0].dim != 0 or len(converter.target_patterns) != 1:
+        return None
+    if any(pattern_to_converter[p] is not converter for p in by_pattern) or (merge_only and len(by_pattern) != 1):
+        return None
+    patterns = [p for p in converter.source_patterns if p in by_pattern]  # Concatenate keeps this order
+    stacked = []
+    for pattern in patterns:
+        shape = {tuple(shapes[k]) for k in by_pattern[pattern]}
+        if len(shape) != 1:
+            return None
+        stacked.append((len(by_pattern[pattern]), *shape.pop()))
+    ndim = len(stacked[0])
+    dim = ops[1].dim % ndim if merge_concat else 0
+    if any(len(s) != ndim or s[:dim] + s[dim + 1 :] != stacked[0][:dim] + stacked[0][dim + 1 :] for s in stacked):
+        return None
+    full = list(stacked[0])
+    full[dim] = sum(s[dim] for s in stacked)
+    if tuple(full) != tuple(meta_state[target].shape):
+        return None
+    slots, start = {}, 0
+    for pattern, shape in zip(patterns, stacked, strict=True):
+        for index, key in enumerate(by_pattern[pattern]):
+            slots[key] = (index, start, shape[dim])
+        start += shape[dim]
+    return target, dim, slots
 
 
 def converted_key(key: str, conversions: list, prefix: str, meta_state: Mapping[str, torch.Tensor]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,8 +28,17 @@ logger = logging.getLogger(__name__)
 TensorReplaced = Callable[..., None]
 
 
+def _peft_imported() -> bool:
+    """Whether peft has been imported. A peft object can only exist after that, and importing peft just to ask
+    costs ~50 MB of resident memory (it pulls in bitsandbytes, sympy, networkx): measured as the largest single
+    step between calibration and surgery in layer-wise one-shot pruning."""
+    return "peft" in sys.modules
+
+
 def is_tuner_layer(module: nn.Module) -> bool:
     """A peft tuner layer (LoRA and friends): it wraps ``base_layer``."""
+    if not _peft_imported():
+        return False
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # peft not installed: no adapters can exist
@@ -37,6 +47,8 @@ def is_tuner_layer(module: nn.Module) -> bool:
 
 
 def is_peft_model(model: nn.Module) -> bool:
+    if not _peft_imported():
+        return False
     try:
         from peft import PeftModel
     except ImportError:

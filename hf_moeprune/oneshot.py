@@ -163,8 +163,9 @@ def collect_statistics_layerwise(
     Memory: the embeddings, one decoder layer, and the hidden states of all calibration batches (plus their masks
     and position embeddings). ``device`` defaults to CUDA when available.
     """
-    from hf_moeprune.streaming import ModuleLoader, materialize, meta_skeleton, release
+    from hf_moeprune.streaming import ModuleLoader, materialize, meta_skeleton, release, return_freed_memory
 
+    return_freed_memory()  # before the first layer: pins glibc's mmap threshold (see its docstring)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = meta_skeleton(path, include_buffers=True)
     adapter = get_adapter(model)
@@ -186,6 +187,7 @@ def collect_statistics_layerwise(
             layer_kwargs.append(kwargs)
     # the embeddings are no longer needed; keep the final norm etc. as they are (small)
     release(model.get_input_embeddings())
+    return_freed_memory()
     stats = new_statistics(model, adapter)
     inst = attach_observer(model, adapter, stats, observers=observers)
     layers = adapter.decoder_layers(model)
@@ -200,6 +202,7 @@ def collect_statistics_layerwise(
                     hidden[b] = out[0] if isinstance(out, tuple) else out
             inst.recording = False
             release(layers[i])
+            return_freed_memory()  # so the next layer reuses this one's memory instead of adding to it
     finally:
         inst.detach()
     stats.end_step()

@@ -17,10 +17,13 @@ use of it is in ``hf_moeprune.compat`` (``load_conversions``, ``apply_load_conve
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_moeprune import compat
+from hf_moeprune.format.safetensors_header import header_bytes
 from hf_moeprune.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -66,13 +70,67 @@ def layer_of_key(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# -- the C heap -----------------------------------------------------------------------------------------------------
+_LIBC: ctypes.CDLL | None | bool = False  # False: not looked up yet; None: not glibc
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's initial default
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free memory back to the operating system (glibc only; a no-op elsewhere).
+
+    Why: streaming allocates and frees the same large tensors (a layer's experts, an output shard) over and over.
+    glibc serves a large allocation with its own ``mmap`` (returned on ``free``) only while it is above a threshold
+    that it raises, up to 32 MiB, each time such a block is freed; after the first layer, layer-sized tensors made
+    of many 1-32 MiB pieces land in the ordinary heap, which fragments and is not returned, so resident memory grew
+    by 8-30 MB with every 100 MB layer (benchmarks/results/oneshot_memory.md). The
+    first call pins the threshold at glibc's initial 128 KiB (``mallopt(M_MMAP_THRESHOLD)``, which also turns the
+    raising off, for the whole process); every call then trims the heap's free top (``malloc_trim(0)``)."""
+    global _LIBC
+    if _LIBC is False:
+        _LIBC = None
+        name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
+                libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+                _LIBC = libc
+        except OSError:  # a libc without these (e.g. musl): nothing to tune
+            _LIBC = None
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 # -- reading ------------------------------------------------------------------------------------------------------
+# safetensors dtype names -> torch dtypes that are read byte for byte (others go through safetensors itself)
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+def _read_exact(f, start: int, tensor: torch.Tensor, where: str) -> torch.Tensor:
+    """Fill the contiguous CPU ``tensor`` with the bytes at ``start`` of the open file ``f``."""
+    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+    f.seek(start)
+    done = 0
+    while done < len(buffer):
+        n = f.readinto(buffer[done:])
+        if not n:
+            raise ValueError(f"{where}: the file ends inside the tensor's data")
+        done += n
+    return tensor
+
+
 @dataclass
 class CheckpointReader:
     """A local safetensors checkpoint (one file or an index of shards), read tensor by tensor."""
 
     folder: Path
     weight_map: dict[str, str]  # checkpoint key -> file name inside ``folder``
+    _headers: dict[str, tuple[int, dict]] = field(default_factory=dict, repr=False)  # file -> (data start, header)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> CheckpointReader:
@@ -101,16 +159,63 @@ class CheckpointReader:
             units[layer_of_key(key)].append(key)
         return dict(units)
 
+    def _header(self, filename: str) -> tuple[int, dict]:
+        if filename not in self._headers:
+            with open(self.folder / filename, "rb") as f:
+                raw = header_bytes(f)
+            self._headers[filename] = (8 + len(raw), json.loads(raw))
+        return self._headers[filename]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key`` on disk (from its file's header; nothing read)."""
+        return tuple(self._header(self.weight_map[key])[1][key]["shape"])
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (e.g. one expert's slot of a fused tensor) with tensor ``key``, cast to ``out``'s dtype;
+        straight from the file when the dtypes match and ``out`` is contiguous CPU memory."""
+        filename = self.weight_map[key]
+        data_start, header = self._header(filename)
+        entry = header[key]
+        where = f"{self.folder / filename}: tensor {key!r}"
+        if tuple(entry["shape"]) != tuple(out.shape):
+            raise ValueError(f"{where}: shape {entry['shape']} on disk, {list(out.shape)} expected")
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if sys.byteorder == "little" else None
+        if dtype == out.dtype and out.device.type == "cpu" and out.is_contiguous():
+            begin, end = entry["data_offsets"]
+            if out.numel() * out.element_size() != end - begin:
+                raise ValueError(f"{where}: {end - begin} bytes of data for shape {entry['shape']} {dtype}")
+            with open(self.folder / filename, "rb", buffering=0) as f:
+                _read_exact(f, data_start + begin, out, where)
+        else:
+            out.copy_(self.read([key])[key])
+
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``keys`` (copied out of the memory-mapped files, one file open at a time)."""
+        """The tensors ``keys``, each read with plain file reads straight into its own memory.
+
+        Not through safetensors' memory map: the mapped pages a tensor is copied from stay resident (and count in
+        the process's memory) until the file is closed, which doubled what a layer costs while it loads. Dtypes
+        without a byte-for-byte torch equivalent (and big-endian machines) still go through ``safe_open``."""
         by_file: dict[str, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.weight_map[key]].append(key)
         out = {}
         for filename, names in by_file.items():
-            with safe_open(self.folder / filename, "pt") as f:
+            data_start, header = self._header(filename)
+            plain = sys.byteorder == "little"
+            with open(self.folder / filename, "rb", buffering=0) as f:
                 for name in names:
-                    out[name] = f.get_tensor(name)
+                    entry = header.get(name)
+                    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if entry and plain else None
+                    if dtype is None:
+                        with safe_open(self.folder / filename, "pt") as g:
+                            out[name] = g.get_tensor(name)
+                        continue
+                    begin, end = entry["data_offsets"]
+                    tensor = torch.empty(entry["shape"], dtype=dtype)
+                    where = f"{self.folder / filename}: tensor {name!r}"
+                    if tensor.numel() * tensor.element_size() != end - begin:
+                        raise ValueError(f"{where}: {end - begin} bytes of data for shape {entry['shape']} {dtype}")
+                    out[name] = _read_exact(f, data_start + begin, tensor, where)
         return out
 
 
@@ -148,6 +253,7 @@ class ModuleLoader:
     conversions: list = field(default_factory=list)
     meta_state: dict[str, torch.Tensor] = field(default_factory=dict)
     units: dict[int | None, list[str]] = field(default_factory=dict)
+    stacked_groups: int = 0  # groups filled slot by slot (``compat.stacked_slots``) rather than converted whole
 
     @classmethod
     def create(cls, path: str | os.PathLike, model: nn.Module) -> ModuleLoader:
@@ -155,17 +261,51 @@ class ModuleLoader:
         reader = CheckpointReader.open(path)
         return cls(reader, model, compat.load_conversions(model), model.state_dict(), reader.keys_by_layer())
 
-    def groups(self, layer: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    def groups(
+        self, layer: int | None, select: Mapping[str, torch.Tensor] | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
         """Model-named tensors of ``layer``, one conversion group at a time (e.g. all per-expert ``w1``/``w3``
-        keys of the layer together, since they form one ``gate_up_proj``)."""
+        keys of the layer together, since they form one ``gate_up_proj``). ``select`` maps model names to the rows
+        (dim 0, the experts) to keep: those tensors come back with only these rows, in that order (per-expert keys
+        of the other experts are then not even read)."""
+        select = select or {}
         by_target: dict[str, list[str]] = defaultdict(list)
         for key in self.units.get(layer, []):
             target = compat.converted_key(key, self.conversions, self.model.base_model_prefix, self.meta_state)
             by_target[target].append(key)
         for keys in by_target.values():
+            # per-expert keys that stack into one fused tensor: fill it key by key (one source in memory at a time)
+            stacked = None
+            if len(keys) > 1:
+                shapes = {key: self.reader.shape(key) for key in keys}
+                stacked = compat.stacked_slots(self.model, self.conversions, self.meta_state, shapes)
+            if stacked is not None:
+                target, dim, slots = stacked
+                shape, rows = list(self.meta_state[target].shape), None
+                # the slot index is the expert when the experts are dim 0 of the fused tensor
+                if target in select and (dim != 0 or all(start == 0 for _, start, _ in slots.values())):
+                    rows = {int(expert): row for row, expert in enumerate(select[target].tolist())}
+                    shape[0] = len(rows)
+                fused = torch.empty(shape, dtype=self.meta_state[target].dtype)
+                for key, (index, start, length) in slots.items():
+                    if rows is not None:
+                        if index not in rows:
+                            continue
+                        index = rows[index]
+                    slot = fused[start + index] if dim == 0 else fused[index].narrow(dim - 1, start, length)
+                    self.reader.read_into(key, slot)
+                if rows is None and target in select:
+                    fused = fused.index_select(0, select[target])
+                self.stacked_groups += 1
+                group = {target: fused}
+                del fused  # the caller's group is then the only reference (pruning it frees the full tensor)
+                yield group
+                continue
             tensors = compat.apply_load_conversions(
                 self.model, self.conversions, self.meta_state, self.reader.read(keys)
             )
+            for name in tensors.keys() & select.keys():
+                tensors[name] = tensors[name].index_select(0, select[name])
             if tensors:
                 yield tensors
 
@@ -282,6 +422,7 @@ def prune_checkpoint(
     from hf_moeprune.utils import atomic_output_dir
 
     max_bytes = parse_size(max_shard_size)
+    return_freed_memory()  # pins glibc's mmap threshold before the first layer (see its docstring)
     CheckpointReader.open(path)  # not streamable: say so before anything else is read
     config = AutoConfig.from_pretrained(path)
     _check_streamable(config)
@@ -306,16 +447,18 @@ def prune_checkpoint(
         writer = ShardWriter(tmp, max_bytes)
         units = sorted(loader.units, key=lambda u: -1 if u is None else u)
         for unit in units:
-            expert_names, merged_names = set(), set()
+            expert_names, merged_names, select = set(), set(), {}
             if unit in index:
                 expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
             if unit in merge:
                 merged_names = {f"{prefixes[unit]}{adapter.experts_path}.{n}" for n in adapter.expert_tensors}
-            for group in loader.groups(unit):
+            else:  # removed experts are not read at all (merging needs them)
+                select = dict.fromkeys(expert_names, index.get(unit))
+            for group in loader.groups(unit, select):
                 for name in list(group):
                     if name in merged_names:
                         group[name] = merged_rows(group[name], *merge[unit])
-                    if name in expert_names:
+                    if name in expert_names and name not in select:
                         group[name] = group[name].index_select(0, index[unit])
                     expected = pruned_state.get(name)
                     if expected is not None and tuple(expected.shape) != tuple(group[name].shape):
@@ -325,6 +468,7 @@ def prune_checkpoint(
                         )
                 writer.add(compat.revert_conversions(written, group))
                 del group
+            return_freed_memory()
             logger.info("streamed %s", "embeddings/head" if unit is None else f"layer {unit}")
         shards = writer.close(model.num_parameters())
         if on_written is not None:

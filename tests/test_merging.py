@@ -101,9 +101,12 @@ def test_trainer_merges_at_its_removal_event(tmp_path, monkeypatch):
 
         def spy(model, plan, **kwargs):
             layer = model.model.layers[1].mlp.experts
+            state = trainer.optimizer.optimizer.state[layer.down_proj]
             seen[merge] = {
                 "plan": plan,
                 "down": layer.down_proj.detach().clone(),
+                "moments": {k: state[k].clone() for k in ("exp_avg", "exp_avg_sq")},
+                "step": state["step"].clone(),
                 "vectors": weight_similarity(model, 1),
                 "tokens": trainer.controller.decision_stats[1].tokens.clone(),
             }
@@ -121,3 +124,9 @@ def test_trainer_merges_at_its_removal_event(tmp_path, monkeypatch):
     kept = plain["plan"][1]
     assert torch.equal(merged["down"][kept], expected[kept])
     assert not torch.equal(merged["down"][kept], plain["down"][kept]), "merging changed the kept experts"
+    # the AdamW moments of the kept experts are folded with the same weights (the step count is left alone)
+    for name, moment in plain["moments"].items():
+        folded = merged_rows(moment, assignment, plain["tokens"])
+        assert torch.equal(merged["moments"][name][kept], folded[kept]), name
+        assert not torch.equal(merged["moments"][name][kept], moment[kept]), name
+    assert torch.equal(merged["step"], plain["step"])

@@ -181,3 +181,109 @@ def test_prune_cli_chat_samples_unpacked(workspace, tmp_path):
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: row has neither 'messages' nor 'text'"):
         main(["prune", str(model), "--output_dir", str(tmp_path / "x"), "--data", str(bad), "--calibration", "samples"])
     assert not (tmp_path / "x").exists()
+
+
+def test_reader_reads_every_dtype_like_safetensors(tmp_path):
+    """CheckpointReader.read fills tensors with plain file reads (no memory map); every dtype, a 0-d and an empty
+    tensor come back bit-identical to safetensors' own reader, and a header whose byte count does not fit the
+    shape is refused naming the file and tensor."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "f32": torch.randn(7, generator=g),
+        "f16": torch.randn(2, 2, 2, generator=g).half(),
+        "f8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "i64": torch.arange(-3, 9),
+        "u8": torch.arange(0, 250, 7, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.25),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    read = CheckpointReader.open(tmp_path).read(list(tensors))
+    assert read.keys() == tensors.keys()
+    for name, expected in tensors.items():
+        assert read[name].dtype == expected.dtype and read[name].shape == expected.shape, name
+        assert torch.equal(read[name].view(-1).view(torch.uint8), expected.view(-1).view(torch.uint8)), name
+
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    header["f32"]["shape"] = [8]  # 28 bytes of data for 32 bytes of shape
+    text = json.dumps(header).encode()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    with pytest.raises(ValueError, match="tensor 'f32': 28 bytes of data for shape"):
+        CheckpointReader(tmp_path / "bad", {"f32": "model.safetensors"}).read(["f32"])
+
+
+def test_load_conversions_take_the_sources_over(tmp_path):
+    """A fused group's per-expert sources leave the caller's dict (the converters free them as they merge), and the
+    fused tensor equals the stacked sources."""
+    from hf_moeprune import compat
+    from hf_moeprune.streaming import meta_skeleton
+
+    model = tiny_model("mixtral").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    skeleton = meta_skeleton(tmp_path / "src")
+    reader = CheckpointReader.open(tmp_path / "src")
+    keys = sorted(k for k in reader.weight_map if k.startswith("model.layers.0.") and ".experts." in k)
+    sources = reader.read(keys)
+    w1 = [sources[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"].clone() for e in range(8)]
+    w3 = [sources[f"model.layers.0.block_sparse_moe.experts.{e}.w3.weight"].clone() for e in range(8)]
+    out = compat.apply_load_conversions(skeleton, compat.load_conversions(skeleton), skeleton.state_dict(), sources)
+    assert sources == {}
+    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj"], torch.cat([torch.stack(w1), torch.stack(w3)], 1))
+    assert torch.equal(out["model.layers.0.mlp.experts.gate_up_proj"], model.model.layers[0].mlp.experts.gate_up_proj)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("cast", [False, True], ids=["same-dtype", "f32-on-disk-to-bf16"])
+def test_stacked_groups_fill_slots_like_the_whole_conversion(tmp_path, family, cast):
+    """Legacy per-expert keys are read one by one into their slot of the fused tensor; the layer equals what
+    transformers' conversion of all sources at once gives (bit for bit, also when the load casts)."""
+    from transformers import AutoConfig
+
+    from hf_moeprune import compat
+    from hf_moeprune.streaming import ModuleLoader, meta_skeleton
+
+    model = tiny_model(family).to(torch.float32 if cast else torch.bfloat16)
+    model.save_pretrained(tmp_path / "src", max_shard_size="60KB")
+    config = AutoConfig.from_pretrained(tmp_path / "src")
+    config.dtype = "bfloat16"
+    skeleton = meta_skeleton(tmp_path / "src", config)
+    loader = ModuleLoader.create(tmp_path / "src", skeleton)
+    layer = get_adapter(skeleton).moe_layer_indices(skeleton)[0]
+    fast = loader.load_module_state(layer)
+    assert loader.stacked_groups == 2  # gate_up_proj and down_proj
+    whole = compat.apply_load_conversions(
+        skeleton, loader.conversions, loader.meta_state, loader.reader.read(loader.units[layer])
+    )
+    assert fast.keys() == whole.keys()
+    for name in whole:
+        assert fast[name].dtype == whole[name].dtype, name
+        assert torch.equal(fast[name], whole[name]), name
+    assert {fast[n].dtype for n in fast if ".experts." in n} == {torch.bfloat16}
+    # with rows selected (a reordering too): only those experts' keys are read, in the plan's order
+    keep = torch.tensor([5, 0, 3])
+    experts = [n for n in whole if ".experts." in n]
+    selected = {}
+    for group in loader.groups(layer, dict.fromkeys(experts, keep)):
+        selected.update(group)
+    assert loader.stacked_groups == 4
+    for name in whole:
+        expected = whole[name].index_select(0, keep) if name in experts else whole[name]
+        assert torch.equal(selected[name], expected), name
+
+
+def test_return_freed_memory_is_safe_to_call_repeatedly():
+    from hf_moeprune import streaming
+
+    streaming.return_freed_memory()
+    streaming.return_freed_memory()
+    import sys
+
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert streaming._LIBC is not None  # glibc: the mmap threshold was pinned

@@ -56,9 +56,15 @@ def merge_experts(
     model: nn.Module,
     assignments: Mapping[int, Mapping[int, int]],
     frequencies: Mapping[int, torch.Tensor],
+    optimizer=None,
 ) -> None:
     """Fold removed experts into kept ones in place (expert weights and biases; router rows untouched); apply
-    ``prune_experts`` with the kept positions afterwards to remove the folded experts."""
+    ``prune_experts`` with the kept positions afterwards to remove the folded experts.
+
+    With ``optimizer`` (torch or accelerate-wrapped, during training), the per-expert optimizer state of those
+    tensors (AdamW's ``exp_avg`` and ``exp_avg_sq``: any state tensor shaped like the parameter) is folded with
+    the same weights, so a merged expert carries on with the averaged moments of its group rather than with its
+    own moments next to averaged weights (a group of identical experts leaves them bit for bit unchanged)."""
     from hf_moeprune.adapters import get_adapter
     from hf_moeprune.format.modeling_moeprune import get_submodule_attr
     from hf_moeprune.surgery import unwrap_model
@@ -66,6 +72,7 @@ def merge_experts(
     model = unwrap_model(model)
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
+    optimizer_state = getattr(optimizer, "optimizer", optimizer).state if optimizer is not None else {}
     for layer, assignment in assignments.items():
         if not assignment:
             continue
@@ -79,6 +86,9 @@ def merge_experts(
             if isinstance(value, torch.Tensor):
                 with torch.no_grad():
                     value.copy_(merged_rows(value, assignment, frequencies[int(layer)]))
+                    for moment in optimizer_state.get(value, {}).values():
+                        if torch.is_tensor(moment) and moment.shape == value.shape:
+                            moment.copy_(merged_rows(moment, assignment, frequencies[int(layer)]))
 
 
 def weight_similarity(model: nn.Module, layer: int) -> torch.Tensor:
@@ -106,9 +116,11 @@ def merge_before_removal(
     keep: Mapping[int, Sequence[int]],
     frequencies: Mapping[int, torch.Tensor],
     output_sum: Mapping[int, torch.Tensor] | None = None,
+    optimizer=None,
 ) -> dict[int, dict[int, int]]:
-    """Fold the experts ``keep`` drops into kept ones (by calibration outputs when given, else by weights), in place;
-    returns the assignments. ``prune_experts(model, keep)`` then removes the folded experts."""
+    """Fold the experts ``keep`` drops into kept ones (by calibration outputs when given, else by weights), in place,
+    with their ``optimizer`` state when given (see ``merge_experts``); returns the assignments.
+    ``prune_experts(model, keep)`` then removes the folded experts."""
     from hf_moeprune.surgery import unwrap_model
 
     model = unwrap_model(model)
@@ -116,5 +128,5 @@ def merge_before_removal(
     for layer, kept in keep.items():
         vectors = output_sum[layer] if output_sum is not None else weight_similarity(model, int(layer))
         assignments[int(layer)] = merge_assignment(vectors, kept)
-    merge_experts(model, assignments, frequencies)
+    merge_experts(model, assignments, frequencies, optimizer)
     return assignments

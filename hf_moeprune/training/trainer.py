@@ -351,7 +351,7 @@ class MoEPruneMixin:
 
             # the statistics the decision saw (the controller has already narrowed its own to the kept experts)
             tokens = {layer: s.tokens for layer, s in self.controller.decision_stats.items()}
-            merge_before_removal(self.model, plan, tokens)
+            merge_before_removal(self.model, plan, tokens, optimizer=self.optimizer)  # AdamW moments fold too
         prune_experts(self.model, plan, on_tensor_replaced=slicer)
         for layer, kept in plan.items():
             self.instrumentation.select(layer, torch.tensor(kept))
