@@ -86,7 +86,7 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
     if len(set(origin)) != groups:
         raise ValueError(f"layer {layer}: old groups {origin} appear twice; every group must keep {new_size} experts")
     top_k = adapter.top_k(config)
-    topk_group = int(getattr(config, adapter.topk_group_field) or groups)
+    topk_group = int(getattr(adapter.moe_config(config), adapter.topk_group_field) or groups)
     per_group = adapter.group_score_experts
     if new_size < per_group or topk_group * new_size < top_k:
         raise ValueError(
@@ -181,7 +181,7 @@ def _apply(
     counts = expert_counts(model, adapter)
     config.experts_per_layer = counts
     largest = max(c for c in counts if c is not None)
-    setattr(config, adapter.num_experts_field, largest)
+    setattr(adapter.moe_config(config), adapter.num_experts_field, largest)
     if hasattr(model, "num_experts"):
         model.num_experts = largest
 

@@ -964,6 +964,70 @@ register_family(
     )
 )
 
+# == Vision-language families (issue 13, multimodal) ===============================================================
+# The language model of these is an MoE of a text family's shape; its experts are pruned, the vision tower is kept.
+# A registration names only the composite: the sub-config that holds the MoE fields and where the decoder layers
+# are (`_multimodal` defaults: ``text_config`` and ``model.language_model.layers``); the router/experts
+# declaration is the text family's when that one is registered, else given here. The whole model (vision tower
+# included) saves, reloads with AutoModelForImageTextToText, and exports as the stock architecture when uniform.
+_TEXT_FIELDS = (
+    "num_experts_field", "block_attr", "router_attr", "experts_attr", "router_tensors", "expert_tensors",
+    "score_function", "renormalizes", "group_field", "topk_group_field", "group_limited", "group_score_experts",
+    "top_k_field", "routing", "block_tensors", "skip_quantization",
+)  # fmt: skip
+# A vision tower small enough for the tests (Qwen3-VL layout: patches of 4 x 4 x 2 frames, merged 2 x 2).
+_QWEN_VISION: dict[str, Any] = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=32,
+    num_heads=4,
+    out_hidden_size=32,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+)
+
+
+def _multimodal(model_type: str, text: MoEAdapter | None = None, **fields: Any) -> MoEAdapter:
+    """A vision-language family whose language model's MoE is ``text``'s (a registered text family), or declared by
+    ``fields`` (router and experts as for a text family, plus the tiny config)."""
+    inherited = {name: getattr(text, name) for name in _TEXT_FIELDS} if text is not None else {}
+    defaults = dict(
+        text_config_attr="text_config", layers_path="model.language_model.layers", auto_class="AutoModelForImageTextToText"
+    )
+    return register_family(MoEAdapter(model_type=model_type, **{**defaults, **inherited, **fields}))
+
+
+# Qwen3-VL-MoE: Qwen3-MoE's router with the renormalisation always on; interleaved M-RoPE over (t, h, w).
+QWEN3_VL_MOE = _multimodal(
+    "qwen3_vl_moe",
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            max_position_embeddings=256,
+            pad_token_id=0,
+        ),
+        vision_config=dict(_QWEN_VISION, deepstack_visual_indexes=[0]),
+        image_token_id=150,
+        video_token_id=151,
+        vision_start_token_id=152,
+        vision_end_token_id=153,
+    ),
+)
+
+# == end of the vision-language families ==========================================================================
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 _OWN_RULE = (
     "no routing rule in format/modeling_moeprune.py reproduces its router bit for bit (checked with "

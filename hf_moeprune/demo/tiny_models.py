@@ -45,7 +45,8 @@ def tiny_config(model_type: str, **overrides: Any) -> transformers.PreTrainedCon
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
-    """A tiny randomly initialised causal LM of ``model_type`` in eval mode, deterministic per seed.
+    """A tiny randomly initialised model of ``model_type`` (a causal LM, or the vision-language model of a
+    multimodal family) in eval mode, deterministic per seed.
 
     Per-expert biases initialise to zero in every family; random ones exercise their surgery and the biased
     choice: router and expert biases ~ N(0, 0.5), biases used only to choose (``e_score_correction_bias``, LFM2's
@@ -53,8 +54,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
     """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
     adapter = get_adapter(config)
+    model = getattr(transformers, adapter.auto_class).from_config(config)
     biases = {
         f"{adapter.block_attr}.{adapter.router_attr}.{n}" for n in adapter.router_tensors[1:] if n.endswith("bias")
     } | {f"{adapter.block_attr}.{adapter.experts_attr}.{n}" for n in adapter.expert_tensors if n.endswith("bias")}

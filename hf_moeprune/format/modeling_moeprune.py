@@ -38,6 +38,10 @@ PRUNING_FIELDS = (
 # Written since hf_moeprune covers families whose counts are not under `num_experts`-like names; checkpoints
 # saved before then lack them and fall back to the defaults in `_count_field` / `_top_k`.
 OPTIONAL_PRUNING_FIELDS = ("expert_count_field", "expert_top_k_field")
+# Written for composite (vision-language) configs only: the sub-config holding the language model's MoE fields
+# (``text_config``) and the path from the model to its MoE decoder layers. Absent: the config itself and
+# ``model.layers``.
+COMPOSITE_PRUNING_FIELDS = ("expert_config_path", "expert_layers_path")
 COUNT_FIELD_CANDIDATES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -197,7 +201,7 @@ def attach_selection_bias(model: nn.Module, config) -> None:
     name = f"{router_path}.{SELECTION_BIAS}"
     if name not in config.expert_tensor_names:
         config.expert_tensor_names = [*config.expert_tensor_names, name]
-    layers = model.model.layers
+    layers = decoder_layers(model, config)
     for layer_idx, count in enumerate(config.experts_per_layer):
         if count is None:
             continue
@@ -218,6 +222,19 @@ def attach_selection_bias(model: nn.Module, config) -> None:
 
 class PrunedConfigError(ValueError):
     """A pruned-model config is inconsistent with itself or with the weights."""
+
+
+def moe_config(config):
+    """The config holding the MoE fields: the config itself, or the sub-config ``expert_config_path`` names (a
+    vision-language model's ``text_config``)."""
+    path = getattr(config, "expert_config_path", None)
+    return getattr(config, path) if path else config
+
+
+def decoder_layers(model: nn.Module, config) -> nn.ModuleList:
+    """The MoE decoder layers: ``model.layers``, or where ``expert_layers_path`` says (a vision-language model's
+    ``model.language_model.layers``)."""
+    return model.get_submodule(getattr(config, "expert_layers_path", None) or "model.layers")
 
 
 def get_submodule_attr(root: nn.Module, dotted: str):
@@ -355,10 +372,11 @@ def check_pruned_config(config) -> None:
         raise PrunedConfigError(f"pruned config of model_type {config.model_type!r} is missing field(s) {missing}")
     counts = config.experts_per_layer
     ids = config.kept_expert_ids
-    if len(counts) != config.num_hidden_layers or len(ids) != config.num_hidden_layers:
+    num_layers = moe_config(config).num_hidden_layers
+    if len(counts) != num_layers or len(ids) != num_layers:
         raise PrunedConfigError(
             f"experts_per_layer has {len(counts)} entries and kept_expert_ids {len(ids)}, "
-            f"but num_hidden_layers is {config.num_hidden_layers}"
+            f"but num_hidden_layers is {num_layers}"
         )
     for layer, (count, kept) in enumerate(zip(counts, ids)):
         if (count is None) != (kept is None):
@@ -418,7 +436,7 @@ class PrunedMoEMixin:
         return (model, info) if want_info else model
 
     def _resize_to_config(self, config) -> None:
-        layers = self.model.layers
+        layers = decoder_layers(self, config)
         for layer_idx, count in enumerate(config.experts_per_layer):
             if count is None:
                 continue
@@ -460,7 +478,8 @@ class PrunedMoEMixin:
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
         fields = {name: config.__dict__.pop(name) for name in PRUNING_FIELDS}
-        fields.update({name: config.__dict__.pop(name) for name in OPTIONAL_PRUNING_FIELDS if name in config.__dict__})
+        optional = (*OPTIONAL_PRUNING_FIELDS, *COMPOSITE_PRUNING_FIELDS)
+        fields.update({name: config.__dict__.pop(name) for name in optional if name in config.__dict__})
         config.moeprune_provenance = dict(fields)
         config.__class__, self.__class__ = self.stock_config_class, self.stock_model_class
         try:
@@ -550,7 +569,7 @@ def _count_field(config) -> str:
     if recorded:
         return recorded
     for name in COUNT_FIELD_CANDIDATES:
-        if getattr(config, name, None) == config.original_num_experts:
+        if getattr(moe_config(config), name, None) == config.original_num_experts:
             return name
     raise PrunedConfigError(
         f"cannot tell which config field holds the expert count (tried {COUNT_FIELD_CANDIDATES}); "
@@ -559,7 +578,7 @@ def _count_field(config) -> str:
 
 
 def _top_k(config) -> int:
-    return int(getattr(config, getattr(config, "expert_top_k_field", None) or "num_experts_per_tok"))
+    return int(getattr(moe_config(config), getattr(config, "expert_top_k_field", None) or "num_experts_per_tok"))
 
 
 def _make_init(stock_model_cls):
@@ -568,14 +587,15 @@ def _make_init(stock_model_cls):
         check_pruned_config(config)
         count_field = _count_field(config)
         counts = [c for c in config.experts_per_layer if c is not None]
-        declared = getattr(config, count_field)
+        fields = moe_config(config)
+        declared = getattr(fields, count_field)
         # Build the stock skeleton with the smallest count, so that the full-size model is never
         # materialised, then give each layer its own count.
-        setattr(config, count_field, min(counts))
+        setattr(fields, count_field, min(counts))
         try:
             stock_model_cls.__init__(self, config)
         finally:
-            setattr(config, count_field, declared)
+            setattr(fields, count_field, declared)
         if hasattr(self, "num_experts"):
             self.num_experts = declared
         self._resize_to_config(config)
