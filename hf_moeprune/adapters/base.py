@@ -182,10 +182,11 @@ class MoEAdapter:
 
     def moe_config(self, config):
         """The config holding the MoE fields: ``config`` itself, or a composite config's language-model sub-config
-        (``config`` may already be that sub-config)."""
+        (``config`` may already be that sub-config, or a parsed ``config.json``)."""
         if self.text_config_attr is None:
             return config
-        sub = getattr(config, self.text_config_attr, None)
+        get = config.get if isinstance(config, Mapping) else lambda name: getattr(config, name, None)
+        sub = get(self.text_config_attr)
         return config if sub is None else sub
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_moeprune.adapters.base import MoEAdapter, register_family, register_unsupported
+from hf_moeprune.adapters.base import ADAPTERS, MoEAdapter, register_family, register_unsupported
 
 # Shared by the tiny configs of the first 15 families (3 layers, hidden 32, 8 experts of which 2 per token).
 _COMMON: dict[str, Any] = dict(
@@ -1026,6 +1026,78 @@ QWEN3_VL_MOE = _multimodal(
     ),
 )
 
+# Qwen3.5-MoE, Qwen4-Exp, dots3: the language model is a registered text family; only the vision tower is added.
+# (dots3's vision tower has MoE layers of its own, which are left as they are: only the language model is pruned.)
+_multimodal(
+    "qwen3_5_moe",
+    ADAPTERS["qwen3_5_moe_text"],
+    tiny_config=dict(
+        text_config=dict(
+            ADAPTERS["qwen3_5_moe_text"].tiny_config,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                             "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+        ),
+        vision_config=_QWEN_VISION,
+        image_token_id=95,
+        video_token_id=96,
+        vision_start_token_id=97,
+        vision_end_token_id=98,
+    ),
+)  # fmt: skip
+_multimodal(
+    "qwen4_exp",
+    ADAPTERS["qwen4_exp_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["qwen4_exp_text"].tiny_config,
+        vision_config=_QWEN_VISION,
+        image_token_id=95,
+        video_token_id=96,
+        vision_start_token_id=97,
+        vision_end_token_id=98,
+    ),
+)
+_multimodal(
+    "dots3_note",
+    ADAPTERS["dots3_note_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["dots3_note_text"].tiny_config,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            patch_size=2,
+            moe_intermediate_size=32,
+            spatial_merge_size=2,
+            mlp_layer_types=["dense", "sparse"],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            adapter_in_dim=32,
+            adapter_out_dim=32,
+            adapter_merge_size=2,
+        ),
+        audio_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=8,
+            max_position_embeddings=32,
+            feature_size=8,
+            hop_length=4,
+            downsample_hidden_size=4,
+            adapter_input_size=32,
+            adapter_out_dim=32,
+            conv_output_size=4,
+            samples_per_token=32,
+        ),
+        image_token_id=120,
+        video_token_id=122,
+        audio_token_id=121,
+    ),
+)
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1070,9 +1142,6 @@ for _model_type, _reason in {
     "gemma4_text": "no tiny config of this family has been verified yet",
     "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
     "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",
-    "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
-    "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
-    "dots3_note": _MULTIMODAL.format("dots3_note_text"),
     "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
     "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
 }.items():
