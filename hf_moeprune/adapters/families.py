@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_moeprune.adapters.base import ADAPTERS, MoEAdapter, register_family, register_unsupported
+from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter, register_family, register_unsupported
 
 # Shared by the tiny configs of the first 15 families (3 layers, hidden 32, 8 experts of which 2 per token).
 _COMMON: dict[str, Any] = dict(
@@ -1098,6 +1098,31 @@ _multimodal(
     ),
 )
 
+# GLM-4.5V / GLM-4.6V (glm4v_moe): GLM-4-MoE's language model (DeepSeek-V3 router, dense first layer), read in its
+# text_config; its text family is not a causal LM of its own in transformers, so the router is declared here.
+_multimodal(
+    "glm4v_moe",
+    **_DEEPSEEK_V3_ROUTER,
+    tiny_config=dict(
+        text_config=dict(
+            {k: v for k, v in _tiny(**_SIGMOID_ROUTED).items() if k != "head_dim"},  # not a field here
+            vocab_size=160,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                             "partial_rotary_factor": 1.0},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=32, num_heads=4, out_hidden_size=32, patch_size=4, image_size=16,
+            spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        image_start_token_id=152,
+        image_end_token_id=153,
+        video_start_token_id=154,
+        video_end_token_id=155,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1146,3 +1171,38 @@ for _model_type, _reason in {
     "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
 }.items():
     register_unsupported(_model_type, _reason)
+
+# -- vision-language MoE families hf_moeprune does not prune yet, and why (issue 13, multimodal) ---------------------
+_UNVERIFIED_MULTIMODAL = (
+    "no tiny config of this vision-language family has been verified yet (its composite layout and language-model "
+    "router are unchecked)"
+)
+
+
+def _text_unsupported(text: str) -> str:
+    return f"its language model ({text}) is not supported: {UNSUPPORTED.get(text, 'not verified in the composite')}"
+
+
+for _model_type, _reason in {
+    "ernie4_5_vl_moe": (
+        "each MoE layer of its language model holds two expert sets (text_moe and vision_moe, chosen per token by "
+        "modality, moe_num_experts=[text, vision]); one expert count per layer cannot describe them"
+    ),
+    "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
+    "inkling_mm_model": _text_unsupported("inkling_text"),
+    "inkling2": _text_unsupported("inkling2_text"),
+    "inkling2_loop": _text_unsupported("inkling2_loop_text"),
+    "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
+    "aria": _UNVERIFIED_MULTIMODAL,
+    "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
+    "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
+    "glm5_next": _UNVERIFIED_MULTIMODAL,
+    "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
+    "mistral4": _UNVERIFIED_MULTIMODAL,
+    "mistral_large4": _UNVERIFIED_MULTIMODAL,
+    "muse_spark": _UNVERIFIED_MULTIMODAL,
+    "qwen3_omni_moe_thinker": _UNVERIFIED_MULTIMODAL,
+    "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
+}.items():
+    if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
+        register_unsupported(_model_type, _reason)
