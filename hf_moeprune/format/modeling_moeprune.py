@@ -609,6 +609,27 @@ def _make_init(stock_model_cls):
 PRUNED_CLASSES: dict[str, tuple[type, type]] = {}  # stock model_type -> (pruned config, pruned causal LM)
 
 
+def _forward_with_stock_signature(stock_model_cls):
+    """PrunedMoEMixin.forward, advertising the stock forward's parameters (plus ``output_router_logits``).
+
+    ``generate`` refuses keyword arguments the forward's signature does not name (a vision-language model's
+    ``pixel_values``, ``image_grid_thw``), and Trainer keeps only the dataset columns it names."""
+    import inspect
+
+    def forward(self, *args, **kwargs):
+        return PrunedMoEMixin.forward(self, *args, **kwargs)
+
+    stock = inspect.signature(stock_model_cls.forward)
+    params = [p for p in stock.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    if "output_router_logits" not in stock.parameters:
+        params.append(inspect.Parameter("output_router_logits", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    params.sort(key=lambda p: p.kind)  # keyword-only after positional ones, **kwargs last
+    forward.__signature__ = stock.replace(parameters=params)
+    forward.__doc__ = PrunedMoEMixin.forward.__doc__
+    return forward
+
+
 def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
     """The (config, causal-LM) pair that extends the stock ``transformers.<config_name>`` / ``<model_name>``;
     created once, then returned from the module namespace (auto_map resolves the same names)."""
@@ -634,6 +655,7 @@ def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
         {
             "config_class": pruned_config,
             "__init__": _make_init(stock_model),
+            "forward": _forward_with_stock_signature(stock_model),
             "__module__": __name__,
             "__doc__": f"{model_name} whose MoE layers keep per-layer expert counts (hf_moeprune).",
             "stock_config_class": stock_config,
