@@ -994,7 +994,9 @@ def _multimodal(model_type: str, text: MoEAdapter | None = None, **fields: Any) 
     ``fields`` (router and experts as for a text family, plus the tiny config)."""
     inherited = {name: getattr(text, name) for name in _TEXT_FIELDS} if text is not None else {}
     defaults = dict(
-        text_config_attr="text_config", layers_path="model.language_model.layers", auto_class="AutoModelForImageTextToText"
+        text_config_attr="text_config",
+        layers_path="model.language_model.layers",
+        auto_class="AutoModelForImageTextToText",
     )
     return register_family(MoEAdapter(model_type=model_type, **{**defaults, **inherited, **fields}))
 
