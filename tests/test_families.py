@@ -62,7 +62,9 @@ def test_every_installed_moe_family_is_registered():
         f"register each in hf_moeprune/adapters/families.py (adapters.discovery.discover_adapter(model) derives "
         f"the declaration) or call register_unsupported(model_type, reason)"
     )
-    assert any(m in installed for m in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if m not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    assert any(
+        m in installed for m in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if m not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
     enumerated = {*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}
     assert set(installed) >= set(UNSUPPORTED) - {m for m in UNSUPPORTED if m not in enumerated}
 

@@ -249,9 +249,7 @@ def test_trainer_records_statistics_and_removes_experts_on_image_text_data(tmp_p
         prune_schedule="oneshot", prune_start_step=2, prune_end_step=4, prune_criterion="reap",
         remove_unused_columns=False, disable_tqdm=True,
     )  # fmt: skip
-    trainer = MoEPruneTrainer(
-        model=model, args=args, train_dataset=_image_dataset(model), data_collator=_collate
-    )
+    trainer = MoEPruneTrainer(model=model, args=args, train_dataset=_image_dataset(model), data_collator=_collate)
     trainer.train()
     counts = [c for c in model.config.experts_per_layer if c is not None]
     assert sum(counts) == 4 * len(counts)  # half of 8 experts per layer on average, removed during training

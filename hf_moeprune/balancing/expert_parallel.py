@@ -87,8 +87,7 @@ def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.
         field, count = adapter.num_experts_field, adapter.num_experts_in_config(config)
         if count % distributed_config.ep_size:
             raise ValueError(
-                f"ep_size={distributed_config.ep_size} must divide the expert count, but {path} has "
-                f"{field}={count}"
+                f"ep_size={distributed_config.ep_size} must divide the expert count, but {path} has {field}={count}"
             )
     return AutoModelForCausalLM.from_pretrained(path, distributed_config=distributed_config, **kwargs)
 
