@@ -16,7 +16,7 @@ from torch import nn
 from hf_moeprune import compat
 from hf_moeprune.adapters import MoEAdapter, get_adapter
 from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
-from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
+from hf_moeprune.format import expert_counts, mark_pruned, record_per_layer_counts, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 from hf_moeprune.lora import is_peft_model, peeled, slice_adapters
 from hf_moeprune.quantization.quantizer import (
@@ -182,6 +182,7 @@ def _apply(
     config.experts_per_layer = counts
     largest = max(c for c in counts if c is not None)
     setattr(adapter.moe_config(config), adapter.num_experts_field, largest)
+    record_per_layer_counts(config)  # transformers' own per-layer convention (per_layer_config) says the same
     if hasattr(model, "num_experts"):
         model.num_experts = largest
 

@@ -24,6 +24,8 @@ from hf_moeprune.format.modeling_moeprune import (
     enable_router_logit_padding,
     heterogeneous_load_balancing_loss,
     pad_router_logits,
+    per_layer_counts,
+    record_per_layer_counts,
     resize_expert_tensors,
 )
 
@@ -40,6 +42,8 @@ __all__ = [
     "is_pruned",
     "mark_pruned",
     "pad_router_logits",
+    "per_layer_counts",
+    "record_per_layer_counts",
     "register_auto_classes",
     "register_pruned_classes",
     "resize_expert_tensors",
@@ -115,6 +119,7 @@ def mark_pruned(model, adapter) -> None:
     compat.forget_weight_conversions(model)
     compat.swap_class(model, model_cls)
     enable_router_logit_padding(model)  # stock aux-loss code keeps working once layers differ in width
+    record_per_layer_counts(config)
     check_pruned_config(config)
 
 

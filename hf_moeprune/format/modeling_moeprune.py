@@ -224,6 +224,67 @@ class PrunedConfigError(ValueError):
     """A pruned-model config is inconsistent with itself or with the weights."""
 
 
+# -- transformers' own per-layer convention (HeterogeneousConfigMixin, transformers >= 5.24) ---------------------------
+# Every transformers config takes ``per_layer_config={layer: {attribute: value}}`` (only the layers that differ from
+# the global value; saved zero-padded, ``{"1": {"num_local_experts": 4}}``) and answers
+# ``config.per_layer_config[i].<attribute>``. A pruned model records its counts there too, under its expert count
+# field, so transformers' machinery reads them. Once an attribute is per-layer, reading the global value raises
+# AmbiguousGlobalPerLayerAttributeError unless ``allow_global_per_layer_attribute_access`` is set; the stock MoE
+# modeling of 5.24 reads the global count (no MoE family builds its experts from ``per_layer_config``), and the pruned
+# classes build each layer from ``experts_per_layer`` with the global count as the widest layer's, so the flag is
+# set (and saved) whenever a count is per-layer. A uniform layout has no per-layer count: neither is written, and
+# the stock export stays a plain stock config.
+ALLOW_GLOBAL = "allow_global_per_layer_attribute_access"
+
+
+def global_expert_count(fields, field: str) -> int:
+    """The global (widest) count, also when ``field`` is already per-layer: the flag is transformers' public way to
+    read it; it is left as it was (it lives in the instance dict in 5.24, from where ``to_dict`` would save it)."""
+    per_layer = getattr(fields, "per_layer_attributes", None) or ()
+    if field not in per_layer or fields.allow_global_per_layer_attribute_access:
+        return getattr(fields, field)
+    fields.allow_global_per_layer_attribute_access = True
+    try:
+        return getattr(fields, field)
+    finally:
+        vars(fields).pop(ALLOW_GLOBAL, None)
+
+
+def record_per_layer_counts(config) -> None:
+    """Mirror ``experts_per_layer`` into transformers' ``per_layer_config`` of the config holding the count field
+    (the text sub-config of a vision-language model): one override per MoE layer narrower than the global count."""
+    fields, field = moe_config(config), _count_field(config)
+    widest = global_expert_count(fields, field)
+    overrides = {i: {field: n} for i, n in enumerate(config.experts_per_layer) if n is not None and n != widest}
+    if overrides:
+        fields.allow_global_per_layer_attribute_access = True  # saved with the config: stock code reads the widest
+        fields.per_layer_config = overrides
+    elif field in (getattr(fields, "per_layer_attributes", None) or ()):
+        fields.per_layer_config = None
+        vars(fields).pop(ALLOW_GLOBAL, None)
+
+
+def per_layer_counts(config, field: str | None = None) -> dict[int, int]:
+    """``{layer: count}`` for the layers to which ``config``'s ``per_layer_config`` gives an expert count other than
+    the global one: recorded by `record_per_layer_counts`, or by anyone following transformers' convention. ``field``:
+    the count field (default: the pruned config's, else any of ``COUNT_FIELD_CANDIDATES`` made per-layer)."""
+    fields = moe_config(config)
+    per_layer = getattr(fields, "per_layer_attributes", None) or set()
+    if field is None and getattr(config, "original_num_experts", None) is not None:
+        field = _count_field(config)
+    names = [field] if field else [name for name in COUNT_FIELD_CANDIDATES if name in per_layer]
+    counts = {}
+    for name in names:
+        if name not in per_layer:
+            continue
+        widest = global_expert_count(fields, name)
+        for layer in range(fields.num_hidden_layers):
+            value = getattr(fields.per_layer_config[layer], name)
+            if value != widest:
+                counts[layer] = value
+    return counts
+
+
 def moe_config(config):
     """The config holding the MoE fields: the config itself, or the sub-config ``expert_config_path`` names (a
     vision-language model's ``text_config``)."""
@@ -392,6 +453,12 @@ def check_pruned_config(config) -> None:
         if len(set(kept)) != len(kept) or any(not 0 <= i < config.original_num_experts for i in kept):
             raise PrunedConfigError(
                 f"layer {layer}: kept_expert_ids={kept} must be distinct ids in [0, {config.original_num_experts})"
+            )
+    for layer, count in per_layer_counts(config).items():
+        if layer >= len(counts) or counts[layer] != count:
+            declared = counts[layer] if layer < len(counts) else None
+            raise PrunedConfigError(
+                f"layer {layer}: per_layer_config gives {_count_field(config)}={count} but experts_per_layer={declared}"
             )
 
 
