@@ -1136,10 +1136,6 @@ _BLOCK_BIAS = (
     "its router is called with a correction bias held by the MoE block (router(hidden, bias)); the routing rules "
     "and the statistics hooks take the router's own tensors only"
 )
-_MULTIMODAL = (
-    "composite vision-language config: prune its language model through the text family ({}); saving the whole "
-    "multimodal model is not supported yet"
-)
 for _model_type, _reason in {
     "afmoe": _BLOCK_BIAS,
     "phimoe": (
@@ -1169,8 +1165,6 @@ for _model_type, _reason in {
     "gemma4_text": "no tiny config of this family has been verified yet",
     "sarvam_mla": "shares DeepseekV3ForCausalLM under another config class; pruned classes are keyed by model class",
     "sarvam_moe": "shares Glm4MoeForCausalLM under another config class; pruned classes are keyed by model class",
-    "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
-    "gemma4": _MULTIMODAL.format("gemma4_text, itself unsupported"),
 }.items():
     register_unsupported(_model_type, _reason)
 
@@ -1191,6 +1185,8 @@ for _model_type, _reason in {
         "modality, moe_num_experts=[text, vision]); one expert count per layer cannot describe them"
     ),
     "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
+    "llama4": _text_unsupported("llama4_text"),
+    "gemma4": _text_unsupported("gemma4_text"),
     "inkling_mm_model": _text_unsupported("inkling_text"),
     "inkling2": _text_unsupported("inkling2_text"),
     "inkling2_loop": _text_unsupported("inkling2_loop_text"),
