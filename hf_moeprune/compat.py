@@ -44,6 +44,9 @@ MODELING_FILE_PRIVATE_APIS = (
     "nn.Module._non_persistent_buffers_set",
     # _align_cpu_tensors walks every module's own tensors.
     "nn.Module._parameters / _buffers",
+    # record_per_layer_counts / global_expert_count drop allow_global_per_layer_attribute_access again (the mixin has
+    # a setter but no way to unset it; to_dict saves whatever the instance dict holds).
+    "PreTrainedConfig instance dict holding allow_global_per_layer_attribute_access (HeterogeneousConfigMixin)",
 )
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from hf_moeprune import compat
 from hf_moeprune.adapters import MoEAdapter, get_adapter
 from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
-from hf_moeprune.format import expert_counts, mark_pruned, resize_expert_tensors
+from hf_moeprune.format import expert_counts, mark_pruned, record_per_layer_counts, resize_expert_tensors
 from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 from hf_moeprune.lora import is_peft_model, peeled, slice_adapters
 from hf_moeprune.quantization.quantizer import (
@@ -86,7 +86,7 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
     if len(set(origin)) != groups:
         raise ValueError(f"layer {layer}: old groups {origin} appear twice; every group must keep {new_size} experts")
     top_k = adapter.top_k(config)
-    topk_group = int(getattr(config, adapter.topk_group_field) or groups)
+    topk_group = int(getattr(adapter.moe_config(config), adapter.topk_group_field) or groups)
     per_group = adapter.group_score_experts
     if new_size < per_group or topk_group * new_size < top_k:
         raise ValueError(
@@ -181,7 +181,8 @@ def _apply(
     counts = expert_counts(model, adapter)
     config.experts_per_layer = counts
     largest = max(c for c in counts if c is not None)
-    setattr(config, adapter.num_experts_field, largest)
+    setattr(adapter.moe_config(config), adapter.num_experts_field, largest)
+    record_per_layer_counts(config)  # transformers' own per-layer convention (per_layer_config) says the same
     if hasattr(model, "num_experts"):
         model.num_experts = largest
 

@@ -152,6 +152,13 @@ def test_modeling_file_private_apis_still_hold():
     module.register_buffer("a", torch.zeros(1), persistent=False)
     module.register_buffer("b", torch.zeros(1))
     assert module._non_persistent_buffers_set == {"a"}
+    config = MixtralConfig()
+    config.allow_global_per_layer_attribute_access = True
+    assert vars(config)["allow_global_per_layer_attribute_access"] is True
+    assert config.to_dict()["allow_global_per_layer_attribute_access"] is True
+    vars(config).pop("allow_global_per_layer_attribute_access")
+    assert not config.allow_global_per_layer_attribute_access
+    assert "allow_global_per_layer_attribute_access" not in config.to_dict()
 
 
 # -- Trainer ----------------------------------------------------------------------------------------------------------

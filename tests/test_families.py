@@ -8,16 +8,21 @@ lists it with a reason.
 
 import dataclasses
 import json
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import FAMILIES, run_without_package
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 import hf_moeprune
 from hf_moeprune import prune_experts
@@ -34,10 +39,10 @@ IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 def installed_moe_families() -> list[str]:
-    """model_types with a causal-LM class whose config (or, for composite configs, text config) declares a routed
-    expert count."""
+    """model_types with a causal-LM or image-text-to-text class whose config (or, for composite configs, text config)
+    declares a routed expert count: the text families and the vision-language ones whose language model is an MoE."""
     found = []
-    for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    for model_type in dict.fromkeys([*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES]):
         try:
             config_cls = CONFIG_MAPPING[model_type]
         except (KeyError, ImportError):
@@ -60,13 +65,17 @@ def test_every_installed_moe_family_is_registered():
         f"register each in hf_moeprune/adapters/families.py (adapters.discovery.discover_adapter(model) derives "
         f"the declaration) or call register_unsupported(model_type, reason)"
     )
-    assert set(installed) >= set(UNSUPPORTED) - {m for m in UNSUPPORTED if m not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
+    assert any(
+        m in installed for m in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if m not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    )
+    enumerated = {*MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, *MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}
+    assert set(installed) >= set(UNSUPPORTED) - {m for m in UNSUPPORTED if m not in enumerated}
 
 
 @pytest.mark.parametrize("model_type", sorted(UNSUPPORTED))
 def test_unsupported_family_raises_its_reason(model_type):
     config = CONFIG_MAPPING[model_type]()
-    with pytest.raises(ValueError, match="is not supported: " + UNSUPPORTED[model_type][:20]):
+    with pytest.raises(ValueError, match="is not supported: " + re.escape(UNSUPPORTED[model_type][:20])):
         hf_moeprune.get_adapter(config)
 
 
@@ -74,7 +83,7 @@ def _keep_plan(model, adapter, uniform: bool) -> dict[int, list[int]]:
     """Reversed (so also permuted) ids per MoE layer, a whole number per group; per-layer counts differ unless
     ``uniform``."""
     groups = adapter.num_groups(model.config)
-    size = getattr(model.config, adapter.num_experts_field) // groups
+    size = adapter.num_experts_in_config(model.config) // groups
     plan = {}
     for n, layer in enumerate(adapter.moe_layer_indices(model)):
         per_group = size - 2 if uniform or n % 2 else size - 1
@@ -92,18 +101,23 @@ def test_registration_matches_the_model(family):
     """The declaration agrees with what the modeling code exposes, and its rule reproduces the stock router."""
     model = tiny_model(family)
     declared, found = ADAPTERS[family], discover_adapter(model)
-    for field in ("block_attr", "router_attr", "expert_tensors", "block_tensors", "config_class", "model_class"):
+    fields = ("block_attr", "router_attr", "expert_tensors", "block_tensors", "config_class", "model_class")
+    for field in (*fields, "text_config_attr", "layers_path", "auto_class"):
         assert getattr(declared, field) == getattr(found, field), field
     assert (
         set(declared.router_tensors) == set(found.router_tensors)
         and declared.router_tensors[0] == found.router_tensors[0]
     )
     layer = declared.decoder_layers(model)[declared.moe_layer_indices(model)[0]]
-    assert getattr(model.config, declared.num_experts_field) == declared.num_experts(layer) == 8
-    assert declared.top_k(model.config) == router_top_k(declared.router(layer), model.config.hidden_size) == 2
+    assert declared.num_experts_in_config(model.config) == declared.num_experts(layer) == 8
+    assert (
+        declared.top_k(model.config)
+        == router_top_k(declared.router(layer), declared.moe_config(model.config).hidden_size)
+        == 2
+    )
     router_args = block_router_args(declared.moe_block(layer), declared.block_tensors)
     assert declared.routing in identify_routing(
-        declared.router(layer), model.config.hidden_size, router_args=router_args
+        declared.router(layer), declared.moe_config(model.config).hidden_size, router_args=router_args
     )
     assert declared.moe_layer_indices(model), family
 
@@ -128,9 +142,11 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     model.save_pretrained(tmp_path / "pruned", export_stock=False)
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert config["model_type"] == f"moeprune_{family}" and config["expert_count_field"] == adapter.num_experts_field
+    assert config["auto_map"][adapter.auto_class] == f"modeling_moeprune.MoEPrune{adapter.model_class}"
     assert (tmp_path / "pruned" / "modeling_moeprune.py").exists()
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
-    assert [adapter.num_experts(reloaded.model.layers[i]) for i in moe_layers] == counts
+    auto = getattr(transformers, adapter.auto_class)  # AutoModelForImageTextToText for vision-language families
+    reloaded = auto.from_pretrained(tmp_path / "pruned")
+    assert [adapter.num_experts(adapter.decoder_layers(reloaded)[i]) for i in moe_layers] == counts
     assert torch.equal(_logits(reloaded), expected)
     greedy = GenerationConfig(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(
@@ -144,8 +160,8 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     uniform.save_pretrained(tmp_path / "stock")
     config = json.loads((tmp_path / "stock" / "config.json").read_text())
     assert config["model_type"] == family and "auto_map" not in config
-    assert config[adapter.num_experts_field] == len(plan[moe_layers[0]])
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "stock")
+    assert adapter.moe_config(config)[adapter.num_experts_field] == len(plan[moe_layers[0]])
+    stock = auto.from_pretrained(tmp_path / "stock")
     assert type(stock).__name__ == adapter.model_class
     torch.testing.assert_close(_logits(stock), expected, rtol=0, atol=1e-6)
 
@@ -153,7 +169,7 @@ def test_prune_save_reload_export_generate(family, tmp_path):
 # The default run loads a few families added in 2026-12 (the per-family deep suite covers the first 15 one by one);
 # the slow run loads every registered family.
 REMOTE_DEFAULT = [
-    "ernie4_5_moe", "glm4_moe_lite", "granitemoehybrid", "minimax_m2", "nemotron_h", "qwen3_5_moe_text",
+    "ernie4_5_moe", "glm4_moe_lite", "granitemoehybrid", "minimax_m2", "nemotron_h", "qwen3_5_moe_text", "qwen3_vl_moe",
     "sarvam_mla",  # a config class of its own on DeepseekV3ForCausalLM: the pruned class named after both
 ]  # fmt: skip
 
@@ -163,7 +179,7 @@ REMOTE_DEFAULT = [
 )
 def test_families_load_with_trust_remote_code_without_the_package(families, tmp_path):
     """One subprocess without hf_moeprune loads each family's per-layer checkpoint and reproduces its logits."""
-    checkpoints = []
+    checkpoints, auto_classes = [], {}
     for family in families:
         model = tiny_model(family)
         adapter = hf_moeprune.get_adapter(model)
@@ -171,15 +187,16 @@ def test_families_load_with_trust_remote_code_without_the_package(families, tmp_
         model.save_pretrained(tmp_path / family, export_stock=False)
         torch.save(_logits(model), tmp_path / family / "expected.pt")
         checkpoints.append(family)
+        auto_classes[family] = adapter.auto_class
     torch.save(IDS, tmp_path / "ids.pt")
     code = textwrap.dedent(
         f"""
         import torch
-        from transformers import AutoModelForCausalLM
+        import transformers
         ids = torch.load({str(tmp_path / "ids.pt")!r})
-        for family in {checkpoints!r}:
+        for family, auto_class in {auto_classes!r}.items():
             path = {str(tmp_path)!r} + "/" + family
-            m = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+            m = getattr(transformers, auto_class).from_pretrained(path, trust_remote_code=True)
             assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
             with torch.no_grad():
                 out = m(ids).logits

@@ -198,6 +198,12 @@ def test_counts_not_matching_weights_fail_at_load(tmp_path):
         config["kept_expert_ids"] = [[0, 1, 2, 3, 4], [0, 1, 2], list(range(8))]
 
     _corrupt(tmp_path, swap)
+    # the per_layer_config record (transformers' convention) still says the saved counts: refused, naming both
+    with pytest.raises(hf_moeprune.PrunedConfigError, match="layer 0: per_layer_config gives num_local_experts=3"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["per_layer_config"]  # edited consistently: now only the weights disagree
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         hf_moeprune.PrunedConfigError,
         match=r"layer 0: config says experts_per_layer=5 but checkpoint tensor model.layers.0.mlp.\S+ has shape \[3, ",

@@ -9,7 +9,11 @@ FAMILIES = sorted(TINY_CONFIGS)
 V2_GROUPED = {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}  # DeepSeek-V2/V2.5 routing
 CASES = (
     [(family, {}) for family in FAMILIES]
-    + [(family, {"norm_topk_prob": False}) for family in FAMILIES if hasattr(tiny_config(family), "norm_topk_prob")]
+    + [
+        (family, {"norm_topk_prob": False})
+        for family in FAMILIES
+        if hasattr(hf_moeprune.get_adapter(tiny_config(family)).moe_config(tiny_config(family)), "norm_topk_prob")
+    ]
     + [
         (family, {"n_group": 2, "topk_group": 1})
         for family in FAMILIES
@@ -29,7 +33,8 @@ CASES = (
 def test_route_function_reproduces_stock_router_exactly(family, overrides):
     model = tiny_model(family, **overrides)
     adapter = hf_moeprune.get_adapter(model)
-    hidden = torch.randn(37, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden_size = adapter.moe_config(model.config).hidden_size  # the language model's, in vision-language models
+    hidden = torch.randn(37, hidden_size, generator=torch.Generator().manual_seed(0))
     for layer in adapter.moe_layer_indices(model):
         router = adapter.router(adapter.decoder_layers(model)[layer])
         args = block_router_args(adapter.moe_block(adapter.decoder_layers(model)[layer]), adapter.block_tensors)

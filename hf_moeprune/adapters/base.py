@@ -108,6 +108,13 @@ class MoEAdapter:
             with ``topk_method="group_limited_greedy"``; its greedy configs ignore ``n_group``).
         group_score_experts: how many of a group's best experts its group score is made of (DeepSeek-V3 sums
             the top 2, DeepSeek-V2 takes the maximum), so surgery keeps at least that many per group.
+        text_config_attr: for a composite (vision-language) config, the sub-config holding the language model's
+            MoE fields (``"text_config"``); the count/top-k/group fields are read there. None: the config itself.
+        layers_path: path from the model to its MoE decoder layers (``"model.language_model.layers"`` in the
+            vision-language families); None means ``model.layers`` (or ``layers`` on a bare backbone).
+        auto_class: the Auto class that loads the family (``AutoModelForCausalLM``, or
+            ``AutoModelForImageTextToText`` for the vision-language families); the stock model class is read
+            from its mapping and the saved ``auto_map`` names it.
     """
 
     model_type: str
@@ -130,6 +137,9 @@ class MoEAdapter:
     block_tensors: tuple[str, ...] = ()
     tiny_config: Mapping[str, Any] = field(default_factory=dict)
     skip_quantization: tuple[str, ...] = ()
+    text_config_attr: str | None = None
+    layers_path: str | None = None
+    auto_class: str = "AutoModelForCausalLM"
 
     def __post_init__(self):
         if self.score_function not in ROUTER_SCORE_FUNCTIONS:
@@ -139,19 +149,21 @@ class MoEAdapter:
             )
         get_route_function(self.routing)  # fails early, naming the known rules
         # frozen dataclass: derived defaults are filled in once, here
+        if self.auto_class not in AUTO_CLASS_MAPPINGS:
+            raise ValueError(
+                f"auto_class={self.auto_class!r} for {self.model_type!r}; known: {sorted(AUTO_CLASS_MAPPINGS)}"
+            )
         if self.config_class is None or self.model_class is None:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-            if self.model_type not in CONFIG_MAPPING_NAMES or self.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            models = auto_class_mapping(self.auto_class)
+            if self.model_type not in CONFIG_MAPPING_NAMES or self.model_type not in models:
                 raise ValueError(
-                    f"model_type {self.model_type!r} has no causal-LM class in this transformers; "
+                    f"model_type {self.model_type!r} has no {self.auto_class} class in this transformers; "
                     f"pass config_class= and model_class= explicitly"
                 )
             object.__setattr__(self, "config_class", self.config_class or CONFIG_MAPPING_NAMES[self.model_type])
-            object.__setattr__(
-                self, "model_class", self.model_class or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[self.model_type]
-            )
+            object.__setattr__(self, "model_class", self.model_class or models[self.model_type])
         if self.num_experts_field is None:
             object.__setattr__(self, "num_experts_field", self._declared_field(COUNT_FIELD_CANDIDATES))
         if self.top_k_field is None:
@@ -170,6 +182,8 @@ class MoEAdapter:
         import transformers
 
         config_cls = getattr(transformers, self.config_class)
+        if self.text_config_attr is not None:  # the language model's MoE fields live in a sub-config
+            config_cls = config_cls.sub_configs[self.text_config_attr]
         try:  # what a saved config.json holds; some dataclass fields are aliases that never reach it (Mellum)
             declared = set(config_cls().to_dict())
         except Exception:  # a config class whose defaults do not validate on their own
@@ -183,8 +197,22 @@ class MoEAdapter:
 
     # -- where things live -------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        base = getattr(model, "model", model)
-        return base.layers
+        if self.layers_path is None:
+            base = getattr(model, "model", model)
+            return base.layers
+        try:
+            return model.get_submodule(self.layers_path)
+        except AttributeError:  # the backbone without the head (``model.model``)
+            return model.get_submodule(self.layers_path.partition(".")[2])
+
+    def moe_config(self, config):
+        """The config holding the MoE fields: ``config`` itself, or a composite config's language-model sub-config
+        (``config`` may already be that sub-config, or a parsed ``config.json``)."""
+        if self.text_config_attr is None:
+            return config
+        get = config.get if isinstance(config, Mapping) else lambda name: getattr(config, name, None)
+        sub = get(self.text_config_attr)
+        return config if sub is None else sub
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         block = getattr(layer, self.block_attr, None) if self.block_attr else layer
@@ -208,7 +236,11 @@ class MoEAdapter:
         return getattr(owner, attr).shape[0]
 
     def top_k(self, config) -> int:
-        return int(getattr(config, self.top_k_field))
+        return int(getattr(self.moe_config(config), self.top_k_field))
+
+    def num_experts_in_config(self, config) -> int:
+        """The routed-expert count the config declares (the widest layer's, once pruned)."""
+        return int(getattr(self.moe_config(config), self.num_experts_field))
 
     @property
     def tensor_names(self) -> list[str]:
@@ -255,13 +287,28 @@ class MoEAdapter:
         return get_route_function(self.routing)(router, logits, selection_bias, *router_args)
 
     def num_groups(self, config) -> int:
+        config = self.moe_config(config)
         if self.group_field is None or not self.group_limited(config):
             return 1
         return int(getattr(config, self.group_field) or 1)
 
     def output_invariant_under_removal(self, config) -> bool:
         """Whether removing experts no token selects leaves logits bit-for-bit equal (see README)."""
-        return bool(self.renormalizes(config)) and self.num_groups(config) == 1
+        return bool(self.renormalizes(self.moe_config(config))) and self.num_groups(config) == 1
+
+
+# Auto class name -> the name of its model mapping in transformers.models.auto.modeling_auto
+AUTO_CLASS_MAPPINGS = {
+    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "AutoModelForImageTextToText": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+}
+
+
+def auto_class_mapping(auto_class: str) -> Mapping[str, str]:
+    """model_type -> model class name of ``auto_class`` in the installed transformers."""
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, AUTO_CLASS_MAPPINGS[auto_class])
 
 
 ADAPTERS: dict[str, MoEAdapter] = {}
@@ -285,7 +332,7 @@ def register_family(adapter: MoEAdapter) -> MoEAdapter:
             f"(defined there: {sorted(BUILTIN_ROUTE_FUNCTIONS)})"
         )
     check_quantization_skips(adapter)
-    register_pruned_classes(*make_pruned_classes(adapter.config_class, adapter.model_class))
+    register_pruned_classes(*make_pruned_classes(adapter.config_class, adapter.model_class), adapter.auto_class)
     ADAPTERS[adapter.model_type] = adapter
     return adapter
 

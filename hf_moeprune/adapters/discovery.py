@@ -131,12 +131,41 @@ def block_router_args(block: nn.Module, block_tensors) -> tuple:
     return tuple(getattr(block, name) for name in block_tensors)
 
 
+# Where vision-language models keep their language model's decoder layers (transformers v5 composite models).
+COMPOSITE_LAYER_PATHS = ("model.language_model.layers",)
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str | None]:
+    """The decoder layers and, for a composite (vision-language) model, their path from the model."""
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is not None:
+        return layers, None
+    for path in COMPOSITE_LAYER_PATHS:
+        try:
+            return model.get_submodule(path), path
+        except AttributeError:
+            continue
+    raise DiscoveryError(f"{type(model).__name__} has no model.layers (nor any of {COMPOSITE_LAYER_PATHS})")
+
+
 def discover_adapter(model: nn.Module) -> MoEAdapter:
     """An adapter for ``model`` derived from its modules; `DiscoveryError` says what does not fit."""
+    layers, layers_path = _decoder_layers(model)
+    composite = {}
     config = model.config
-    layers = getattr(getattr(model, "model", model), "layers", None)
-    if layers is None:
-        raise DiscoveryError(f"{type(model).__name__} has no model.layers")
+    if layers_path is not None:  # the MoE fields are in the language model's sub-config
+        from hf_moeprune.adapters.base import AUTO_CLASS_MAPPINGS, auto_class_mapping
+
+        auto_class = next(
+            (
+                name
+                for name in AUTO_CLASS_MAPPINGS
+                if auto_class_mapping(name).get(config.model_type) == type(model).__name__
+            ),
+            "AutoModelForImageTextToText",
+        )
+        composite = dict(text_config_attr="text_config", layers_path=layers_path, auto_class=auto_class)
+        config = config.text_config
     found = [(idx, _find_block(layer)) for idx, layer in enumerate(layers)]
     found = [(idx, f) for idx, f in found if f is not None]
     if not found:
@@ -168,7 +197,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         group_field = _config_field(config, GROUP_FIELD_CANDIDATES, getattr(router, "num_group", None))
         groups = dict(group_field=group_field or "n_group", topk_group_field="topk_group")
     return MoEAdapter(
-        model_type=config.model_type,
+        model_type=model.config.model_type,
         num_experts_field=count_field,
         top_k_field=top_k_field,
         block_attr=block_attr,
@@ -178,7 +207,8 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         block_tensors=tuple(block_tensors),
         score_function=RULE_SCORE_FUNCTION.get(routing, "softmax"),
         routing=routing,
-        config_class=type(config).__name__,
+        config_class=type(model.config).__name__,
         model_class=type(model).__name__,
         **groups,
+        **composite,
     )

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_moeprune.adapters.base import MoEAdapter, register_family, register_unsupported
+from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter, register_family, register_unsupported
 
 # Shared by the tiny configs of the first 15 families (3 layers, hidden 32, 8 experts of which 2 per token).
 _COMMON: dict[str, Any] = dict(
@@ -1263,6 +1263,169 @@ register_family(MoEAdapter(model_type="inkling2_text", **_INKLING2))
 register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
 
 
+# == Vision-language families (issue 13, multimodal) ===============================================================
+# The language model of these is an MoE of a text family's shape; its experts are pruned, the vision tower is kept.
+# A registration names only the composite: the sub-config that holds the MoE fields and where the decoder layers
+# are (`_multimodal` defaults: ``text_config`` and ``model.language_model.layers``); the router/experts
+# declaration is the text family's when that one is registered, else given here. The whole model (vision tower
+# included) saves, reloads with AutoModelForImageTextToText, and exports as the stock architecture when uniform.
+_TEXT_FIELDS = (
+    "num_experts_field", "block_attr", "router_attr", "experts_attr", "router_tensors", "expert_tensors",
+    "score_function", "renormalizes", "group_field", "topk_group_field", "group_limited", "group_score_experts",
+    "top_k_field", "routing", "block_tensors", "skip_quantization",
+)  # fmt: skip
+# A vision tower small enough for the tests (Qwen3-VL layout: patches of 4 x 4 x 2 frames, merged 2 x 2).
+_QWEN_VISION: dict[str, Any] = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=32,
+    num_heads=4,
+    out_hidden_size=32,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    num_position_embeddings=16,
+)
+
+
+def _multimodal(model_type: str, text: MoEAdapter | None = None, **fields: Any) -> MoEAdapter:
+    """A vision-language family whose language model's MoE is ``text``'s (a registered text family), or declared by
+    ``fields`` (router and experts as for a text family, plus the tiny config)."""
+    inherited = {name: getattr(text, name) for name in _TEXT_FIELDS} if text is not None else {}
+    defaults = dict(
+        text_config_attr="text_config",
+        layers_path="model.language_model.layers",
+        auto_class="AutoModelForImageTextToText",
+    )
+    return register_family(MoEAdapter(model_type=model_type, **{**defaults, **inherited, **fields}))
+
+
+# Qwen3-VL-MoE: Qwen3-MoE's router with the renormalisation always on; interleaved M-RoPE over (t, h, w).
+QWEN3_VL_MOE = _multimodal(
+    "qwen3_vl_moe",
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160,
+            hidden_size=32,
+            intermediate_size=64,
+            moe_intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            max_position_embeddings=256,
+            pad_token_id=0,
+        ),
+        vision_config=dict(_QWEN_VISION, deepstack_visual_indexes=[0]),
+        image_token_id=150,
+        video_token_id=151,
+        vision_start_token_id=152,
+        vision_end_token_id=153,
+    ),
+)
+
+# Qwen3.5-MoE, Qwen4-Exp, dots3: the language model is a registered text family; only the vision tower is added.
+# (dots3's vision tower has MoE layers of its own, which are left as they are: only the language model is pruned.)
+_multimodal(
+    "qwen3_5_moe",
+    ADAPTERS["qwen3_5_moe_text"],
+    tiny_config=dict(
+        text_config=dict(
+            ADAPTERS["qwen3_5_moe_text"].tiny_config,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
+                             "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+        ),
+        vision_config=_QWEN_VISION,
+        image_token_id=95,
+        video_token_id=96,
+        vision_start_token_id=97,
+        vision_end_token_id=98,
+    ),
+)  # fmt: skip
+_multimodal(
+    "qwen4_exp",
+    ADAPTERS["qwen4_exp_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["qwen4_exp_text"].tiny_config,
+        vision_config=_QWEN_VISION,
+        image_token_id=95,
+        video_token_id=96,
+        vision_start_token_id=97,
+        vision_end_token_id=98,
+    ),
+)
+_multimodal(
+    "dots3_note",
+    ADAPTERS["dots3_note_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["dots3_note_text"].tiny_config,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            patch_size=2,
+            moe_intermediate_size=32,
+            spatial_merge_size=2,
+            mlp_layer_types=["dense", "sparse"],
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            adapter_in_dim=32,
+            adapter_out_dim=32,
+            adapter_merge_size=2,
+        ),
+        audio_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            head_dim=8,
+            max_position_embeddings=32,
+            feature_size=8,
+            hop_length=4,
+            downsample_hidden_size=4,
+            adapter_input_size=32,
+            adapter_out_dim=32,
+            conv_output_size=4,
+            samples_per_token=32,
+        ),
+        image_token_id=120,
+        video_token_id=122,
+        audio_token_id=121,
+    ),
+)
+
+# GLM-4.5V / GLM-4.6V (glm4v_moe): GLM-4-MoE's language model (DeepSeek-V3 router, dense first layer), read in its
+# text_config; its text family is not a causal LM of its own in transformers, so the router is declared here.
+_multimodal(
+    "glm4v_moe",
+    **_DEEPSEEK_V3_ROUTER,
+    tiny_config=dict(
+        text_config=dict(
+            {k: v for k, v in _tiny(**_SIGMOID_ROUTED).items() if k != "head_dim"},  # not a field here
+            vocab_size=160,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0,
+                             "partial_rotary_factor": 1.0},
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=32, num_heads=4, out_hidden_size=32, patch_size=4, image_size=16,
+            spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        image_start_token_id=152,
+        image_end_token_id=153,
+        video_start_token_id=154,
+        video_end_token_id=155,
+    ),
+)  # fmt: skip
+
+# == end of the vision-language families ==========================================================================
+
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 # Router rows beyond the routed experts (Longcat-Flash's zero-computation experts, Inkling's shared experts, ZAYA's skip
 # slot): surgery, statistics and the pruned format size a router by its routed experts, so these families need a
@@ -1270,10 +1433,6 @@ register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
 _EXTRA_ROWS = (
     "its router scores {} after the routed experts ({}); surgery, the statistics and the pruned format take a router's "
     "width to be the routed-expert count, so pruning would drop or misplace those rows"
-)
-_MULTIMODAL = (
-    "composite vision-language config: prune its language model through the text family ({}); saving the whole "
-    "multimodal model is not supported yet"
 )
 for _model_type, _reason in {
     "deepseek_v4": (
@@ -1308,10 +1467,44 @@ for _model_type, _reason in {
         "its router is an MLP (down_proj, then fc1/fc2, then out_proj) that also reads the previous layer's router "
         "state; " + _EXTRA_ROWS.format("a skip slot", "balancing_biases has experts + 1 entries")
     ),
-    "qwen3_5_moe": _MULTIMODAL.format("qwen3_5_moe_text"),
-    "qwen4_exp": _MULTIMODAL.format("qwen4_exp_text"),
-    "dots3_note": _MULTIMODAL.format("dots3_note_text"),
-    "llama4": _MULTIMODAL.format("llama4_text, itself unsupported"),
-    "gemma4": _MULTIMODAL.format("gemma4_text"),
 }.items():
     register_unsupported(_model_type, _reason)
+
+# -- vision-language MoE families hf_moeprune does not prune yet, and why (issue 13, multimodal) ---------------------
+_UNVERIFIED_MULTIMODAL = (
+    "no tiny config of this vision-language family has been verified yet (its composite layout and language-model "
+    "router are unchecked)"
+)
+
+
+def _text_unsupported(text: str) -> str:
+    if text in UNSUPPORTED:
+        return f"its language model ({text}) is not supported: {UNSUPPORTED[text]}"
+    return f"its language model ({text}) is supported, but this composite's tiny config and layout are not verified yet"
+
+
+for _model_type, _reason in {
+    "ernie4_5_vl_moe": (
+        "each MoE layer of its language model holds two expert sets (text_moe and vision_moe, chosen per token by "
+        "modality, moe_num_experts=[text, vision]); one expert count per layer cannot describe them"
+    ),
+    "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
+    "llama4": _text_unsupported("llama4_text"),
+    "gemma4": _text_unsupported("gemma4_text"),
+    "inkling_mm_model": _text_unsupported("inkling_text"),
+    "inkling2": _text_unsupported("inkling2_text"),
+    "inkling2_loop": _text_unsupported("inkling2_loop_text"),
+    "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
+    "aria": _UNVERIFIED_MULTIMODAL,
+    "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
+    "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
+    "glm5_next": _UNVERIFIED_MULTIMODAL,
+    "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
+    "mistral4": _UNVERIFIED_MULTIMODAL,
+    "mistral_large4": _UNVERIFIED_MULTIMODAL,
+    "muse_spark": _UNVERIFIED_MULTIMODAL,
+    "qwen3_omni_moe_thinker": _UNVERIFIED_MULTIMODAL,
+    "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
+}.items():
+    if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
+        register_unsupported(_model_type, _reason)

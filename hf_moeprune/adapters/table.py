@@ -46,7 +46,8 @@ REMOVAL = {
 
 
 def _layout(adapter: MoEAdapter) -> str:
-    parts = [f"`{adapter.router_path}.{adapter.router_tensors[0]}`"]
+    where = f"`{adapter.layers_path}` " if adapter.layers_path else ""  # a vision-language model's language model
+    parts = [f"{where}`{adapter.router_path}.{adapter.router_tensors[0]}`"]
     parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
     parts.append(f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors))
     parts += [f"`{join_path(adapter.block_attr, n)}`" for n in adapter.block_tensors]
@@ -71,7 +72,9 @@ def family_table() -> str:
         adapter = ADAPTERS[name]
         removal = REMOVAL.get(adapter.routing, _removal(adapter.routing)).format(group=adapter.group_field)
         rule = RULES.get(adapter.routing, adapter.routing)
-        rows.append(f"| {name} | `{adapter.num_experts_field}` | {_layout(adapter)} | {rule} | {removal} |")
+        # vision-language families: the field is in the language model's sub-config
+        count = ".".join(filter(None, (adapter.text_config_attr, adapter.num_experts_field)))
+        rows.append(f"| {name} | `{count}` | {_layout(adapter)} | {rule} | {removal} |")
     rows += ["", f"Not supported yet: {len(UNSUPPORTED)} families.", "", "| model_type | why |", "|---|---|"]
     rows += [f"| {name} | {UNSUPPORTED[name]} |" for name in sorted(UNSUPPORTED)]
     return "\n".join(rows)

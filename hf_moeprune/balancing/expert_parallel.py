@@ -83,11 +83,11 @@ def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.
     if counts is not None:
         check_expert_parallel_counts(counts, distributed_config.ep_size)
     else:  # a stock checkpoint: one count for every layer
-        field = get_adapter(config).num_experts_field
-        if int(getattr(config, field)) % distributed_config.ep_size:
+        adapter = get_adapter(config)
+        field, count = adapter.num_experts_field, adapter.num_experts_in_config(config)
+        if count % distributed_config.ep_size:
             raise ValueError(
-                f"ep_size={distributed_config.ep_size} must divide the expert count, but {path} has "
-                f"{field}={getattr(config, field)}"
+                f"ep_size={distributed_config.ep_size} must divide the expert count, but {path} has {field}={count}"
             )
     return AutoModelForCausalLM.from_pretrained(path, distributed_config=distributed_config, **kwargs)
 

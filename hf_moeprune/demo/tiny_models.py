@@ -6,6 +6,7 @@ config with a few hundred thousand parameters at most.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
@@ -42,11 +43,20 @@ def tiny_config(model_type: str, **overrides: Any) -> transformers.PreTrainedCon
     if model_type not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for model_type {model_type!r}; known: {sorted(TINY_CONFIGS)}")
     class_name, fields = TINY_CONFIGS[model_type]
-    return getattr(transformers, class_name)(**{**fields, **overrides})
+    config_cls = getattr(transformers, class_name)
+    sub = ADAPTERS[model_type].text_config_attr
+    if sub is not None:  # a vision-language family: overrides of the language model's fields go to its sub-config
+        own = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+        text = {k: v for k, v in overrides.items() if k not in own}
+        overrides = {k: v for k, v in overrides.items() if k in own}
+        if text:
+            overrides[sub] = {**fields.get(sub, {}), **text}
+    return config_cls(**{**fields, **overrides})
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
-    """A tiny randomly initialised causal LM of ``model_type`` in eval mode, deterministic per seed.
+    """A tiny randomly initialised model of ``model_type`` (a causal LM, or the vision-language model of a
+    multimodal family) in eval mode, deterministic per seed.
 
     Per-expert biases initialise to zero in every family; random ones exercise their surgery and the biased
     choice: router and expert biases ~ N(0, 0.5), biases used only to choose (``e_score_correction_bias``, LFM2's
@@ -54,8 +64,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
     """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
     adapter = get_adapter(config)
+    model = getattr(transformers, adapter.auto_class).from_config(config)
     biases = {f"{adapter.router_path}.{n}" for n in adapter.router_tensors[1:] if n.endswith("bias")} | {
         f"{adapter.experts_path}.{n}" for n in adapter.expert_tensors if n.endswith("bias")
     }

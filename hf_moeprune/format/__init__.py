@@ -8,7 +8,8 @@ what ``trust_remote_code=True`` loads where hf_moeprune is not installed.
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM
+import transformers
+from transformers import AutoConfig
 
 from hf_moeprune import compat
 from hf_moeprune.format.layout import PROVENANCE_FIELD, pruning_fields
@@ -23,6 +24,8 @@ from hf_moeprune.format.modeling_moeprune import (
     enable_router_logit_padding,
     heterogeneous_load_balancing_loss,
     pad_router_logits,
+    per_layer_counts,
+    record_per_layer_counts,
     resize_expert_tensors,
 )
 
@@ -39,23 +42,30 @@ __all__ = [
     "is_pruned",
     "mark_pruned",
     "pad_router_logits",
+    "per_layer_counts",
+    "record_per_layer_counts",
     "register_auto_classes",
     "register_pruned_classes",
     "resize_expert_tensors",
 ]
 
 
-def register_pruned_classes(config_cls: type, model_cls: type) -> None:
+def register_pruned_classes(config_cls: type, model_cls: type, auto_class: str = "AutoModelForCausalLM") -> None:
+    """Make ``auto_class`` (``AutoModelForCausalLM``, or ``AutoModelForImageTextToText`` for a vision-language
+    family) load the pruned classes."""
     AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
-    AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+    getattr(transformers, auto_class).register(config_cls, model_cls, exist_ok=True)
     # save_pretrained then copies modeling_moeprune.py and writes the auto_map for trust_remote_code.
     config_cls.register_for_auto_class()
-    model_cls.register_for_auto_class("AutoModelForCausalLM")
+    model_cls.register_for_auto_class(auto_class)
 
 
 def register_auto_classes() -> None:
-    for config_cls, model_cls in PRUNED_CLASSES.values():
-        register_pruned_classes(config_cls, model_cls)
+    from hf_moeprune.adapters import ADAPTERS
+
+    auto_classes = {a.model_type: a.auto_class for a in ADAPTERS.values()}
+    for model_type, (config_cls, model_cls) in PRUNED_CLASSES.items():
+        register_pruned_classes(config_cls, model_cls, auto_classes.get(model_type, "AutoModelForCausalLM"))
 
 
 def is_pruned(model) -> bool:
@@ -83,7 +93,7 @@ def mark_pruned(model, adapter) -> None:
     config = model.config
     counts = expert_counts(model, adapter)
     provenance = pruning_fields(config)  # a stock model is not pruned: these are a stock export's provenance
-    original = (provenance and provenance.get("original_num_experts")) or getattr(config, adapter.num_experts_field)
+    original = (provenance and provenance.get("original_num_experts")) or adapter.num_experts_in_config(config)
     kept = (provenance and provenance.get("kept_expert_ids")) or [
         list(range(c)) if c is not None else None for c in counts
     ]
@@ -97,6 +107,9 @@ def mark_pruned(model, adapter) -> None:
     config.expert_count_attributes = adapter.count_attributes
     config.expert_count_field = adapter.num_experts_field
     config.expert_top_k_field = adapter.top_k_field
+    if adapter.text_config_attr is not None:  # a composite config: its language model's fields and layers
+        config.expert_config_path = adapter.text_config_attr
+        config.expert_layers_path = adapter.layers_path
     if PROVENANCE_FIELD in config.__dict__:
         del config.moeprune_provenance
     # A loaded config may carry model_type as an instance attribute, which would shadow the pruned class's;
@@ -106,6 +119,7 @@ def mark_pruned(model, adapter) -> None:
     compat.forget_weight_conversions(model)
     compat.swap_class(model, model_cls)
     enable_router_logit_padding(model)  # stock aux-loss code keeps working once layers differ in width
+    record_per_layer_counts(config)
     check_pruned_config(config)
 
 

@@ -12,7 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from hf_moeprune.format.modeling_moeprune import MODEL_TYPE_PREFIX
+from hf_moeprune.format.modeling_moeprune import (
+    COUNT_FIELD_CANDIDATES,
+    MODEL_TYPE_PREFIX,
+    global_expert_count,
+    per_layer_counts,
+)
 
 PROVENANCE_FIELD = "moeprune_provenance"
 
@@ -56,6 +61,42 @@ def pruning_fields(config: Any) -> PruningFields | None:
     return None
 
 
+def _count_fields(config: Any) -> tuple[str, ...]:
+    source = pruning_fields(config)
+    recorded = source.get("expert_count_field") if source is not None else None
+    return (recorded,) if recorded else COUNT_FIELD_CANDIDATES
+
+
+def _moe_fields(config: Any) -> Any:
+    """The (sub-)config holding the expert count: a vision-language model's ``text_config``."""
+    source = pruning_fields(config)
+    path = source.get("expert_config_path") if source is not None else None
+    return _get(config, path) if path else config
+
+
+def per_layer_expert_counts(config: Any) -> dict[int, int]:
+    """Expert counts in transformers' own convention: ``{layer: count}`` for the layers whose ``per_layer_config``
+    gives an expert-count field a value of their own, from a parsed ``config.json`` or a ``PreTrainedConfig``."""
+    fields = _moe_fields(config)
+    if not isinstance(fields, Mapping):
+        names = _count_fields(config)
+        return {k: v for name in names for k, v in per_layer_counts(fields, name).items()}
+    overrides = fields.get("per_layer_config") or {}
+    return {int(layer): values[name] for layer, values in overrides.items() for name in _count_fields(config)
+            if name in values}  # fmt: skip
+
+
+def _global_expert_count(config: Any) -> tuple[str, int] | None:
+    fields = _moe_fields(config)
+    if isinstance(fields, Mapping):
+        found = [(name, fields[name]) for name in _count_fields(config) if fields.get(name) is not None]
+        return found[0] if found else None
+    for name in _count_fields(config):
+        if name in (getattr(fields, "per_layer_attributes", None) or ()) or getattr(fields, name, None) is not None:
+            return name, global_expert_count(fields, name)  # the default of every layer without an override
+    return None
+
+
 @dataclass(frozen=True)
 class ExpertLayout:
     """Experts each decoder layer keeps, read from a saved config. ``None`` marks a dense layer."""
@@ -94,6 +135,9 @@ def expert_layout(config: Any) -> ExpertLayout:
     """Read the per-layer expert counts from a config (pruned format or stock export with provenance)."""
     model_type = _get(config, "model_type")
     source = pruning_fields(config)
+    declared = per_layer_expert_counts(config)
+    if source is None and declared:
+        return _layout_from_per_layer_config(config, declared)
     if source is None:
         raise ValueError(
             f"config of model_type {model_type!r} has neither the pruned-model fields (model_type "
@@ -116,6 +160,12 @@ def expert_layout(config: Any) -> ExpertLayout:
             raise ValueError(f"layer {layer}: experts_per_layer={count} disagrees with kept_expert_ids={ids}")
     if all(c is None for c in counts):
         raise ValueError("experts_per_layer lists no MoE layer")
+    for layer, count in declared.items():  # transformers' convention must say the same
+        if layer >= len(counts) or counts[layer] != count:
+            raise ValueError(
+                f"layer {layer}: per_layer_config gives {count} experts but experts_per_layer gives "
+                f"{counts[layer] if layer < len(counts) else 'no entry'}"
+            )
     # a stock export's family is its own model_type unless the provenance names it
     family = source.get("base_model_type") or (base_model_type(config) if not stock else model_type)
     return ExpertLayout(
@@ -125,6 +175,25 @@ def expert_layout(config: Any) -> ExpertLayout:
         experts_per_layer=tuple(counts),
         kept_expert_ids=tuple(tuple(ids) if ids is not None else None for ids in kept),
         selection_bias=bool(_get(config, "selection_bias_routing")),
+    )
+
+
+def _layout_from_per_layer_config(config: Any, declared: dict[int, int]) -> ExpertLayout:
+    """The layout a config states only in transformers' convention (no hf_moeprune fields): every layer has the global
+    count unless ``per_layer_config`` overrides it. Such a config records neither dense layers nor which original
+    experts a layer kept, so each layer is read as MoE and its experts as ids ``0..n-1``."""
+    fields = _moe_fields(config)
+    name, widest = _global_expert_count(config) or (None, None)
+    if widest is None:
+        raise ValueError(f"per_layer_config gives expert counts {declared} but the config has no global count")
+    layers = int(_get(fields, "num_hidden_layers"))
+    counts = [int(declared.get(i, widest)) for i in range(layers)]
+    return ExpertLayout(
+        family=str(_get(config, "model_type")),
+        stock_export=True,
+        original_num_experts=max(int(widest), *counts),
+        experts_per_layer=tuple(counts),
+        kept_expert_ids=tuple(tuple(range(c)) for c in counts),
     )
 
 

@@ -39,6 +39,10 @@ PRUNING_FIELDS = (
 # Written since hf_moeprune covers families whose counts are not under `num_experts`-like names; checkpoints
 # saved before then lack them and fall back to the defaults in `_count_field` / `_top_k`.
 OPTIONAL_PRUNING_FIELDS = ("expert_count_field", "expert_top_k_field")
+# Written for composite (vision-language) configs only: the sub-config holding the language model's MoE fields
+# (``text_config``) and the path from the model to its MoE decoder layers. Absent: the config itself and
+# ``model.layers``.
+COMPOSITE_PRUNING_FIELDS = ("expert_config_path", "expert_layers_path")
 COUNT_FIELD_CANDIDATES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -332,7 +336,7 @@ def attach_selection_bias(model: nn.Module, config) -> None:
     name = f"{router_path}.{SELECTION_BIAS}"
     if name not in config.expert_tensor_names:
         config.expert_tensor_names = [*config.expert_tensor_names, name]
-    layers = model.model.layers
+    layers = decoder_layers(model, config)
     for layer_idx, count in enumerate(config.experts_per_layer):
         if count is None:
             continue
@@ -353,6 +357,103 @@ def attach_selection_bias(model: nn.Module, config) -> None:
 
 class PrunedConfigError(ValueError):
     """A pruned-model config is inconsistent with itself or with the weights."""
+
+
+# -- transformers' own per-layer convention (HeterogeneousConfigMixin, transformers >= 5.24) ---------------------------
+# Every transformers config takes ``per_layer_config={layer: {attribute: value}}`` (only the layers that differ from
+# the global value; saved zero-padded, ``{"1": {"num_local_experts": 4}}``) and answers
+# ``config.per_layer_config[i].<attribute>``. A pruned model records its counts there too, under its expert count
+# field, so transformers' machinery reads them. Once an attribute is per-layer, reading the global value raises
+# AmbiguousGlobalPerLayerAttributeError unless ``allow_global_per_layer_attribute_access`` is set; the stock MoE
+# modeling of 5.24 reads the global count (no MoE family builds its experts from ``per_layer_config``), and the pruned
+# classes build each layer from ``experts_per_layer`` with the global count as the widest layer's, so the flag is
+# set (and saved) whenever a count is per-layer. A uniform layout has no per-layer count: neither is written, and
+# the stock export stays a plain stock config.
+ALLOW_GLOBAL = "allow_global_per_layer_attribute_access"
+
+
+def global_expert_count(fields, field: str) -> int:
+    """The global (widest) count, also when ``field`` is already per-layer: the flag is transformers' public way to
+    read it; it is left as it was (it lives in the instance dict in 5.24, from where ``to_dict`` would save it)."""
+    per_layer = getattr(fields, "per_layer_attributes", None) or ()
+    if field not in per_layer or fields.allow_global_per_layer_attribute_access:
+        return getattr(fields, field)
+    fields.allow_global_per_layer_attribute_access = True
+    try:
+        return getattr(fields, field)
+    finally:
+        vars(fields).pop(ALLOW_GLOBAL, None)
+
+
+def record_per_layer_counts(config) -> None:
+    """Mirror ``experts_per_layer`` into transformers' ``per_layer_config`` of the config holding the count field
+    (the text sub-config of a vision-language model): one override per MoE layer narrower than the global count."""
+    fields, field = moe_config(config), _count_field(config)
+    widest = global_expert_count(fields, field)
+    overrides = {i: {field: n} for i, n in enumerate(config.experts_per_layer) if n is not None and n != widest}
+    if overrides:
+        per_layer = set(getattr(fields, "per_layer_attributes", None) or ())
+        if per_layer - {field} or (getattr(fields, "is_heterogeneous", False) and field not in per_layer):
+            # the family's own per-layer overrides (Gemma 4's full-attention layers) are left alone: replacing
+            # per_layer_config would drop them, so experts_per_layer alone records the counts
+            logger.info("the config has per-layer overrides of its own; expert counts recorded in experts_per_layer")
+            return
+        fields.allow_global_per_layer_attribute_access = True  # saved with the config: stock code reads the widest
+        fields.per_layer_config = overrides
+        if not _layer_types_resolve(fields):
+            # e.g. Gemma 4 builds its rotary embeddings from ``per_layer_config[layer_type]``, which transformers
+            # refuses once layers of one type differ: counts that differ within a layer type stay out of it
+            fields.per_layer_config = None
+            vars(fields).pop(ALLOW_GLOBAL, None)
+            logger.info("expert counts differ within a layer type; recorded in experts_per_layer only")
+    elif (getattr(fields, "per_layer_attributes", None) or set()) == {field}:  # only ours: nothing else to keep
+        fields.per_layer_config = None
+        vars(fields).pop(ALLOW_GLOBAL, None)
+
+
+def _layer_types_resolve(fields) -> bool:
+    """Whether ``per_layer_config[layer_type]`` answers for every layer type, as modeling code that builds per-type
+    modules (rotary embeddings) asks it."""
+    for layer_type in set(getattr(fields, "layer_types", None) or ()):
+        try:
+            fields.per_layer_config[layer_type]
+        except ValueError:
+            return False
+    return True
+
+
+def per_layer_counts(config, field: str | None = None) -> dict[int, int]:
+    """``{layer: count}`` for the layers to which ``config``'s ``per_layer_config`` gives an expert count other than
+    the global one: recorded by `record_per_layer_counts`, or by anyone following transformers' convention. ``field``:
+    the count field (default: the pruned config's, else any of ``COUNT_FIELD_CANDIDATES`` made per-layer)."""
+    fields = moe_config(config)
+    per_layer = getattr(fields, "per_layer_attributes", None) or set()
+    if field is None and getattr(config, "original_num_experts", None) is not None:
+        field = _count_field(config)
+    names = [field] if field else [name for name in COUNT_FIELD_CANDIDATES if name in per_layer]
+    counts = {}
+    for name in names:
+        if name not in per_layer:
+            continue
+        widest = global_expert_count(fields, name)
+        for layer in range(fields.num_hidden_layers):
+            value = getattr(fields.per_layer_config[layer], name)
+            if value != widest:
+                counts[layer] = value
+    return counts
+
+
+def moe_config(config):
+    """The config holding the MoE fields: the config itself, or the sub-config ``expert_config_path`` names (a
+    vision-language model's ``text_config``)."""
+    path = getattr(config, "expert_config_path", None)
+    return getattr(config, path) if path else config
+
+
+def decoder_layers(model: nn.Module, config) -> nn.ModuleList:
+    """The MoE decoder layers: ``model.layers``, or where ``expert_layers_path`` says (a vision-language model's
+    ``model.language_model.layers``)."""
+    return model.get_submodule(getattr(config, "expert_layers_path", None) or "model.layers")
 
 
 def get_submodule_attr(root: nn.Module, dotted: str):
@@ -490,10 +591,11 @@ def check_pruned_config(config) -> None:
         raise PrunedConfigError(f"pruned config of model_type {config.model_type!r} is missing field(s) {missing}")
     counts = config.experts_per_layer
     ids = config.kept_expert_ids
-    if len(counts) != config.num_hidden_layers or len(ids) != config.num_hidden_layers:
+    num_layers = moe_config(config).num_hidden_layers
+    if len(counts) != num_layers or len(ids) != num_layers:
         raise PrunedConfigError(
             f"experts_per_layer has {len(counts)} entries and kept_expert_ids {len(ids)}, "
-            f"but num_hidden_layers is {config.num_hidden_layers}"
+            f"but num_hidden_layers is {num_layers}"
         )
     for layer, (count, kept) in enumerate(zip(counts, ids)):
         if (count is None) != (kept is None):
@@ -509,6 +611,12 @@ def check_pruned_config(config) -> None:
         if len(set(kept)) != len(kept) or any(not 0 <= i < config.original_num_experts for i in kept):
             raise PrunedConfigError(
                 f"layer {layer}: kept_expert_ids={kept} must be distinct ids in [0, {config.original_num_experts})"
+            )
+    for layer, count in per_layer_counts(config).items():
+        if layer >= len(counts) or counts[layer] != count:
+            declared = counts[layer] if layer < len(counts) else None
+            raise PrunedConfigError(
+                f"layer {layer}: per_layer_config gives {_count_field(config)}={count} but experts_per_layer={declared}"
             )
 
 
@@ -553,7 +661,7 @@ class PrunedMoEMixin:
         return (model, info) if want_info else model
 
     def _resize_to_config(self, config) -> None:
-        layers = self.model.layers
+        layers = decoder_layers(self, config)
         for layer_idx, count in enumerate(config.experts_per_layer):
             if count is None:
                 continue
@@ -595,7 +703,8 @@ class PrunedMoEMixin:
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
         fields = {name: config.__dict__.pop(name) for name in PRUNING_FIELDS}
-        fields.update({name: config.__dict__.pop(name) for name in OPTIONAL_PRUNING_FIELDS if name in config.__dict__})
+        optional = (*OPTIONAL_PRUNING_FIELDS, *COMPOSITE_PRUNING_FIELDS)
+        fields.update({name: config.__dict__.pop(name) for name in optional if name in config.__dict__})
         config.moeprune_provenance = dict(fields)
         config.__class__, self.__class__ = self.stock_config_class, self.stock_model_class
         try:
@@ -685,7 +794,7 @@ def _count_field(config) -> str:
     if recorded:
         return recorded
     for name in COUNT_FIELD_CANDIDATES:
-        if getattr(config, name, None) == config.original_num_experts:
+        if getattr(moe_config(config), name, None) == config.original_num_experts:
             return name
     raise PrunedConfigError(
         f"cannot tell which config field holds the expert count (tried {COUNT_FIELD_CANDIDATES}); "
@@ -694,7 +803,7 @@ def _count_field(config) -> str:
 
 
 def _top_k(config) -> int:
-    return int(getattr(config, getattr(config, "expert_top_k_field", None) or "num_experts_per_tok"))
+    return int(getattr(moe_config(config), getattr(config, "expert_top_k_field", None) or "num_experts_per_tok"))
 
 
 def _make_init(stock_model_cls):
@@ -703,14 +812,15 @@ def _make_init(stock_model_cls):
         check_pruned_config(config)
         count_field = _count_field(config)
         counts = [c for c in config.experts_per_layer if c is not None]
-        declared = getattr(config, count_field)
+        fields = moe_config(config)
+        declared = getattr(fields, count_field)
         # Build the stock skeleton with the smallest count, so that the full-size model is never
         # materialised, then give each layer its own count.
-        setattr(config, count_field, min(counts))
+        setattr(fields, count_field, min(counts))
         try:
             stock_model_cls.__init__(self, config)
         finally:
-            setattr(config, count_field, declared)
+            setattr(fields, count_field, declared)
         if hasattr(self, "num_experts"):
             self.num_experts = declared
         self._resize_to_config(config)
@@ -723,6 +833,27 @@ def _make_init(stock_model_cls):
 
 PRUNED_CLASSES: dict[str, tuple[type, type]] = {}  # stock model_type -> (pruned config, pruned causal LM)
 CONFIG_SEPARATOR = "__"  # in a pruned model class named after its stock model class and a foreign config class
+
+
+def _forward_with_stock_signature(stock_model_cls):
+    """PrunedMoEMixin.forward, advertising the stock forward's parameters (plus ``output_router_logits``).
+
+    ``generate`` refuses keyword arguments the forward's signature does not name (a vision-language model's
+    ``pixel_values``, ``image_grid_thw``), and Trainer keeps only the dataset columns it names."""
+    import inspect
+
+    def forward(self, *args, **kwargs):
+        return PrunedMoEMixin.forward(self, *args, **kwargs)
+
+    stock = inspect.signature(stock_model_cls.forward)
+    params = [p for p in stock.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    if "output_router_logits" not in stock.parameters:
+        params.append(inspect.Parameter("output_router_logits", inspect.Parameter.KEYWORD_ONLY, default=None))
+    params.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    params.sort(key=lambda p: p.kind)  # keyword-only after positional ones, **kwargs last
+    forward.__signature__ = stock.replace(parameters=params)
+    forward.__doc__ = PrunedMoEMixin.forward.__doc__
+    return forward
 
 
 def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
@@ -757,6 +888,7 @@ def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
         {
             "config_class": pruned_config,
             "__init__": _make_init(stock_model),
+            "forward": _forward_with_stock_signature(stock_model),
             "__module__": __name__,
             "__doc__": f"{model_name} whose MoE layers keep per-layer expert counts (hf_moeprune).",
             "stock_config_class": stock_config,

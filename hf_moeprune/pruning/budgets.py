@@ -22,7 +22,7 @@ def layer_budgets(
     groups = adapter.num_groups(config)
     floor = max(min_experts or top_k, top_k)
     if groups > 1:
-        topk_group = int(getattr(config, adapter.topk_group_field) or groups)
+        topk_group = int(getattr(adapter.moe_config(config), adapter.topk_group_field) or groups)
         floor = max(floor, adapter.group_score_experts * groups, math.ceil(top_k / topk_group) * groups)
     multiple = math.lcm(multiple_of, groups)
     layers = adapter.decoder_layers(model)
