@@ -56,6 +56,14 @@ def installed_moe_families() -> list[str]:
     return found
 
 
+def test_every_declared_family_is_in_the_installed_transformers():
+    # families newer than the installed transformers are skipped at registration (so the lower bound imports);
+    # with the tested transformers none may be, which also catches a misspelt model_type
+    from hf_moeprune.adapters.base import NOT_INSTALLED
+
+    assert not NOT_INSTALLED, sorted(NOT_INSTALLED)
+
+
 def test_every_installed_moe_family_is_registered():
     installed = installed_moe_families()
     assert len(installed) > 50  # transformers 5.24 has ~65; a broken enumeration must not pass silently

@@ -153,6 +153,8 @@ class MoEAdapter:
             raise ValueError(
                 f"auto_class={self.auto_class!r} for {self.model_type!r}; known: {sorted(AUTO_CLASS_MAPPINGS)}"
             )
+        if not family_installed(self.model_type):
+            return  # a family newer than this transformers: register_family records it in NOT_INSTALLED
         if self.config_class is None or self.model_class is None:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -314,6 +316,15 @@ def auto_class_mapping(auto_class: str) -> Mapping[str, str]:
 ADAPTERS: dict[str, MoEAdapter] = {}
 # model_type -> why hf_moeprune cannot prune it; get_adapter raises it, the family test lists it
 UNSUPPORTED: dict[str, str] = {}
+# families declared here that the installed transformers does not ship (newer than it)
+NOT_INSTALLED: dict[str, MoEAdapter] = {}
+
+
+def family_installed(model_type: str) -> bool:
+    """Whether the installed transformers knows ``model_type`` (has its config class)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
 
 
 def register_family(adapter: MoEAdapter) -> MoEAdapter:
@@ -325,6 +336,12 @@ def register_family(adapter: MoEAdapter) -> MoEAdapter:
     """
     if adapter.model_type in ADAPTERS or adapter.model_type in UNSUPPORTED:
         raise ValueError(f"model_type {adapter.model_type!r} is already registered")
+    if not family_installed(adapter.model_type):
+        # transformers >= the lower bound but older than the family: importing hf_moeprune still works there, and
+        # get_adapter names the family as unknown to the installed transformers
+        NOT_INSTALLED[adapter.model_type] = adapter
+        logger.debug("%s: not in this transformers; not registered", adapter.model_type)
+        return adapter
     if adapter.routing not in BUILTIN_ROUTE_FUNCTIONS:
         raise ValueError(
             f"{adapter.model_type!r}: routing={adapter.routing!r} is not defined in format/modeling_moeprune.py, so a "
