@@ -118,3 +118,23 @@ def test_vision_language_counts_go_to_the_text_config(tmp_path):
     stock = transformers.Qwen3VLMoeConfig.from_pretrained(tmp_path)
     assert [stock.text_config.per_layer_config[i].num_local_experts for i in range(3)] == [6, 4, 6]
     assert expert_layout(saved).experts_per_layer == (6, 4, 6) and per_layer_expert_counts(saved) == {1: 4}
+
+
+@pytest.mark.parametrize(
+    "plan, recorded",
+    [
+        ({0: [0, 1, 2, 3, 4, 5], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, {"1": {"num_experts": 4}, "2": {"num_experts": 4}}),
+        ({0: [0, 1, 2, 3, 4, 5], 1: [0, 1, 2, 3], 2: [0, 1, 2, 3, 4, 5]}, None),  # two linear_attention layers differ
+    ],
+)
+def test_counts_that_differ_within_a_layer_type_stay_out_of_per_layer_config(tmp_path, plan, recorded):
+    """Modeling code asks ``per_layer_config[layer_type]`` (Gemma 4's rotary embeddings), which transformers refuses
+    once two layers of one type differ: such counts are recorded in experts_per_layer only, and the model reloads."""
+    model = tiny_model("qwen3_5_moe_text")  # layer_types: full_attention, linear_attention, linear_attention
+    prune_experts(model, plan)
+    model.save_pretrained(tmp_path, export_stock=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved.get("per_layer_config") == recorded
+    assert expert_layout(saved).experts_per_layer == tuple(len(plan[i]) for i in range(3))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(_logits(reloaded), _logits(model))
