@@ -17,6 +17,7 @@ import torch
 import transformers
 from conftest import FAMILIES, run_without_package
 from datasets import Dataset
+from train_args import train_args
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import (
@@ -32,7 +33,7 @@ from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, 
 from hf_moeprune.balancing.loads import measure_expert_loads
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.quantization import quantize, quantized_targets
-from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+from hf_moeprune.training import MoEPruneTrainer
 
 SUPPORTED = sorted(ADAPTERS)
 IDS = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -182,6 +183,7 @@ def test_prune_save_reload_export_generate(family, tmp_path):
 REMOTE_DEFAULT = [
     "ernie4_5_moe", "glm4_moe_lite", "granitemoehybrid", "minimax_m2", "nemotron_h", "qwen3_5_moe_text", "qwen3_vl_moe",
     "sarvam_mla",  # a config class of its own on DeepseekV3ForCausalLM: the pruned class named after both
+    "ergo",  # a per-expert tensor in a submodule of the experts (post_expert_norm.weight)
 ]  # fmt: skip
 
 
@@ -261,6 +263,10 @@ def test_registration_checks_the_remote_code_file_and_quantization():
     source = Path(modeling_moeprune.__file__).read_text()
     for adapter in ADAPTERS.values():  # every rule a family uses ships in the trust_remote_code file
         assert f"\ndef {adapter.routing}(" in source, adapter.model_type
+    from hf_moeprune.adapters.base import RULE_RENORMALIZES
+    from hf_moeprune.adapters.table import RULES
+
+    assert set(RULES) == set(RULE_RENORMALIZES)  # the README table describes every rule in words
     register_route_function("test_only_rule")(ROUTE_FUNCTIONS["softmax_topk_renorm"])
     try:
         with pytest.raises(ValueError, match="not defined in format/modeling_moeprune.py"):
@@ -318,22 +324,14 @@ def test_family_trains_prunes_by_reap_quantizes_and_generates(family, tmp_path):
     adapter = hf_moeprune.get_adapter(model)
     start = torch.randint(3, 60, (16, 1), generator=torch.Generator().manual_seed(0))
     ids = start + torch.arange(12)  # next token = token + 1, ids < 99 (the smallest tiny vocabulary)
-    args = MoEPruneArguments(
-        output_dir=str(tmp_path / "run"),
+    args = train_args(
+        tmp_path / "run",
         max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
         prune_target=0.25,
         prune_criterion="reap",
         prune_schedule="oneshot",
         prune_start_step=2,
         prune_end_step=3,
-        disable_tqdm=True,
     )
     experts_before = adapter.experts(adapter.decoder_layers(model)[adapter.moe_layer_indices(model)[-1]])
     down_before = experts_before.down_proj.detach().clone()

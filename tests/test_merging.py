@@ -82,10 +82,11 @@ def test_trainer_merges_at_its_removal_event(tmp_path, monkeypatch):
     """`prune_merge=True`: at the removal step the kept experts become the frequency-weighted average of their
     group (grouped by weight similarity), exactly as `merged_rows` computes it from the unmerged weights."""
     from datasets import Dataset
+    from train_args import train_args
 
     import hf_moeprune.training.trainer as trainer_module
     from hf_moeprune.pruning.merging import weight_similarity
-    from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+    from hf_moeprune.training import MoEPruneTrainer
 
     ids = (torch.randint(0, 100, (16, 1), generator=torch.Generator().manual_seed(0)) + torch.arange(16)) % 128
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
@@ -93,10 +94,8 @@ def test_trainer_merges_at_its_removal_event(tmp_path, monkeypatch):
     real = trainer_module.prune_experts
 
     def run(merge: bool):
-        args = MoEPruneArguments(output_dir=str(tmp_path / str(merge)), max_steps=3, per_device_train_batch_size=4,
-                                 learning_rate=2e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0,
-                                 data_seed=0, prune_target=0.5, prune_schedule="oneshot", prune_start_step=3,
-                                 prune_end_step=3, disable_tqdm=True, prune_report=False, prune_merge=merge)  # fmt: skip
+        args = train_args(tmp_path / str(merge), max_steps=3, prune_target=0.5, prune_schedule="oneshot",
+                          prune_start_step=3, prune_end_step=3, prune_report=False, prune_merge=merge)  # fmt: skip
         trainer = MoEPruneTrainer(model=tiny_model("mixtral"), args=args, train_dataset=data)
 
         def spy(model, plan, **kwargs):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import run_without_package
 from datasets import Dataset
+from train_args import train_args
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
 import hf_moeprune
@@ -18,7 +19,7 @@ from hf_moeprune import prune_experts
 from hf_moeprune.adapters import ADAPTERS
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.oneshot import collect_statistics, prune_oneshot
-from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+from hf_moeprune.training import MoEPruneTrainer
 
 MULTIMODAL = sorted(name for name, a in ADAPTERS.items() if a.auto_class == "AutoModelForImageTextToText")
 GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
@@ -243,11 +244,9 @@ def _collate(rows):
 def test_trainer_records_statistics_and_removes_experts_on_image_text_data(tmp_path):
     model = tiny_model("qwen3_vl_moe")
     vision = {n: p.detach().clone() for n, p in model.model.visual.named_parameters()}
-    args = MoEPruneArguments(
-        output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=4, learning_rate=2e-3,
-        report_to=[], save_strategy="no", use_cpu=True, seed=0, data_seed=0, prune_target=0.5,
-        prune_schedule="oneshot", prune_start_step=2, prune_end_step=4, prune_criterion="reap",
-        remove_unused_columns=False, disable_tqdm=True,
+    args = train_args(
+        tmp_path / "run", max_steps=5, prune_target=0.5, prune_schedule="oneshot", prune_start_step=2,
+        prune_end_step=4, prune_criterion="reap", remove_unused_columns=False,
     )  # fmt: skip
     trainer = MoEPruneTrainer(model=model, args=args, train_dataset=_image_dataset(model), data_collator=_collate)
     trainer.train()

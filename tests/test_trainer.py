@@ -5,11 +5,12 @@ import pytest
 import torch
 from conftest import FAMILIES
 from datasets import Dataset
+from train_args import train_args
 from transformers import AutoModelForCausalLM
 
 import hf_moeprune
 from hf_moeprune.demo.tiny_models import tiny_model
-from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+from hf_moeprune.training import MoEPruneTrainer
 from hf_moeprune.training.optim import OptimizerStateSlicer
 
 
@@ -22,25 +23,8 @@ def _dataset(n=32, seq=16, seed=0):
 
 
 def _args(tmp_path, **overrides):
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=4,
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        prune_target=0.5,
-        prune_schedule="oneshot",
-        prune_start_step=3,
-        prune_end_step=6,
-        disable_tqdm=True,
-    )
-    base.update(overrides)
-    return MoEPruneArguments(**base)
+    base = dict(max_steps=8, logging_steps=4, prune_target=0.5, prune_schedule="oneshot", prune_start_step=3)
+    return train_args(tmp_path / "run", **{**base, "prune_end_step": 6, **overrides})
 
 
 def _train(tmp_path, family="mixtral", model=None, **overrides):

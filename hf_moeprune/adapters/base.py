@@ -50,6 +50,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sigmoid_group_limited_zero_fill": True,
     "sigmoid_topk": True,
     "sigmoid_topk_unsorted": True,
+    "sigmoid_topk_unsorted_scaled": True,
     "sigmoid_topk_block_bias_sorted": True,
     # the weights are softmaxes over the experts near the pick, so removing one of them changes the weights
     "sparsemixer_eval": False,

@@ -177,7 +177,8 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     router = getattr(block, router_attr)
     num_experts = next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
     router_tensors = [weight_name] + [n for n in _per_expert(router, num_experts) if n != weight_name]
-    expert_tensors = _per_expert(experts, num_experts, recurse=False)
+    # with the experts' own submodules: Ergo keeps a per-expert RMSNorm scale in experts.post_expert_norm
+    expert_tensors = _per_expert(experts, num_experts)
     block_tensors = _per_expert(block, num_experts, recurse=False)
     count_field = _config_field(config, COUNT_FIELD_CANDIDATES, num_experts)
     top_k_field = _config_field(config, TOP_K_FIELD_CANDIDATES, router_top_k(router, config.hidden_size))

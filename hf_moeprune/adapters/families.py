@@ -1134,6 +1134,90 @@ register_family(
 )
 
 
+# -- families new in transformers 5.25 (skipped at registration with an older transformers) --------------------------
+# MiniCPM-5-MoE: DeepSeek-V3's router (fp32 sigmoid, e_score_correction_bias, groups), dense leading layers.
+register_family(
+    MoEAdapter(
+        model_type="minicpm5_moe",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            **_TINY_13,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.5,
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+        },
+    )
+)
+
+# Param-2 (BharatGen): its own config class on Glm4MoeForCausalLM (as Sarvam-MoE), so GLM-4-MoE's router.
+register_family(
+    MoEAdapter(
+        model_type="param2moe",
+        **_DEEPSEEK_V3_ROUTER,
+        tiny_config={
+            **_TINY_13,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "routed_scaling_factor": 2.5,
+            "tie_word_embeddings": False,
+        },
+    )
+)
+
+# Kolibri-1.1: Kolibri-1's router (top-k on logits + bias, sigmoid of the chosen logits) with dense leading layers
+# (mlp_only_layers) and indexed sparse attention, some of whose layers read an earlier layer's keys and values.
+register_family(
+    MoEAdapter(
+        model_type="kolibri1_1",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="logit_topk_sigmoid",
+        tiny_config={
+            **_TINY_13,
+            "num_hidden_layers": 4,
+            "num_local_experts": 8,
+            "norm_topk_prob": True,
+            "shared_expert_intermediate_size": 36,
+            "mlp_only_layers": [0],
+            "mlp_only_intermediate_size": 48,
+            "layer_types": ["sliding_attention", "indexed_attention", "sliding_attention", "indexed_attention"],
+            "index_num_heads": 1,
+            "index_topk": 4,
+            "index_pool_size": 16,
+            "index_compression": 4,
+            "index_num_local_tokens": 4,
+            "index_num_sink_tokens": 2,
+        },
+    )
+)
+
+# Ergo (Amazon): fp32 sigmoid router behind a linear (gate.linear.weight), unsorted top-k on score + bias, renormalised
+# and x moe_routed_scaling_factor; ungated relu2 experts stored transposed, each with its own RMSNorm scale applied to
+# its output (experts.post_expert_norm.weight [experts, hidden], sliced with the expert); dense leading layers.
+register_family(
+    MoEAdapter(
+        model_type="ergo",
+        router_tensors=("linear.weight", "e_score_correction_bias"),
+        expert_tensors=("up_proj", "down_proj", "post_expert_norm.weight"),
+        score_function="sigmoid",
+        routing="sigmoid_topk_unsorted_scaled",
+        tiny_config={
+            **_TINY_13,
+            "num_hidden_layers": 4,
+            "num_experts": 8,
+            "shared_intermediate_size": 24,
+            "first_dense_intermediate_size": 48,
+            "num_dense_blocks": 1,
+            "sliding_window": 8,
+            "global_attention_every_n_layers": 2,
+        },
+    )
+)
+
 # Gemma-4 (text model): the decoder layer itself holds the router and the experts, next to a dense MLP that runs in
 # parallel; the router returns probabilities of its normalised, scaled input, renormalised over the top-k and x a
 # learned per_expert_scale (a per-expert router tensor, so surgery keeps it with its expert).

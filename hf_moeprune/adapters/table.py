@@ -26,6 +26,8 @@ RULES = {
     "sigmoid_group_limited_zero_fill": "as `deepseek_v3`, other groups masked with 0.0; groups optional",
     "sigmoid_topk": "sigmoid (+ `e_score_correction_bias` where the router has one) on the choice, top-k, renormalised",
     "sigmoid_topk_unsorted": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k, renormalised",
+    "sigmoid_topk_unsorted_scaled": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k, renormalised, "
+    "x `routed_scaling_factor`",
     "logit_topk_sigmoid": "top-k on logits + `e_score_correction_bias`, sigmoid of the chosen logits",
     "softmax_topk_renorm_expert_scale": "router returns probabilities; top-k renormalised, x `per_expert_scale`",
     "score_fn_topk": "the config's `scoring_func` + `e_score_correction_bias` on the choice, unsorted top-k, "

@@ -155,6 +155,19 @@ def sigmoid_topk_unsorted(router: nn.Module, logits: torch.Tensor, selection_bia
     return _sigmoid_topk(router, logits, selection_bias, sorted_topk=False)
 
 
+def sigmoid_topk_unsorted_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Ergo: fp32 sigmoid scores, unsorted top-k on score + the router's ``e_score_correction_bias``, the chosen raw
+    scores renormalised (over their sum + 1e-20) and x the router's ``routed_scaling_factor``."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + router.e_score_correction_bias.to(scores.dtype)
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(scores.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(-1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * router.routed_scaling_factor
+    return weights, indices
+
+
 def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
     """Kolibri-1: top-k on the logits + e_score_correction_bias, weights = sigmoid of the chosen logits, renormalised
     with ``norm_topk_prob``."""
@@ -307,6 +320,7 @@ ROUTE_FUNCTIONS = {
     "sparsemixer_eval": sparsemixer_eval,
     "score_fn_topk": score_fn_topk,
     "logit_topk_sigmoid": logit_topk_sigmoid,
+    "sigmoid_topk_unsorted_scaled": sigmoid_topk_unsorted_scaled,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.

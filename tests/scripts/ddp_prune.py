@@ -14,7 +14,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from transformers import TrainerCallback
 
 from hf_moeprune.demo.tiny_models import tiny_model
-from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+from hf_moeprune.training import MoEPruneTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared training arguments
+from train_args import train_args  # noqa: E402
 
 
 class SyncRecorder(TrainerCallback):
@@ -61,21 +64,14 @@ def main(out: str) -> None:
     start = torch.randint(0, 100, (64, 1), generator=g)
     ids = ((start + torch.arange(16)) % 128).tolist()
     dataset = Dataset.from_dict({"input_ids": ids, "labels": ids})
-    args = MoEPruneArguments(
-        output_dir=str(Path(out) / "run"),
+    args = train_args(
+        Path(out) / "run",
         max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
         prune_target=0.5,
         prune_schedule="gradual",
         prune_start_step=2,
         prune_end_step=5,
         prune_allocation="global",
-        disable_tqdm=True,
         logging_steps=100,
         gradient_accumulation_steps=2,
     )

@@ -16,7 +16,10 @@ from hf_moeprune.balancing import load_expert_parallel
 from hf_moeprune.compat import ep_dispatches as _ep_dispatches
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.distributed import DistributedSetupError, is_sharded
-from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
+from hf_moeprune.training import MoEPruneTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared training arguments
+from train_args import train_args  # noqa: E402
 
 REMOVAL_STEP = 2
 
@@ -60,20 +63,14 @@ def main(out: str) -> None:
         uneven_refused = "ep_size=2" in str(error) and model.model.layers[0].mlp.gate.weight.shape[0] == 8
     g = torch.Generator().manual_seed(0)
     ids = ((torch.randint(0, 100, (48, 1), generator=g) + torch.arange(16)) % 128).tolist()
-    args = MoEPruneArguments(
-        output_dir=str(out / "run"),
+    args = train_args(
+        out / "run",
         max_steps=5,
-        per_device_train_batch_size=4,
         learning_rate=5e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
         prune_target=0.25,
         prune_start_step=REMOVAL_STEP,
         prune_end_step=REMOVAL_STEP,
         balance_ep_size=2,
-        disable_tqdm=True,
         logging_steps=100,
     )
     trainer = MoEPruneTrainer(
