@@ -16,7 +16,7 @@ from hf_moeprune.quantization import (  # registers the quantizer, so quantized 
     quantize,
     weight_files_size_bytes,
 )
-from hf_moeprune.surgery import permute_experts, prune_experts
+from hf_moeprune.surgery import permute_experts, prune_experts, ungroup_routing
 
 register_auto_classes()
 
@@ -59,6 +59,7 @@ __all__ = [
     "quantize",
     "register_adapter",
     "register_family",
+    "ungroup_routing",
     "weight_files_size_bytes",
     *_LAZY,
 ]

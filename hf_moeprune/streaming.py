@@ -401,6 +401,7 @@ def prune_checkpoint(
     extra_config: Mapping[str, object] | None = None,
     on_written: Callable[[Path], None] | None = None,
     overwrite: bool = False,
+    drop_group_limited_routing: bool = False,
 ) -> nn.Module:
     """Apply the plan ``keep`` (layer -> expert positions to keep) to the checkpoint at ``path`` and write the
     result to the (new) folder ``output_dir``, shard by shard, without loading the model.
@@ -410,9 +411,9 @@ def prune_checkpoint(
     assignment, per-expert token frequencies): those experts are folded into the kept ones first
     (``hf_moeprune.pruning.merging``). ``extra_config`` fields are added to the written config; ``on_written`` may
     add files to the output folder before it appears; ``overwrite`` replaces a non-empty ``output_dir`` once the new
-    one is complete. Returns the meta-device skeleton of the pruned
-    model (its config is the one written). Raises ``StreamingUnsupported`` before writing anything when the
-    checkpoint cannot be streamed (not a local safetensors folder, quantized).
+    one is complete; ``drop_group_limited_routing`` as in `prune_experts` (a config change only). Returns the
+    meta-device skeleton of the pruned model (its config is the one written). Raises ``StreamingUnsupported`` before
+    writing anything when the checkpoint cannot be streamed (not a local safetensors folder, quantized).
     """
     from transformers import AutoConfig
 
@@ -430,7 +431,8 @@ def prune_checkpoint(
     loader = ModuleLoader.create(path, model)
     adapter = get_adapter(model)
     prefixes = _layer_prefixes(model, adapter)
-    prune_experts(model, keep)  # validates the plan and gives the skeleton the pruned config, class and shapes
+    # validates the plan and gives the skeleton the pruned config, class and shapes
+    prune_experts(model, keep, drop_group_limited_routing=drop_group_limited_routing)
     for name, value in (extra_config or {}).items():
         setattr(model.config, name, value)
     merge = {int(layer): m for layer, m in (merge or {}).items() if m[0]}

@@ -55,6 +55,78 @@ def _check_layer_indices(adapter: MoEAdapter, model: nn.Module, layer_ids) -> li
     return moe_layers
 
 
+DROP_GROUPS_HINT = (
+    "; or drop group-limited routing for this model (prune_experts(..., drop_group_limited_routing=True), CLI "
+    "--drop_group_limited_routing): every token then picks its top-k among all kept experts"
+)
+# Where transformers' MoE routers and blocks cache the config's group fields (DeepSeek-V3, GLM-4-MoE, dots1, ...:
+# ``self.num_group = config.n_group``); the adapter's own field names are tried too.
+GROUP_COUNT_ATTRIBUTES = ("num_group", "n_group", "num_expert_group")
+GROUPS_PER_TOKEN_ATTRIBUTES = ("topk_group",)
+
+
+def ungroup_routing(model: nn.Module) -> nn.Module:
+    """Route every MoE layer of ``model`` by a plain top-k over all of its experts; in place.
+
+    Group-limited routing (DeepSeek-V3's ``n_group``/``topk_group``) first keeps the best ``topk_group`` groups of
+    contiguous experts, then picks the top-k inside them; a pruning plan that keeps different numbers of experts per
+    group (or drops a group) cannot keep that structure. Setting both fields to 1 (in the config and in the routers
+    that cached them) makes the one group hold every expert, which is exactly an ungrouped top-k: the model changes
+    (tokens may now pick experts from groups they would have skipped) and stays a stock configuration that
+    transformers, vLLM and SGLang load. A router that caches the group count under a name not known here is refused,
+    naming it, before anything changes. `prune_experts(..., drop_group_limited_routing=True)` calls it.
+    """
+    model = unwrap_model(model)
+    ungroup = _group_holders(model, get_adapter(model))
+    if ungroup is not None:
+        ungroup()
+    return model
+
+
+def _group_holders(model: nn.Module, adapter: MoEAdapter) -> Callable[[], None] | None:
+    """Check that every cached copy of the group fields is known; return what sets them all to 1 (None: the model
+    routes without groups already)."""
+    groups = adapter.num_groups(model.config)
+    if groups == 1:
+        logger.info("%s routes without groups already; nothing to drop", model.config.model_type)
+        return None
+    count_names = {*GROUP_COUNT_ATTRIBUTES, adapter.group_field}
+    per_token_names = {*GROUPS_PER_TOKEN_ATTRIBUTES, adapter.topk_group_field} - {None}
+    layers = adapter.decoder_layers(model)
+    modules = []
+    for layer_idx in adapter.moe_layer_indices(model):
+        for module in (adapter.router(layers[layer_idx]), adapter.moe_block(layers[layer_idx])):
+            unknown = [
+                name
+                for name, value in vars(module).items()
+                if "group" in name and name not in count_names | per_token_names and value == groups
+            ]
+            if unknown:
+                raise ValueError(
+                    f"layer {layer_idx}: {type(module).__name__}.{unknown[0]} = {groups} looks like a cached group "
+                    f"count that ungroup_routing does not know; it would keep routing by groups"
+                )
+            modules.append(module)
+
+    def ungroup() -> None:
+        config = adapter.moe_config(model.config)
+        setattr(config, adapter.group_field, 1)
+        if adapter.topk_group_field is not None:
+            setattr(config, adapter.topk_group_field, 1)
+        for module in modules:
+            for name in count_names | per_token_names:
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, 1)
+        logger.warning(
+            "dropped group-limited routing (%s=%d -> 1): every token now picks its top-%d among all kept experts",
+            adapter.group_field,
+            groups,
+            adapter.top_k(model.config),
+        )
+
+    return ungroup
+
+
 def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts: int, positions: list[int]) -> None:
     """Group-limited routing scores contiguous blocks of experts as groups; keep that structure intact.
 
@@ -69,7 +141,7 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
     if n % groups:
         raise ValueError(
             f"layer {layer}: keeping {n} experts breaks group-limited routing with {adapter.group_field}={groups}; "
-            f"the count must be a multiple of {groups}"
+            f"the count must be a multiple of {groups}{DROP_GROUPS_HINT}"
         )
     old_size, new_size = num_experts // groups, n // groups
     blocks = [positions[g * new_size : (g + 1) * new_size] for g in range(groups)]
@@ -80,11 +152,14 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
             raise ValueError(
                 f"layer {layer}: new group {g} holds experts {block} from old groups {sorted(source)}; "
                 f"with {adapter.group_field}={groups} every group must keep {new_size} experts of one old group "
-                f"(list kept experts group by group)"
+                f"(list kept experts group by group){DROP_GROUPS_HINT}"
             )
         origin.append(source.pop())
     if len(set(origin)) != groups:
-        raise ValueError(f"layer {layer}: old groups {origin} appear twice; every group must keep {new_size} experts")
+        raise ValueError(
+            f"layer {layer}: old groups {origin} appear twice; every group must keep {new_size} experts"
+            f"{DROP_GROUPS_HINT}"
+        )
     top_k = adapter.top_k(config)
     topk_group = int(getattr(adapter.moe_config(config), adapter.topk_group_field) or groups)
     per_group = adapter.group_score_experts
@@ -92,7 +167,7 @@ def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts:
         raise ValueError(
             f"layer {layer}: {new_size} experts per group is too few for group-limited routing "
             f"(needs >= {per_group} per group and {adapter.topk_group_field}={topk_group} groups x {new_size} "
-            f">= top-k {top_k})"
+            f">= top-k {top_k}){DROP_GROUPS_HINT}"
         )
 
 
@@ -104,7 +179,7 @@ def _expert_index(value) -> int:
 
 
 def _validate_positions(
-    adapter: MoEAdapter, model: nn.Module, layer: int, positions: Sequence[int], what: str
+    adapter: MoEAdapter, model: nn.Module, layer: int, positions: Sequence[int], what: str, grouped: bool = True
 ) -> list[int]:
     num_experts = adapter.num_experts(adapter.decoder_layers(model)[layer])
     try:
@@ -122,7 +197,8 @@ def _validate_positions(
     top_k = adapter.top_k(model.config)
     if len(positions) < top_k:
         raise ValueError(f"layer {layer}: keeping {len(positions)} experts, fewer than top-k={top_k}")
-    _check_group_structure(adapter, model.config, layer, num_experts, positions)
+    if grouped:
+        _check_group_structure(adapter, model.config, layer, num_experts, positions)
     return positions
 
 
@@ -208,8 +284,13 @@ def prune_experts(
     model: nn.Module,
     keep: Mapping[int, Sequence[int]],
     on_tensor_replaced: TensorReplacedHook | None = None,
+    drop_group_limited_routing: bool = False,
 ) -> nn.Module:
     """Keep only ``keep[layer]`` experts (in that order) in each listed MoE layer; in place.
+
+    With group-limited routing (``n_group`` > 1) the plan must keep the groups intact (a ValueError says how);
+    ``drop_group_limited_routing=True`` instead routes the pruned model without groups (see
+    `ungroup_routing`), for plans that cannot.
 
     Every per-expert tensor is sliced (router rows, router/expert biases, correction biases, expert
     weights), module attributes and the config follow, and the model becomes its pruned class, so
@@ -219,8 +300,15 @@ def prune_experts(
     model = unwrap_model(model)
     adapter = get_adapter(model)
     _check_layer_indices(adapter, model, keep)
-    plan = {int(layer): _validate_positions(adapter, model, int(layer), kept, "keep") for layer, kept in keep.items()}
+    grouped = not drop_group_limited_routing
+    plan = {
+        int(layer): _validate_positions(adapter, model, int(layer), kept, "keep", grouped)
+        for layer, kept in keep.items()
+    }
+    ungroup = None if grouped else _group_holders(model, adapter)  # refuses before anything changes
     _apply(model, adapter, plan, on_tensor_replaced)
+    if ungroup is not None:
+        ungroup()
     logger.info(
         "pruned experts: %s",
         {layer: f"{adapter.num_experts(adapter.decoder_layers(model)[layer])} kept" for layer in plan},

@@ -96,6 +96,36 @@ def test_prune_subcommand_writes_atomically(workspace):
     assert AutoModelForCausalLM.from_pretrained(out).config.experts_per_layer == [3, 8, 2], "existing output kept"
 
 
+def test_prune_subcommand_drops_group_limited_routing_only_when_asked(tmp_path):
+    """A plan that breaks DeepSeek-V3's expert groups exits 2 naming --drop_group_limited_routing and writes nothing;
+    with the flag the streamed output routes without groups (n_group 1) and equals the in-process result."""
+    import torch
+
+    from hf_moeprune.demo.tiny_models import tiny_model
+
+    model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
+    model.save_pretrained(tmp_path / "model")
+    plan = {1: [0, 1, 2], 2: [5, 6, 7]}  # group sizes 3 + 0 and 0 + 3: no whole number per group
+    argv = ["prune", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"), "--keep", json.dumps(plan)]
+    with pytest.raises(SystemExit, match="--drop_group_limited_routing") as failed:
+        main(argv)
+    assert failed.value.code == 2 and not (tmp_path / "out").exists()
+    assert main([*argv, "--drop_group_limited_routing", "true"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["model_type"], config["n_group"], config["topk_group"], config["n_routed_experts"]) == (
+        "deepseek_v3",
+        1,
+        1,
+        3,
+    )
+    prune_experts(model, plan, drop_group_limited_routing=True)
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(saved, expected, rtol=0, atol=1e-6)
+
+
 def test_prune_subcommand_one_shot_from_calibration_data(workspace, capsys):
     """`prune --data`: REAP one-shot on calibration text, the same plan the Python API makes."""
     import json

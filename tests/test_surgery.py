@@ -270,3 +270,69 @@ def test_optimizer_hook_sees_every_replaced_tensor():
     prune_experts(model, {0: [1, 2, 5]}, on_tensor_replaced=lambda old, new, idx: seen.append((old.shape, new.shape)))
     assert len(seen) == 6  # router weight+bias, 2 expert weights, 2 expert biases
     assert all(o[0] == 8 and n[0] == 3 for o, n in seen)
+
+
+@pytest.mark.parametrize(
+    "family, fields",
+    [
+        ("deepseek_v3", dict(n_group=2, topk_group=1)),
+        ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=4, topk_group=1)),
+        ("minicpm5_moe", {}),  # n_group=2 in its tiny config
+        ("axk2", {}),  # other groups masked with 0.0
+    ],
+)
+def test_dropping_group_limited_routing_equals_a_model_configured_without_groups(family, fields, tmp_path):
+    """`ungroup_routing` sets the group fields to 1 in the config and in every router that cached them: the model
+    then computes exactly what the stock class built from that config computes. A plan that breaks the groups is
+    refused (naming the option) and, with drop_group_limited_routing=True, prunes, saves as the stock architecture
+    with n_group 1 and reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_moeprune import ungroup_routing
+
+    model = tiny_model(family, **fields)
+    adapter = hf_moeprune.get_adapter(model)
+    group_field, topk_group_field = adapter.group_field, adapter.topk_group_field
+    assert adapter.num_groups(model.config) > 1
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grouped = model(ids).logits
+    config = model.config.to_dict()
+    config.update({group_field: 1, topk_group_field: 1})
+    reference = AutoModelForCausalLM.from_config(type(model.config).from_dict(config))
+    reference.load_state_dict(model.state_dict())
+    ungroup_routing(model)
+    assert (getattr(model.config, group_field), getattr(model.config, topk_group_field)) == (1, 1)
+    with torch.no_grad():
+        ungrouped = model(ids).logits
+        assert torch.equal(ungrouped, reference(ids).logits)
+    assert not torch.equal(ungrouped, grouped)  # the groups did restrict routing on these tokens
+
+    model = tiny_model(family, **fields)
+    moe_layers = adapter.moe_layer_indices(model)
+    breaking = {layer: [0, 1, 2, 3, 4, 5][: max(adapter.top_k(model.config), 3)] for layer in moe_layers}
+    with pytest.raises(ValueError, match="drop_group_limited_routing=True"):
+        prune_experts(model, breaking)
+    assert adapter.num_experts(adapter.decoder_layers(model)[moe_layers[0]]) == 8  # refused before any change
+    prune_experts(model, breaking, drop_group_limited_routing=True)
+    with torch.no_grad():
+        expected = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(expected, prune_experts(reference, breaking)(ids).logits)
+    model.save_pretrained(tmp_path)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert saved.config.model_type == family and getattr(saved.config, group_field) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(saved(ids).logits, expected, rtol=0, atol=1e-6)
+
+
+def test_ungroup_routing_refuses_a_router_caching_groups_under_an_unknown_name():
+    from hf_moeprune import ungroup_routing
+
+    model = tiny_model("deepseek_v3", n_group=2, topk_group=1)
+    adapter = hf_moeprune.get_adapter(model)
+    router = adapter.router(adapter.decoder_layers(model)[1])
+    router.expert_groups = 2
+    with pytest.raises(ValueError, match=r"expert_groups = 2 looks like a cached group count"):
+        ungroup_routing(model)
+    assert model.config.n_group == 2 and router.num_group == 2  # nothing changed

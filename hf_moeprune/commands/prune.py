@@ -54,6 +54,12 @@ class PruneCLIArguments:
     )  # fmt: skip
     super_expert_quantile: float = field(default=0.995, metadata={"help": "see --protect_super_experts"})
     super_expert_ratio: float = field(default=0.1, metadata={"help": "see --protect_super_experts"})
+    drop_group_limited_routing: bool = field(
+        default=False,
+        metadata={"help": "for an explicit plan that cannot keep the groups of group-limited routing (n_group > 1): "
+                  "route the pruned model without groups (n_group = topk_group = 1), a plain top-k over all kept "
+                  "experts of a layer; changes which experts tokens may pick"},
+    )  # fmt: skip
     merge: bool = field(
         default=False,
         metadata={"help": "fold each removed expert into its most similar kept expert (frequency-weighted average; "
@@ -306,7 +312,8 @@ def main(argv: Sequence[str]) -> int:
 
             skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size,
                                         merge=merge, extra_config=provenance, on_written=save_tokenizer,
-                                        overwrite=args.overwrite)  # fmt: skip
+                                        overwrite=args.overwrite,
+                                        drop_group_limited_routing=args.drop_group_limited_routing)  # fmt: skip
         except StreamingUnsupported as exc:
             logger.warning("loading the whole model instead of streaming: %s", exc)
         else:
@@ -322,7 +329,7 @@ def main(argv: Sequence[str]) -> int:
 
         merge_experts(model, {layer: m[0] for layer, m in merge.items()}, {layer: m[1] for layer, m in merge.items()})
     if keep:
-        prune_experts(model, keep)
+        prune_experts(model, keep, drop_group_limited_routing=args.drop_group_limited_routing)
     else:
         logger.warning("nothing to remove: the model keeps all its experts")
     for name, value in provenance.items():
