@@ -184,6 +184,7 @@ REMOTE_DEFAULT = [
     "ernie4_5_moe", "glm4_moe_lite", "granitemoehybrid", "minimax_m2", "nemotron_h", "qwen3_5_moe_text", "qwen3_vl_moe",
     "sarvam_mla",  # a config class of its own on DeepseekV3ForCausalLM: the pruned class named after both
     "ergo",  # a per-expert tensor in a submodule of the experts (post_expert_norm.weight)
+    "gemma4",  # a composite whose class is also its causal-LM class, router and experts in the decoder layer
 ]  # fmt: skip
 
 

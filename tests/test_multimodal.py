@@ -17,6 +17,7 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 import hf_moeprune
 from hf_moeprune import prune_experts
 from hf_moeprune.adapters import ADAPTERS
+from hf_moeprune.balancing.loads import measure_expert_loads
 from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.oneshot import collect_statistics, prune_oneshot
 from hf_moeprune.training import MoEPruneTrainer
@@ -25,26 +26,56 @@ MULTIMODAL = sorted(name for name, a in ADAPTERS.items() if a.auto_class == "Aut
 GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
 
 
+def _qwen_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Qwen-VL / GLM-4V / dots3 / MiniMax-M3-VL: t x p x p patches flattened over the batch, a (t, h, w) patch grid
+    per image."""
+    vision = config.vision_config
+    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
+    return {"pixel_values": torch.randn(batch * 16, patch, generator=g), "image_grid_thw": GRID.repeat(batch, 1)}
+
+
+def _gemma4_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Gemma-4: one sequence of 16 patches (values in [0, 1]) per image with their (x, y) positions; the vision tower
+    pools 2 x 2 patches into one soft token."""
+    positions = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(16, 2)
+    return {
+        "pixel_values": torch.rand(batch, 16, 3 * config.vision_config.patch_size**2, generator=g),
+        "image_position_ids": positions.repeat(batch, 1, 1),
+    }
+
+
+def _inkling2_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inkling-2: one block of merge x merge patches per image token (values in [-1, 1]), the grid counted in image
+    tokens."""
+    side = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    return {
+        "pixel_values": torch.rand(batch * 4, side, side, 3, generator=g) * 2 - 1,
+        "image_grid_thw": torch.tensor([[1, 2, 2]]).repeat(batch, 1),
+    }
+
+
+PIXEL_INPUTS = {"gemma4": _gemma4_pixels, "inkling2": _inkling2_pixels, "inkling2_loop": _inkling2_pixels}
+
+
 def _image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
-    format of the Qwen-VL / GLM-4V / dots3 families (patches flattened over the batch, a (t, h, w) grid per image;
-    ``mm_token_type_ids`` where the model's forward takes them)."""
+    format of the model's family (`PIXEL_INPUTS`, Qwen-VL's by default; ``mm_token_type_ids`` where the model's
+    forward takes them)."""
     config = model.config
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 90, (batch, length), generator=g)
-    start = getattr(config, "vision_start_token_id", None) or getattr(config, "image_start_token_id", None)
-    end = getattr(config, "vision_end_token_id", None) or getattr(config, "image_end_token_id", None)
+    start = next((v for k in ("vision_start_token_id", "image_start_token_id", "boi_token_id")
+                  if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
+    end = next((v for k in ("vision_end_token_id", "image_end_token_id", "eoi_token_id")
+                if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
     if start is not None:
         ids[:, 2] = start
     if end is not None:
         ids[:, 7] = end
     ids[:, 3:7] = config.image_token_id
-    vision = config.vision_config
-    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
     inputs = {
         "input_ids": ids,
-        "pixel_values": torch.randn(batch * 16, patch, generator=g),
-        "image_grid_thw": GRID.repeat(batch, 1),
+        **PIXEL_INPUTS.get(hf_moeprune.get_adapter(model).model_type, _qwen_pixels)(config, batch, g),
     }
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
@@ -97,7 +128,7 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     assert torch.equal(_logits(reloaded, image), expected_image)
     assert torch.equal(_logits(reloaded, text), expected_text)
     greedy = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
-    one = {k: v[:1] if k != "pixel_values" else v[:16] for k, v in image.items()}
+    one = _image_batch(model, seed=1)
     assert torch.equal(
         model.generate(**one, generation_config=greedy), reloaded.generate(**one, generation_config=greedy)
     )
@@ -117,6 +148,27 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "stock")
     assert type(stock).__name__ == adapter.model_class
     torch.testing.assert_close(_logits(stock, image), expected_image, rtol=0, atol=1e-6)
+
+
+def test_looped_layer_is_pruned_once_and_routes_on_every_pass(tmp_path):
+    """Inkling-2-Loop runs its loop layers several times per forward with the same modules: pruning one changes it on
+    every pass, the statistics count each pass's routing, and the pruned checkpoint reloads with the loop intact."""
+    model = tiny_model(
+        "inkling2_loop", n_layers_per_attn_res_block=1, loop_layer_index_start=1, loop_layer_index_end=2,
+        loop_num_passes=2,
+    )  # fmt: skip
+    plan = _per_layer_plan(model, hf_moeprune.get_adapter(model))
+    prune_experts(model, plan)
+    image = _image_batch(model, batch=2)
+    loads = measure_expert_loads(model, [image], progress=False)
+    routed = image["input_ids"].numel() * 2  # top-2
+    assert [loads[i].numel() for i in (0, 1, 2)] == [len(plan[i]) for i in (0, 1, 2)]
+    assert [loads[i].sum().item() for i in (0, 1, 2)] == [routed, 2 * routed, routed]  # layer 1 runs twice
+    expected = _logits(model, image)
+    model.save_pretrained(tmp_path, export_stock=False)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert reloaded.config.text_config.loop_num_passes == 2
+    assert torch.equal(_logits(reloaded, image), expected)
 
 
 def test_vision_language_model_loads_with_trust_remote_code_without_the_package(tmp_path):

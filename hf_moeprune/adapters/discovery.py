@@ -156,12 +156,10 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     if layers_path is not None:  # the MoE fields are in the language model's sub-config
         from hf_moeprune.adapters.base import AUTO_CLASS_MAPPINGS, auto_class_mapping
 
+        # a composite whose class is also its causal-LM class (Gemma-4's) is loaded as the vision-language model it is
+        preferred = sorted(AUTO_CLASS_MAPPINGS, key=lambda name: name != "AutoModelForImageTextToText")
         auto_class = next(
-            (
-                name
-                for name in AUTO_CLASS_MAPPINGS
-                if auto_class_mapping(name).get(config.model_type) == type(model).__name__
-            ),
+            (name for name in preferred if auto_class_mapping(name).get(config.model_type) == type(model).__name__),
             "AutoModelForImageTextToText",
         )
         composite = dict(text_config_attr="text_config", layers_path=layers_path, auto_class=auto_class)

@@ -1508,6 +1508,63 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Gemma-4: Gemma-4's language model (router and experts in the decoder layer itself); its vision tower embeds
+# per-image patch sequences with (x, y) positions and pools k x k patches into one soft token. No audio tower.
+_multimodal(
+    "gemma4",
+    ADAPTERS["gemma4_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["gemma4_text"].tiny_config,
+        vision_config=dict(
+            hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+            head_dim=8, patch_size=4, position_embedding_size=16, pooling_kernel_size=2,
+        ),
+        boi_token_id=120, eoi_token_id=121, image_token_id=122, video_token_id=123, boa_token_id=124,
+        eoa_token_index=125, audio_token_id=126, tie_word_embeddings=False,
+    ),
+)  # fmt: skip
+
+# Inkling-2 and its looped variant: the language model is the registered text family; the vision tower takes one
+# block of merge x merge patches per image token. (The tiny text config does not loop: its loop starts past the last
+# layer; tests/test_multimodal.py prunes a looping one.)
+_INKLING2_VISION: dict[str, Any] = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4, spatial_merge_size=2, posemb_grid_size=8,
+    projection_hidden_dim=32, text_hidden_size=32,
+)  # fmt: skip
+_multimodal(
+    "inkling2",
+    ADAPTERS["inkling2_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["inkling2_text"].tiny_config, vision_config=_INKLING2_VISION, image_token_id=95
+    ),
+)
+_multimodal(
+    "inkling2_loop",
+    ADAPTERS["inkling2_loop_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["inkling2_loop_text"].tiny_config,
+        vision_config=dict(_INKLING2_VISION, model_type="inkling2_vision"),
+        image_token_id=95,
+    ),
+)
+
+# MiniMax-M3-VL: the registered text family; a Qwen-VL-style vision tower (flattened t x p x p patches, a (t, h, w)
+# grid per image, 2 x 2 merge in the projector).
+_multimodal(
+    "minimax_m3_vl",
+    ADAPTERS["minimax_m3_vl_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["minimax_m3_vl_text"].tiny_config,
+        vision_config=dict(
+            hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
+            temporal_patch_size=2, spatial_merge_size=2, image_size=16,
+        ),
+        image_token_index=95,
+        video_token_index=96,
+        projector_hidden_size=32,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1574,11 +1631,7 @@ for _model_type, _reason in {
     ),
     "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
     "llama4": _text_unsupported("llama4_text"),
-    "gemma4": _text_unsupported("gemma4_text"),
     "inkling_mm_model": _text_unsupported("inkling_text"),
-    "inkling2": _text_unsupported("inkling2_text"),
-    "inkling2_loop": _text_unsupported("inkling2_loop_text"),
-    "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
     "aria": _UNVERIFIED_MULTIMODAL,
     "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
