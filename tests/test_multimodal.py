@@ -12,7 +12,8 @@ import torch
 from conftest import run_without_package
 from datasets import Dataset
 from train_args import train_args
-from transformers import AutoModelForImageTextToText, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import hf_moeprune
 from hf_moeprune import prune_experts
@@ -127,6 +128,12 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     assert type(reloaded).__name__ == f"MoEPrune{adapter.model_class}"
     assert torch.equal(_logits(reloaded, image), expected_image)
     assert torch.equal(_logits(reloaded, text), expected_text)
+    if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(family) == adapter.model_class:  # Gemma-4: also its causal-LM class
+        assert config["auto_map"]["AutoModelForCausalLM"] == config["auto_map"]["AutoModelForImageTextToText"]
+        as_causal_lm = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+        assert type(as_causal_lm) is type(reloaded) and torch.equal(_logits(as_causal_lm, image), expected_image)
+    else:
+        assert "AutoModelForCausalLM" not in config["auto_map"]
     greedy = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     one = _image_batch(model, seed=1)
     assert torch.equal(

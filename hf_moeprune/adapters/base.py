@@ -24,6 +24,7 @@ from hf_moeprune.adapters.routing import BUILTIN_ROUTE_FUNCTIONS, get_route_func
 from hf_moeprune.format import register_pruned_classes
 from hf_moeprune.format.layout import base_model_type
 from hf_moeprune.format.modeling_moeprune import (
+    AUTO_CLASS_MAPPING_NAMES,
     COUNT_FIELD_CANDIDATES,
     SELECTION_BIAS,
     get_submodule_attr,
@@ -300,18 +301,14 @@ class MoEAdapter:
         return bool(self.renormalizes(self.moe_config(config))) and self.num_groups(config) == 1
 
 
-# Auto class name -> the name of its model mapping in transformers.models.auto.modeling_auto
-AUTO_CLASS_MAPPINGS = {
-    "AutoModelForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
-    "AutoModelForImageTextToText": "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
-}
+# Auto class name -> its model mapping (model_type -> class name); the pruned format's file owns it, since it writes
+# an auto_map entry for each auto class that loads the stock class
+AUTO_CLASS_MAPPINGS = AUTO_CLASS_MAPPING_NAMES
 
 
 def auto_class_mapping(auto_class: str) -> Mapping[str, str]:
     """model_type -> model class name of ``auto_class`` in the installed transformers."""
-    from transformers.models.auto import modeling_auto
-
-    return getattr(modeling_auto, AUTO_CLASS_MAPPINGS[auto_class])
+    return AUTO_CLASS_MAPPINGS[auto_class]
 
 
 ADAPTERS: dict[str, MoEAdapter] = {}

@@ -27,6 +27,7 @@ from hf_moeprune.format.modeling_moeprune import (
     per_layer_counts,
     record_per_layer_counts,
     resize_expert_tensors,
+    stock_auto_classes,
 )
 
 __all__ = [
@@ -66,6 +67,8 @@ def register_auto_classes() -> None:
     auto_classes = {a.model_type: a.auto_class for a in ADAPTERS.values()}
     for model_type, (config_cls, model_cls) in PRUNED_CLASSES.items():
         register_pruned_classes(config_cls, model_cls, auto_classes.get(model_type, "AutoModelForCausalLM"))
+        for auto_class in stock_auto_classes(model_type, model_cls.stock_model_class):  # Gemma-4: both
+            getattr(transformers, auto_class).register(config_cls, model_cls, exist_ok=True)
 
 
 def is_pruned(model) -> bool:

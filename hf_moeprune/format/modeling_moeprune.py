@@ -19,7 +19,10 @@ import torch
 import transformers
 from torch import nn
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -713,6 +716,11 @@ class PrunedMoEMixin:
         # hf_moeprune would skip the unknown quant_method and load random weights; here it refuses (see above).
         quantized = _quant_method(self.config) == HF_MOEPRUNE_QUANT_METHOD
         if not (export_stock and len(counts) == 1) or biased or quantized:
+            # every auto class that loads the stock class loads the pruned one (Gemma-4's composite class is also
+            # its AutoModelForCausalLM class); save_pretrained adds the class's own _auto_class to these
+            name = f"{__name__.rpartition('.')[2]}.{type(self).__name__}"
+            extra = {auto: name for auto in stock_auto_classes(self.config.base_model_type, self.stock_model_class)}
+            self.config.auto_map = {**extra, **(getattr(self.config, "auto_map", None) or {})}
             return super().save_pretrained(save_directory, *args, **kwargs)
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
@@ -868,6 +876,19 @@ def _forward_with_stock_signature(stock_model_cls):
     forward.__signature__ = stock.replace(parameters=params)
     forward.__doc__ = PrunedMoEMixin.forward.__doc__
     return forward
+
+
+AUTO_CLASS_MAPPING_NAMES = {
+    "AutoModelForCausalLM": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    "AutoModelForImageTextToText": MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+}
+
+
+def stock_auto_classes(model_type: str, stock_model_cls: type) -> list[str]:
+    """The auto classes through which transformers loads ``stock_model_cls`` for ``model_type``."""
+    return [
+        auto for auto, names in AUTO_CLASS_MAPPING_NAMES.items() if names.get(model_type) == stock_model_cls.__name__
+    ]
 
 
 def make_pruned_classes(config_name: str, model_name: str) -> tuple[type, type]:
