@@ -6,7 +6,7 @@ with ``AutoModelForCausalLM.from_pretrained``. Heavier parts (trainer, compressi
 
 from importlib import import_module
 
-from hf_moeprune.adapters import ADAPTERS, MoEAdapter, get_adapter, register_adapter, register_family
+from hf_moeprune.adapters import ADAPTERS, KeepAllExperts, MoEAdapter, get_adapter, register_adapter, register_family
 from hf_moeprune.balancing import PlacementPlan, plan_placement
 from hf_moeprune.format import PrunedConfigError, is_pruned, register_auto_classes
 from hf_moeprune.quantization import (  # registers the quantizer, so quantized checkpoints load too
@@ -44,6 +44,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ADAPTERS",
+    "KeepAllExperts",
     "MoEAdapter",
     "PlacementPlan",
     "PrunedConfigError",

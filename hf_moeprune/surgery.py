@@ -127,6 +127,49 @@ def _group_holders(model: nn.Module, adapter: MoEAdapter) -> Callable[[], None] 
     return ungroup
 
 
+def _as_indices(value) -> list[int | None] | None:
+    """``value`` as a list of expert indices (None where an entry is not one), or None if it is not a sequence."""
+    try:
+        items = list(value)
+    except TypeError:
+        return None
+    out = []
+    for item in items:
+        try:
+            out.append(_expert_index(item))
+        except (TypeError, ValueError):
+            out.append(None)
+    return out
+
+
+def _leave_keep_all_layers(
+    adapter: MoEAdapter, model: nn.Module, plan: dict[int, Sequence[int]], what: str
+) -> dict[int, Sequence[int]]:
+    """``plan`` without the entries of layers that must keep all their experts (``adapter.keep_all_experts``); those
+    entries may only list every expert in its current order (a no-op). Anything else is refused, naming the layers."""
+    fixed = adapter.keep_all_layers(model.config)
+    if not fixed & set(plan):
+        return plan
+    layers = adapter.decoder_layers(model)
+    changed = [
+        layer
+        for layer in sorted(fixed & set(plan))
+        if _as_indices(plan[layer]) != list(range(adapter.num_experts(layers[layer])))
+    ]
+    if changed:
+        config = adapter.moe_config(model.config)
+        why = "; ".join(
+            f"layer {layer} ({adapter.keep_all_experts.describe(config, layer)}; {what}={plan[layer]})"
+            for layer in changed
+        )
+        raise ValueError(
+            f"{adapter.model_type}: the plan removes or reorders experts of MoE layer(s) {changed}, which must keep "
+            f"all their experts in order: {why}. Leave these layers out of the plan (prunable MoE layers: "
+            f"{adapter.prunable_layer_indices(model)})"
+        )
+    return {layer: kept for layer, kept in plan.items() if layer not in fixed}
+
+
 def _check_group_structure(adapter: MoEAdapter, config, layer: int, num_experts: int, positions: list[int]) -> None:
     """Group-limited routing scores contiguous blocks of experts as groups; keep that structure intact.
 
@@ -295,16 +338,16 @@ def prune_experts(
     Every per-expert tensor is sliced (router rows, router/expert biases, correction biases, expert
     weights), module attributes and the config follow, and the model becomes its pruned class, so
     ``save_pretrained``/``from_pretrained`` round-trip. Layers not in ``keep`` are untouched. Each tensor
-    is replaced one at a time: no second full-size copy of the model is ever held.
+    is replaced one at a time: no second full-size copy of the model is ever held. Layers the family marks as keeping
+    all their experts (`MoEAdapter.keep_all_experts`: DeepSeek-V4's hash-routed layers) may only be listed with
+    every expert in order; otherwise a ValueError names them and why, before anything changes.
     """
     model = unwrap_model(model)
     adapter = get_adapter(model)
     _check_layer_indices(adapter, model, keep)
+    keep = _leave_keep_all_layers(adapter, model, {int(layer): kept for layer, kept in keep.items()}, "keep")
     grouped = not drop_group_limited_routing
-    plan = {
-        int(layer): _validate_positions(adapter, model, int(layer), kept, "keep", grouped)
-        for layer, kept in keep.items()
-    }
+    plan = {layer: _validate_positions(adapter, model, layer, kept, "keep", grouped) for layer, kept in keep.items()}
     ungroup = None if grouped else _group_holders(model, adapter)  # refuses before anything changes
     _apply(model, adapter, plan, on_tensor_replaced)
     if ungroup is not None:
@@ -329,6 +372,7 @@ def permute_experts(
     model = unwrap_model(model)
     adapter = get_adapter(model)
     _check_layer_indices(adapter, model, order)
+    order = _leave_keep_all_layers(adapter, model, {int(layer): perm for layer, perm in order.items()}, "order")
     plan = {}
     for layer, perm in order.items():
         layer = int(layer)

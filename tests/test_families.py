@@ -89,13 +89,17 @@ def test_unsupported_family_raises_its_reason(model_type):
 
 
 def _keep_plan(model, adapter, uniform: bool) -> dict[int, list[int]]:
-    """Reversed (so also permuted) ids per MoE layer, a whole number per group; per-layer counts differ unless
-    ``uniform``."""
+    """Reversed (so also permuted) ids per prunable MoE layer, a whole number per group; per-layer counts differ unless
+    ``uniform``. Layers that must keep all their experts (DeepSeek-V4's hash layers) are left out, so a ``uniform``
+    layout keeps every expert (reversed) in the other layers too."""
     groups = adapter.num_groups(model.config)
     size = adapter.num_experts_in_config(model.config) // groups
+    keeps_all_somewhere = bool(adapter.keep_all_layers(model.config))
     plan = {}
-    for n, layer in enumerate(adapter.moe_layer_indices(model)):
-        per_group = size - 2 if uniform or n % 2 else size - 1
+    for n, layer in enumerate(adapter.prunable_layer_indices(model)):
+        per_group = size - 2 if n % 2 else size - 1
+        if uniform:
+            per_group = size if keeps_all_somewhere else size - 2
         plan[layer] = [g * size + i for g in range(groups) for i in range(per_group)][::-1]
     return plan
 
@@ -117,7 +121,22 @@ def test_registration_matches_the_model(family):
         set(declared.router_tensors) == set(found.router_tensors)
         and declared.router_tensors[0] == found.router_tensors[0]
     )
-    layer = declared.decoder_layers(model)[declared.moe_layer_indices(model)[0]]
+    # layers whose router needs more than the hidden states keep all their experts; discovery names them the same way
+    keep_all = [
+        (k.keep_all_experts.layer_types_field, k.keep_all_experts.values, k.keep_all_experts.tables)
+        if k.keep_all_experts
+        else None
+        for k in (declared, found)
+    ]
+    assert keep_all[0] == keep_all[1]
+    layers = declared.decoder_layers(model)
+    for index in declared.keep_all_layers(model.config):
+        for name in declared.keep_all_experts.tables:
+            table = getattr(declared.router(layers[index]), name)
+            assert not table.is_floating_point() and 0 <= table.min() <= table.max() < declared.num_experts(
+                layers[index]
+            )
+    layer = layers[declared.prunable_layer_indices(model)[0]]
     assert declared.num_experts_in_config(model.config) == declared.num_experts(layer) == 8
     assert (
         declared.top_k(model.config)
@@ -138,10 +157,10 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     moe_layers = adapter.moe_layer_indices(model)
     plan = _keep_plan(model, adapter, uniform=False)
     prune_experts(model, plan)
-    counts = [c for c in model.config.experts_per_layer if c is not None]
-    assert counts == [len(plan[i]) for i in moe_layers]
-    if len(moe_layers) > 1:
-        assert len(set(counts)) == 2  # a real per-layer layout
+    counts = [model.config.experts_per_layer[i] for i in moe_layers]
+    assert counts == [len(plan[i]) if i in plan else 8 for i in moe_layers]  # keep-all layers keep their 8
+    if len(plan) > 1:
+        assert len({len(kept) for kept in plan.values()}) == 2  # a real per-layer layout
     expected = _logits(model)
     loads = measure_expert_loads(model, [{"input_ids": IDS}], progress=False)  # routing statistics via the adapter
     assert [loads[i].numel() for i in moe_layers] == counts
@@ -172,7 +191,7 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     uniform.save_pretrained(tmp_path / "stock")
     config = json.loads((tmp_path / "stock" / "config.json").read_text())
     assert config["model_type"] == family and "auto_map" not in config
-    assert adapter.moe_config(config)[adapter.num_experts_field] == len(plan[moe_layers[0]])
+    assert adapter.moe_config(config)[adapter.num_experts_field] == len(next(iter(plan.values())))
     stock = auto.from_pretrained(tmp_path / "stock")
     assert type(stock).__name__ == adapter.model_class
     torch.testing.assert_close(_logits(stock), expected, rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ from hf_moeprune.adapters import families  # noqa: F401  (registers the built-in
 from hf_moeprune.adapters.base import (
     ADAPTERS,
     UNSUPPORTED,
+    KeepAllExperts,
     MoEAdapter,
     base_model_type,
     get_adapter,
@@ -15,6 +16,7 @@ from hf_moeprune.adapters.base import (
 __all__ = [
     "ADAPTERS",
     "UNSUPPORTED",
+    "KeepAllExperts",
     "MoEAdapter",
     "base_model_type",
     "get_adapter",

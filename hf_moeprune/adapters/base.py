@@ -73,6 +73,59 @@ ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+@dataclass(frozen=True)
+class KeepAllExperts:
+    """MoE layers that must keep every expert, in checkpoint order, named by a per-layer list of the config.
+
+    Such a layer does not choose its experts from the hidden states alone: DeepSeek-V4's ``hash_moe`` layers look
+    the experts of each token up in a token-id -> expert-id table (``tid2eid``), so removing or reordering an expert
+    would send tokens to other experts. Plans never touch these layers; statistics are still recorded there.
+
+    Attributes:
+        layer_types_field: config field holding one entry per decoder layer (``"mlp_layer_types"``).
+        values: entries of that list whose layers keep all their experts (``("hash_moe",)``).
+        reason: why, for error messages and the README table.
+        tables: router tensors (relative to the router) holding expert ids rather than per-expert rows
+            (``("tid2eid",)``); surgery leaves them as they are, the tiny test models fill them with random ids.
+    """
+
+    layer_types_field: str
+    values: tuple[str, ...]
+    reason: str
+    tables: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.layer_types_field, str) or not self.layer_types_field:
+            raise ValueError(f"layer_types_field={self.layer_types_field!r} must name a config field")
+        if (
+            not isinstance(self.values, tuple)
+            or not self.values
+            or not all(isinstance(v, str) and v for v in self.values)
+        ):
+            raise ValueError(f"values={self.values!r} must be a non-empty tuple of layer-type names")
+        if not isinstance(self.reason, str) or not self.reason:
+            raise ValueError(f"{self.layer_types_field}: a KeepAllExperts declaration needs a reason")
+        if not isinstance(self.tables, tuple) or not all(isinstance(t, str) and t for t in self.tables):
+            raise ValueError(f"tables={self.tables!r} must be a tuple of tensor names relative to the router")
+
+    def layers(self, config) -> frozenset[int]:
+        """Indices of the decoder layers whose ``layer_types_field`` entry is one of ``values``; ``config`` is the
+        config holding the field (or a parsed ``config.json``)."""
+        get = config.get if isinstance(config, Mapping) else lambda name: getattr(config, name, None)
+        entries = get(self.layer_types_field)
+        if not isinstance(entries, (list, tuple)):
+            raise ValueError(
+                f"config field {self.layer_types_field!r} is {entries!r}; the layers that must keep all their "
+                f"experts are read from it, so it must be a list with one entry per decoder layer"
+            )
+        return frozenset(i for i, entry in enumerate(entries) if entry in self.values)
+
+    def describe(self, config, layer: int) -> str:
+        """Why ``layer`` keeps all its experts, naming the config entry."""
+        get = config.get if isinstance(config, Mapping) else lambda name: getattr(config, name, None)
+        return f"{self.layer_types_field}[{layer}] is {get(self.layer_types_field)[layer]!r}: {self.reason}"
+
+
 def join_path(*parts: str) -> str:
     """A dotted module path from its parts, skipping empty ones (``block_attr=""``: the decoder layer itself holds the
     router and the experts, as in Gemma-4)."""
@@ -117,6 +170,9 @@ class MoEAdapter:
         auto_class: the Auto class that loads the family (``AutoModelForCausalLM``, or
             ``AutoModelForImageTextToText`` for the vision-language families); the stock model class is read
             from its mapping and the saved ``auto_map`` names it.
+        keep_all_experts: the MoE layers that must keep all their experts (`KeepAllExperts`; DeepSeek-V4's
+            ``hash_moe`` layers), or None. Every plan maker leaves them whole and ``prune_experts`` refuses a plan
+            that changes them; `prunable_layer_indices` lists the other MoE layers.
     """
 
     model_type: str
@@ -142,8 +198,14 @@ class MoEAdapter:
     text_config_attr: str | None = None
     layers_path: str | None = None
     auto_class: str = "AutoModelForCausalLM"
+    keep_all_experts: KeepAllExperts | None = None
 
     def __post_init__(self):
+        if self.keep_all_experts is not None and not isinstance(self.keep_all_experts, KeepAllExperts):
+            raise TypeError(
+                f"keep_all_experts for {self.model_type!r} must be a KeepAllExperts, got "
+                f"{type(self.keep_all_experts).__name__}"
+            )
         if self.score_function not in ROUTER_SCORE_FUNCTIONS:
             raise ValueError(
                 f"score_function={self.score_function!r} for {self.model_type!r}; "
@@ -234,6 +296,17 @@ class MoEAdapter:
 
     def moe_layer_indices(self, model: nn.Module) -> list[int]:
         return [i for i, layer in enumerate(self.decoder_layers(model)) if self.moe_block(layer) is not None]
+
+    def keep_all_layers(self, config) -> frozenset[int]:
+        """Decoder layers that must keep all their experts (empty unless the family declares `KeepAllExperts`)."""
+        if self.keep_all_experts is None:
+            return frozenset()
+        return self.keep_all_experts.layers(self.moe_config(config))
+
+    def prunable_layer_indices(self, model: nn.Module) -> list[int]:
+        """The MoE layers whose experts plans may remove or reorder: `moe_layer_indices` minus `keep_all_layers`."""
+        fixed = self.keep_all_layers(model.config)
+        return [i for i in self.moe_layer_indices(model) if i not in fixed]
 
     def num_experts(self, layer: nn.Module) -> int:
         owner, attr = get_submodule_attr(self.router(layer), self.router_tensors[0])
@@ -347,6 +420,7 @@ def register_family(adapter: MoEAdapter) -> MoEAdapter:
             f"(defined there: {sorted(BUILTIN_ROUTE_FUNCTIONS)})"
         )
     check_quantization_skips(adapter)
+    check_keep_all_experts(adapter)
     register_pruned_classes(*make_pruned_classes(adapter.config_class, adapter.model_class), adapter.auto_class)
     ADAPTERS[adapter.model_type] = adapter
     return adapter
@@ -364,6 +438,36 @@ def register_unsupported(model_type: str, reason: str) -> None:
     if model_type in ADAPTERS or model_type in UNSUPPORTED:
         raise ValueError(f"model_type {model_type!r} is already registered")
     UNSUPPORTED[model_type] = reason
+
+
+def check_keep_all_experts(adapter: MoEAdapter) -> None:
+    """A `KeepAllExperts` declaration must name a per-layer list field of the family's config class; with the tiny
+    config it must pick layers and leave others to prune (the family tests prune those)."""
+    keep_all = adapter.keep_all_experts
+    if keep_all is None:
+        return
+    import transformers
+
+    config_cls = getattr(transformers, adapter.config_class)
+    if adapter.text_config_attr is not None:
+        config_cls = config_cls.sub_configs[adapter.text_config_attr]
+    declared = {f.name for f in dataclasses.fields(config_cls)} if dataclasses.is_dataclass(config_cls) else set()
+    if keep_all.layer_types_field not in declared:
+        raise ValueError(
+            f"{adapter.model_type!r}: keep_all_experts reads {keep_all.layer_types_field!r}, which "
+            f"{config_cls.__name__} does not declare"
+        )
+    if not adapter.tiny_config:
+        return
+    config = adapter.moe_config(getattr(transformers, adapter.config_class)(**adapter.tiny_config))
+    fixed = keep_all.layers(config)
+    layers = int(config.num_hidden_layers)
+    if len(getattr(config, keep_all.layer_types_field)) != layers or not fixed or len(fixed) == layers:
+        raise ValueError(
+            f"{adapter.model_type!r}: with the tiny config, {keep_all.layer_types_field}="
+            f"{getattr(config, keep_all.layer_types_field)!r} must have {layers} entries, some (not all) of them in "
+            f"{keep_all.values}"
+        )
 
 
 def check_quantization_skips(adapter: MoEAdapter) -> None:

@@ -18,7 +18,13 @@ import logging
 import torch
 from torch import nn
 
-from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES, RULE_SCORE_FUNCTION, TOP_K_FIELD_CANDIDATES, MoEAdapter
+from hf_moeprune.adapters.base import (
+    COUNT_FIELD_CANDIDATES,
+    RULE_SCORE_FUNCTION,
+    TOP_K_FIELD_CANDIDATES,
+    KeepAllExperts,
+    MoEAdapter,
+)
 from hf_moeprune.format.modeling_moeprune import ROUTE_FUNCTIONS
 
 logger = logging.getLogger(__name__)
@@ -131,6 +137,39 @@ def block_router_args(block: nn.Module, block_tensors) -> tuple:
     return tuple(getattr(block, name) for name in block_tensors)
 
 
+def routes_from_hidden_states(router: nn.Module, hidden_size: int, router_args: tuple = ()) -> bool:
+    """Whether ``router`` runs on the hidden states (and the block's own tensors) alone; DeepSeek-V4's hash routers
+    also need the token ids, which pick their experts."""
+    weight = next(router.parameters())
+    try:
+        with torch.no_grad():
+            call_router(router, torch.zeros(1, hidden_size, dtype=weight.dtype, device=weight.device), *router_args)
+    except TypeError:
+        return False
+    return True
+
+
+def _keep_all_declaration(config, num_layers: int, fixed: list[int], routed: list[int], router: nn.Module):
+    """The `KeepAllExperts` that names the ``fixed`` layers: the first per-layer list field of ``config`` whose entries
+    at those layers differ from its entries at every ``routed`` layer."""
+    for name, entries in config.to_dict().items():
+        if not isinstance(entries, list) or len(entries) != num_layers or not all(isinstance(e, str) for e in entries):
+            continue
+        values = {entries[i] for i in fixed}
+        if values.isdisjoint(entries[i] for i in routed):
+            tables = [n for n, t in [*router.named_buffers(), *router.named_parameters()] if not t.is_floating_point()]
+            return KeepAllExperts(
+                layer_types_field=name,
+                values=tuple(sorted(values)),
+                reason=f"its router ({type(router).__name__}) does not choose experts from the hidden states alone",
+                tables=tuple(tables),
+            )
+    raise DiscoveryError(
+        f"{config.model_type}: the routers of MoE layers {fixed} ({type(router).__name__}) need more than the hidden "
+        f"states, and no per-layer list of the config tells those layers apart from {routed}"
+    )
+
+
 # Where vision-language models keep their language model's decoder layers (transformers v5 composite models).
 COMPOSITE_LAYER_PATHS = ("model.language_model.layers",)
 
@@ -168,16 +207,34 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     found = [(idx, f) for idx, f in found if f is not None]
     if not found:
         raise DiscoveryError(f"{type(model).__name__}: no decoder layer has an experts module with fused 3D tensors")
-    layer_idx, (block_attr, router_attr, weight_name, experts) = found[0]
+    block_attr, router_attr, weight_name, _ = found[0][1]
     if {f[:3] for _, f in found} != {(block_attr, router_attr, weight_name)}:
         raise DiscoveryError(f"{type(model).__name__}: MoE layers place their router differently")
-    block = getattr(layers[layer_idx], block_attr) if block_attr else layers[layer_idx]
-    router = getattr(block, router_attr)
-    num_experts = next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
+
+    def parts(idx: int, experts: nn.Module):
+        block = getattr(layers[idx], block_attr) if block_attr else layers[idx]
+        num_experts = next(p for p in experts.parameters(recurse=False) if p.dim() == 3).shape[0]
+        return block, getattr(block, router_attr), num_experts, _per_expert(block, num_experts, recurse=False)
+
+    # the rule is read off the first layer whose router chooses from the hidden states; layers whose router needs
+    # more (DeepSeek-V4's token-id tables) must keep all their experts, named by a per-layer list of the config
+    routed, fixed = [], []
+    for idx, (_, _, _, experts) in found:
+        block, router, _, block_tensors = parts(idx, experts)
+        args = block_router_args(block, block_tensors)
+        (routed if routes_from_hidden_states(router, config.hidden_size, args) else fixed).append(idx)
+    if not routed:  # raises, naming the router and what it needs
+        identify_routing(parts(found[0][0], found[0][1][3])[1], config.hidden_size)
+    keep_all = None
+    if fixed:
+        fixed_router = parts(fixed[0], dict(found)[fixed[0]][3])[1]
+        keep_all = _keep_all_declaration(config, len(layers), fixed, routed, fixed_router)
+    layer_idx = routed[0]
+    experts = dict(found)[layer_idx][3]
+    block, router, num_experts, block_tensors = parts(layer_idx, experts)
     router_tensors = [weight_name] + [n for n in _per_expert(router, num_experts) if n != weight_name]
     # with the experts' own submodules: Ergo keeps a per-expert RMSNorm scale in experts.post_expert_norm
     expert_tensors = _per_expert(experts, num_experts)
-    block_tensors = _per_expert(block, num_experts, recurse=False)
     count_field = _config_field(config, COUNT_FIELD_CANDIDATES, num_experts)
     top_k_field = _config_field(config, TOP_K_FIELD_CANDIDATES, router_top_k(router, config.hidden_size))
     if count_field is None or top_k_field is None:
@@ -208,6 +265,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         routing=routing,
         config_class=type(model.config).__name__,
         model_class=type(model).__name__,
+        keep_all_experts=keep_all,
         **groups,
         **composite,
     )

@@ -28,7 +28,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_moeprune.adapters.base import ADAPTERS, UNSUPPORTED, MoEAdapter, register_family, register_unsupported
+from hf_moeprune.adapters.base import (
+    ADAPTERS,
+    UNSUPPORTED,
+    KeepAllExperts,
+    MoEAdapter,
+    register_family,
+    register_unsupported,
+)
 
 # Shared by the tiny configs of the first 15 families (3 layers, hidden 32, 8 experts of which 2 per token).
 _COMMON: dict[str, Any] = dict(
@@ -1346,6 +1353,53 @@ _INKLING2: dict[str, Any] = dict(
 register_family(MoEAdapter(model_type="inkling2_text", **_INKLING2))
 register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
 
+# DeepSeek-V4: the top-k ("moe") layers route as Inkling-2 (the router's score_fn, sqrtsoftplus by default). The
+# "hash_moe" layers pick each token's experts from a token-id table (DeepseekV4HashRouter.tid2eid, [vocab, top_k]);
+# their router weight only weights the picked experts, so removing or reordering an expert there would send tokens to
+# other experts: those layers keep all their experts (remapping tid2eid would be exact only while every expert a
+# token id names is kept, which no expert-level criterion guarantees). The tiny config has one layer of each
+# attention kind (sliding, compressed-sparse with its indexer, heavily compressed) at small compress rates.
+DEEPSEEK_V4 = register_family(
+    MoEAdapter(
+        model_type="deepseek_v4",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",  # the statistics' per-expert scores; the rule itself applies config.scoring_func
+        routing="score_fn_topk",
+        keep_all_experts=KeepAllExperts(
+            layer_types_field="mlp_layer_types",
+            values=("hash_moe",),
+            reason="the layer picks experts by token id (router tid2eid table), not by router score; removing or "
+            "reordering an expert would re-assign token ids",
+            tables=("tid2eid",),
+        ),
+        tiny_config=_tiny(
+            num_hidden_layers=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            q_lora_rank=16,
+            moe_intermediate_size=24,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+            layer_types=[
+                "sliding_attention",
+                "compressed_sparse_attention",
+                "heavily_compressed_attention",
+                "sliding_attention",
+            ],
+            compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+            hc_mult=2,
+            hc_sinkhorn_iters=3,
+            sliding_window=8,
+            o_groups=2,
+            o_lora_rank=8,
+            index_n_heads=2,
+            index_head_dim=8,
+            index_topk=4,
+        ),
+    )
+)
+
 
 # == Vision-language families (issue 13, multimodal) ===============================================================
 # The language model of these is an MoE of a text family's shape; its experts are pruned, the vision tower is kept.
@@ -1576,11 +1630,6 @@ _EXTRA_ROWS = (
     "width to be the routed-expert count, so pruning would drop or misplace those rows"
 )
 for _model_type, _reason in {
-    "deepseek_v4": (
-        "its first mlp_layer_types 'hash_moe' layers choose experts by a token-id table (DeepseekV4HashRouter.tid2eid, "
-        "[vocab, top_k]), not by the router: removing an expert there would re-assign token ids, and pruning plans "
-        "cannot mark layers that must keep all their experts yet (its top-k layers route with score_fn_topk)"
-    ),
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
         "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "

@@ -53,6 +53,14 @@ def _layout(adapter: MoEAdapter) -> str:
     parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
     parts.append(f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors))
     parts += [f"`{join_path(adapter.block_attr, n)}`" for n in adapter.block_tensors]
+    keep_all = adapter.keep_all_experts
+    if keep_all is not None:
+        values = " or ".join(f"`{v}`" for v in keep_all.values)
+        tables = ", ".join(f"`{adapter.router_path}.{t}`" for t in keep_all.tables)
+        parts.append(
+            f"layers whose `{keep_all.layer_types_field}` entry is {values} keep all their experts"
+            + (f" (expert ids in {tables})" if tables else "")
+        )
     return "; ".join(parts)
 
 

@@ -40,9 +40,12 @@ def rebalance_for_expert_parallel(
     num_redundant: int = 0,
     on_tensor_replaced: TensorReplacedHook | None = None,
 ) -> PlacementPlan:
-    """Plan a load-balanced placement and apply its order with ``permute_experts`` (outputs unchanged)."""
+    """Plan a load-balanced placement and apply its order with ``permute_experts`` (outputs unchanged). Layers that must
+    keep all their experts in order (``MoEAdapter.keep_all_experts``) are left out of the plan."""
     model = unwrap_model(model)
     adapter = get_adapter(model)
+    fixed = adapter.keep_all_layers(model.config)  # their experts stay in checkpoint order (permute_experts refuses)
+    loads = {layer: load for layer, load in loads.items() if layer not in fixed}
     plan = plan_placement(loads, ep_size, num_redundant=num_redundant, num_groups=adapter.num_groups(model.config))
     orders = plan.orders_by_layer()
     if orders:

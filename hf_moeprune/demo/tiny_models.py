@@ -16,6 +16,7 @@ import transformers
 
 from hf_moeprune.adapters import ADAPTERS, get_adapter
 from hf_moeprune.adapters.base import join_path
+from hf_moeprune.format.modeling_moeprune import get_submodule_attr
 
 
 class _TinyConfigs(Mapping):
@@ -60,7 +61,8 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
 
     Per-expert biases initialise to zero in every family; random ones exercise their surgery and the biased
     choice: router and expert biases ~ N(0, 0.5), biases used only to choose (``e_score_correction_bias``, LFM2's
-    ``expert_bias``) ~ N(0, 0.1).
+    ``expert_bias``) ~ N(0, 0.1). Expert-id tables of keep-all layers (DeepSeek-V4's ``tid2eid``) get random distinct
+    ids per row.
     """
     config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
@@ -78,4 +80,21 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any) -> transformers
             selection_only = name.endswith("e_score_correction_bias") or name.endswith("expert_bias")
             if selection_only and any(name.endswith(b) for b in biases):
                 tensor.normal_(0.0, 0.1)
+        _fill_expert_tables(model, adapter)
     return model.eval()
+
+
+def _fill_expert_tables(model, adapter) -> None:
+    """Random distinct expert ids in each row of the expert-id tables of keep-all layers (DeepSeek-V4's ``tid2eid``,
+    zeros at init: every token would pick expert 0 twice)."""
+    keep_all = adapter.keep_all_experts
+    if keep_all is None:
+        return
+    layers = adapter.decoder_layers(model)
+    for index in sorted(adapter.keep_all_layers(model.config)):
+        router = adapter.router(layers[index])
+        experts = adapter.num_experts(layers[index])
+        for name in keep_all.tables:
+            table = getattr(*get_submodule_attr(router, name))
+            ids = torch.rand(table.shape[0], experts).argsort(dim=-1)[:, : table.shape[1]]
+            table.copy_(ids.to(table.dtype))

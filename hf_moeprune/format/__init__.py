@@ -135,6 +135,13 @@ def enable_selection_bias(model, adapter) -> None:
     they follow, so ``from_pretrained`` (and ``trust_remote_code`` without hf_moeprune) rebuilds both; the
     buffer follows expert surgery like any per-expert tensor. Idempotent.
     """
+    fixed = sorted(adapter.keep_all_layers(model.config))
+    if fixed:
+        why = adapter.keep_all_experts.describe(adapter.moe_config(model.config), fixed[0])
+        raise ValueError(
+            f"{adapter.model_type}: a selection bias would re-route MoE layers {fixed}, which pick their experts "
+            f"without the router's scores ({why})"
+        )
     mark_pruned(model, adapter)
     config = model.config
     config.selection_bias_router = adapter.router_path

@@ -10,6 +10,10 @@ Three modes:
   cumulative load share stays within ``beta`` may be removed. ``beta`` is then searched (bisection) so that
   the global target is met; if even ``beta = 1`` cannot reach it, the remainder is filled with ``global``.
 
+Layers that must keep all their experts (``LayerBudget.keep_all``: DeepSeek-V4's hash-routed layers) count towards
+the target (a fraction of all routed experts) but never lose one: every mode spends the whole target on the other
+layers (``uniform`` raises their common fraction accordingly).
+
 Every mode respects each layer's floor, keeps counts a multiple of ``multiple_of`` (so they split evenly
 over expert-parallel ranks) and, for group-limited routing, a multiple of the group count with the same
 number kept in every group.
@@ -37,16 +41,27 @@ class LayerBudget:
     floor: int  # fewest experts the layer may keep
     multiple_of: int = 1  # kept counts must be a multiple of this (includes the group count)
     groups: int = 1
+    # the layer must keep all its experts (MoEAdapter.keep_all_experts): it counts towards the target, but only the
+    # other layers lose experts
+    keep_all: bool = False
 
     def __post_init__(self):
         if self.current > self.original or self.current < 1:
             raise ValueError(f"current={self.current} must be in [1, original={self.original}]")
         if self.multiple_of < 1 or self.groups < 1 or self.multiple_of % self.groups:
             raise ValueError(f"multiple_of={self.multiple_of} must be a positive multiple of groups={self.groups}")
+        if self.keep_all and self.current != self.original:
+            raise ValueError(
+                f"keep_all=True but current={self.current} != original={self.original}: a layer that must keep all "
+                f"its experts has lost some"
+            )
 
     @property
     def lowest(self) -> int:
-        """Smallest allowed count: the floor rounded up to a multiple; never above the current count."""
+        """Smallest allowed count: the floor rounded up to a multiple; never above the current count (the current
+        count for a keep-all layer)."""
+        if self.keep_all:
+            return self.current
         m = self.multiple_of
         return min(self.current, math.ceil(self.floor / m) * m)
 
@@ -80,6 +95,13 @@ def removal_needed(budgets: dict[int, LayerBudget], fraction: float) -> int:
 
 
 def _uniform(budgets: dict[int, LayerBudget], fraction: float) -> dict[int, int]:
+    """Every layer loses the same fraction of its original experts; keep-all layers lose none, so the others lose
+    ``fraction`` x (all original experts) / (their original experts) each, for the same total."""
+    prunable = sum(b.original for b in budgets.values() if not b.keep_all)
+    if prunable == 0:
+        return {layer: b.current for layer, b in budgets.items()}
+    total = sum(b.original for b in budgets.values())
+    fraction = fraction * total / prunable if prunable != total else fraction
     return {layer: b.allowed(round(b.original * (1.0 - fraction))) for layer, b in budgets.items()}
 
 

@@ -15,6 +15,7 @@ Selective expansion (soft masking with a grace period), the rule:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -197,8 +198,7 @@ class PruningController:
     def _commit(self, plan: dict[int, list[int]]) -> None:
         for layer, kept in plan.items():
             self.original_ids[layer] = [self.original_ids[layer][p] for p in kept]
-            b = self.budgets[layer]
-            self.budgets[layer] = LayerBudget(b.original, len(kept), b.floor, b.multiple_of, b.groups)
+            self.budgets[layer] = dataclasses.replace(self.budgets[layer], current=len(kept))
             self.statistics.select(layer, torch.tensor(kept))
         self._previous_window_scores = None
 

@@ -183,7 +183,7 @@ class MoEPruneMixin:
         layers = self.adapter.decoder_layers(model)
         frozen = [
             i
-            for i in self.adapter.moe_layer_indices(model)
+            for i in self.adapter.prunable_layer_indices(model)  # keep-all layers need no scores
             if not experts_have_trainable_tensors(self.adapter.experts(layers[i]), self.adapter.num_experts(layers[i]))
         ]
         if frozen:
@@ -203,11 +203,14 @@ class MoEPruneMixin:
             b.original - b.current for b in budgets.values()
         )
         if round(args.prune_target * total) > removable:
+            fixed = sorted(layer for layer, b in budgets.items() if b.keep_all)
+            whole = f" (MoE layers {fixed} keep all their experts)" if fixed else ""
             raise ValueError(
                 f"prune_target={args.prune_target} asks to remove {round(args.prune_target * total)} of {total} routed "
                 f"experts, but with top-k={top_k}, prune_min_experts={args.prune_min_experts} and "
                 f"prune_multiple_of={args.prune_multiple_of} each layer must keep at least "
-                f"{min(b.lowest for b in budgets.values())}: at most {removable / total:.3f} can be removed"
+                f"{min((b.lowest for b in budgets.values() if not b.keep_all), default=0)}{whole}: at most "
+                f"{removable / total:.3f} can be removed"
             )
         return budgets
 
@@ -314,7 +317,10 @@ class MoEPruneMixin:
         if rate <= 0 or not loads:
             return
         layers = self.adapter.decoder_layers(self.moe_model)
+        fixed = self.adapter.keep_all_layers(self.moe_model.config)
         for layer, load in loads.items():
+            if layer in fixed:  # experts picked by a token-id table: no score for a bias to shift
+                continue
             router = self.adapter.router(layers[layer])
             # DeepSeek-V3's native e_score_correction_bias, or the selection_bias buffer given to other families
             name = "e_score_correction_bias" if self.adapter.has_native_selection_bias else SELECTION_BIAS
@@ -363,7 +369,12 @@ class MoEPruneMixin:
     def _rearrange_for_expert_parallel(self, slicer: OptimizerStateSlicer) -> None:
         """Reorder experts so each expert-parallel rank's block gets equal load; the loads are the reduced
         statistics, so every process computes the same plan. Outputs do not change."""
-        loads = {layer: stats.tokens for layer, stats in self.statistics.snapshot(self._reduce_sum).items()}
+        fixed = self.adapter.keep_all_layers(self.moe_model.config)  # their experts stay in checkpoint order
+        loads = {
+            layer: stats.tokens
+            for layer, stats in self.statistics.snapshot(self._reduce_sum).items()
+            if layer not in fixed
+        }
         plan = plan_placement(
             loads, self.args.balance_ep_size, num_groups=self.adapter.num_groups(self.moe_model.config)
         )
