@@ -199,7 +199,9 @@ def test_bitsandbytes_4bit_base_with_lora_prunes_saves_and_reloads(tmp_path):
 
     bnb = pytest.importorskip("bitsandbytes")
     folder = tmp_path / "base"
-    tiny_model("mixtral").save_pretrained(folder)
+    # hidden 64: bitsandbytes' packed CPU kernel (taken on CPUs with AVX512-BF16, in eval) needs in_features >= its
+    # block size (64); the default tiny width (32) crashes inside bitsandbytes there
+    tiny_model("mixtral", hidden_size=64).save_pretrained(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu")
     assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
