@@ -72,6 +72,77 @@ def workspace(tmp_path_factory):
     return root
 
 
+# -- vision-language models ------------------------------------------------------------------------------------
+VL_GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
+
+
+def vl_image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
+    format of the Qwen-VL / GLM-4V / dots3 families (patches flattened over the batch, a (t, h, w) grid per image;
+    ``mm_token_type_ids`` where the model's forward takes them)."""
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (batch, length), generator=g)
+    start = getattr(config, "vision_start_token_id", None) or getattr(config, "image_start_token_id", None)
+    end = getattr(config, "vision_end_token_id", None) or getattr(config, "image_end_token_id", None)
+    if start is not None:
+        ids[:, 2] = start
+    if end is not None:
+        ids[:, 7] = end
+    ids[:, 3:7] = config.image_token_id
+    vision = config.vision_config
+    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
+    inputs = {
+        "input_ids": ids,
+        "pixel_values": torch.randn(batch * 16, patch, generator=g),
+        "image_grid_thw": VL_GRID.repeat(batch, 1),
+    }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    return inputs
+
+
+def tiny_vl_processor_parts(config):
+    """A word-level tokenizer (words ``w3`` .. ``w149``) whose special tokens sit at the config's ids, and Qwen-VL's
+    image processor (4 x 4 pixel patches, 2 x 2 merge): built locally, nothing downloaded."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    specials = {
+        "<|image_pad|>": config.image_token_id,
+        "<|video_pad|>": config.video_token_id,
+        "<|vision_start|>": config.vision_start_token_id,
+        "<|vision_end|>": config.vision_end_token_id,
+    }
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, 150)}, **specials}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        additional_special_tokens=list(specials),
+    )  # fmt: skip
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 256, "longest_edge": 256}
+    )
+    return tokenizer, image_processor
+
+
+@pytest.fixture(scope="session")
+def vl_workspace(tmp_path_factory):
+    """A tiny Qwen3-VL-MoE checkpoint with its tokenizer and image processor (``vl/``), and calibration text in the
+    tokenizer's words (``cal.jsonl``, field ``text``)."""
+    import random
+
+    root = tmp_path_factory.mktemp("vl-cli")
+    model = tiny_model("qwen3_vl_moe")
+    tokenizer, image_processor = tiny_vl_processor_parts(model.config)
+    for part in (model, tokenizer, image_processor):
+        part.save_pretrained(root / "vl")
+    words = random.Random(0)
+    rows = [{"text": " ".join(f"w{words.randint(3, 149)}" for _ in range(40))} for _ in range(12)]
+    (root / "cal.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root
+
+
 class RoutingRecorder:
     """Records, per decoder layer, the router's (logits, top-k weights, top-k indices) of each forward."""
 
