@@ -74,7 +74,7 @@ class CompressArguments:
 def compress(args: CompressArguments) -> dict:
     """Run the chain; returns a summary (sizes, what ran, where it was pushed)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from hf_moeprune.hub import (
         CardInfo,
@@ -83,6 +83,7 @@ def compress(args: CompressArguments) -> dict:
         quantization_from_config,
         resolve_token,
     )
+    from hf_moeprune.loading import load_model, save_processor
     from hf_moeprune.quantization import model_size_bytes, weight_files_size_bytes
     from hf_moeprune.quantization.save import save_quantized
     from hf_moeprune.utils import atomic_output_dir, check_output_folder
@@ -111,14 +112,14 @@ def compress(args: CompressArguments) -> dict:
             raise ValueError(f"quant_format='compressed-tensors': {args.model!r} cannot be written so: {problem}")
     summary: dict = {"model": args.model, "steps": []}
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as out:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        model = load_model(args.model)
         summary["bytes_in"] = model_size_bytes(model)
         distillation = quantization = None
         if args.teacher is not None:
             from hf_moeprune.data import load_text_dataset, tokenize_and_pack
             from hf_moeprune.distillation import MoEDistillArguments, MoEDistillTrainer
 
+            tokenizer = AutoTokenizer.from_pretrained(args.model)  # only distillation reads text
             blocks = tokenize_and_pack(load_text_dataset(args.data, args.text_field), tokenizer, args.block_size)
             with tempfile.TemporaryDirectory(prefix="hf_moeprune-distill-") as work:
                 trainer = MoEDistillTrainer(
@@ -160,7 +161,7 @@ def compress(args: CompressArguments) -> dict:
             )
             summary["format"] = written
             summary["steps"].append(f"quantize:{args.quant_scheme}")
-        tokenizer.save_pretrained(out)
+        save_processor(args.model, out)  # the tokenizer, and a vision-language model's image processor etc.
         if args.card:
             from hf_moeprune.hub import write_model_card
 

@@ -36,9 +36,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+from transformers import AutoConfig, PreTrainedModel, Trainer, TrainingArguments
 
 from hf_moeprune import compat
+from hf_moeprune.loading import load_model
 from hf_moeprune.utils import fault_point, without_secrets
 
 logger = logging.getLogger(__name__)
@@ -417,9 +418,9 @@ class MoEDistillTrainer(Trainer):
     """Trainer that distils ``teacher_model`` into ``model`` (the pruned student).
 
     The parent signature is kept; the additions are keyword-only: ``teacher_model`` (a model or a path/Hub
-    id loaded with ``AutoModelForCausalLM.from_pretrained``), ``teacher_processing_class`` (checked
-    against ``processing_class`` for a shared vocabulary) and ``peft_config`` (LoRA on the student; or set
-    ``args.use_lora``). ``model`` may also be a path.
+    id, loaded with the Auto class of its family by ``hf_moeprune.loading.load_model``),
+    ``teacher_processing_class`` (checked against ``processing_class`` for a shared vocabulary) and
+    ``peft_config`` (LoRA on the student; or set ``args.use_lora``). ``model`` may also be a path.
 
     The teacher is frozen, kept in eval mode, moved to the student's device and never handed to
     accelerate, so DDP never wraps it. Components are logged as ``ce``, ``kl``, ``hidden``, ``aux`` (and
@@ -454,7 +455,7 @@ class MoEDistillTrainer(Trainer):
         if model_init is not None:
             raise ValueError("model_init is not supported: pass the student as model")
         if isinstance(model, (str, Path)):
-            model = AutoModelForCausalLM.from_pretrained(str(model))
+            model = load_model(model)
         if model is None:
             raise ValueError("model (the student) is required")
         teacher = self._load_teacher(teacher_model, model, args)
@@ -505,7 +506,7 @@ class MoEDistillTrainer(Trainer):
             return teacher
         # Compare vocabularies on the config before the (possibly large) teacher weights are read.
         check_same_vocabulary(student, AutoConfig.from_pretrained(str(teacher)))
-        return AutoModelForCausalLM.from_pretrained(str(teacher), dtype=TEACHER_DTYPES[args.teacher_dtype])
+        return load_model(teacher, dtype=TEACHER_DTYPES[args.teacher_dtype])
 
     @staticmethod
     def _build_projector(student: nn.Module, teacher: nn.Module, args: MoEDistillArguments) -> nn.ModuleList | None:

@@ -313,12 +313,12 @@ def merge_saved_lora(adapter_dir: str, output_dir: str, base_dir: str | None = N
     """Merge a saved LoRA run (``save_model``'s output: adapter + ``base_model/``) into one plain pruned model in
     ``output_dir``."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
+    from hf_moeprune.loading import load_model
     from hf_moeprune.utils import atomic_output_dir
 
     base_dir = base_dir if base_dir is not None else str(Path(adapter_dir) / "base_model")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    model = PeftModel.from_pretrained(load_model(base_dir), adapter_dir)
     merged = merge_lora(model)
     with atomic_output_dir(output_dir) as staging:
         merged.save_pretrained(staging, export_stock=export_stock)

@@ -17,6 +17,7 @@ use of it is in ``hf_moeprune.compat`` (``load_conversions``, ``apply_load_conve
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import json
@@ -225,14 +226,16 @@ def meta_skeleton(path: str | os.PathLike, config=None, include_buffers: bool = 
     With ``include_buffers`` the buffers are real CPU tensors (small; the rotary embeddings' frequencies are
     computed at construction and are not in the checkpoint), as a forward pass needs them."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
-    config = config if config is not None else AutoConfig.from_pretrained(path)
+    from hf_moeprune.loading import load_config, model_from_config
+
+    config = config if config is not None else load_config(path)
     dtype = getattr(config, "dtype", None) or torch.get_default_dtype()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with init_empty_weights(include_buffers=not include_buffers):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = model_from_config(config, dtype=dtype)  # the family's Auto class (vision-language ones too)
     if (Path(path) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
@@ -428,7 +431,10 @@ def prune_checkpoint(
     config = AutoConfig.from_pretrained(path)
     _check_streamable(config)
     model = meta_skeleton(path, config)
-    loader = ModuleLoader.create(path, model)
+    # the loader converts checkpoint tensors against the unpruned layout, on a skeleton of its own: some conversions
+    # read the model's parameter shapes (Qwen3-VL-MoE's Transpose(check_dims=True) transposes a tensor whose shape
+    # differs from the parameter's), which the surgery below changes on ``model``
+    loader = ModuleLoader.create(path, meta_skeleton(path, copy.deepcopy(config)))
     adapter = get_adapter(model)
     prefixes = _layer_prefixes(model, adapter)
     # validates the plan and gives the skeleton the pruned config, class and shapes

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import hf_moeprune  # noqa: F401  (registers the pruned-model classes)
+from hf_moeprune.adapters import get_adapter
 from hf_moeprune.demo.tiny_models import TINY_CONFIGS, tiny_model
 
 # The per-family deep suite (surgery invariants, selection bias, quantization, trust_remote_code per family) runs on
@@ -69,6 +70,107 @@ def workspace(tmp_path_factory):
     fast.save_pretrained(root / "model")
     rows = [json.dumps({"body": " ".join(lines[i : i + 20])}) for i in range(0, len(lines), 20)]
     (root / "data.jsonl").write_text("\n".join(rows))
+    return root
+
+
+# -- vision-language models ------------------------------------------------------------------------------------
+VL_GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
+
+
+def _qwen_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Qwen-VL / GLM-4V / dots3 / MiniMax-M3-VL: t x p x p patches flattened over the batch, a (t, h, w) patch grid
+    per image."""
+    vision = config.vision_config
+    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
+    return {"pixel_values": torch.randn(batch * 16, patch, generator=g), "image_grid_thw": VL_GRID.repeat(batch, 1)}
+
+
+def _gemma4_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Gemma-4: one sequence of 16 patches (values in [0, 1]) per image with their (x, y) positions; the vision tower
+    pools 2 x 2 patches into one soft token."""
+    positions = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(16, 2)
+    return {
+        "pixel_values": torch.rand(batch, 16, 3 * config.vision_config.patch_size**2, generator=g),
+        "image_position_ids": positions.repeat(batch, 1, 1),
+    }
+
+
+def _inkling2_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inkling-2: one block of merge x merge patches per image token (values in [-1, 1]), the grid counted in image
+    tokens."""
+    side = config.vision_config.patch_size * config.vision_config.spatial_merge_size
+    return {
+        "pixel_values": torch.rand(batch * 4, side, side, 3, generator=g) * 2 - 1,
+        "image_grid_thw": torch.tensor([[1, 2, 2]]).repeat(batch, 1),
+    }
+
+
+PIXEL_INPUTS = {"gemma4": _gemma4_pixels, "inkling2": _inkling2_pixels, "inkling2_loop": _inkling2_pixels}
+
+
+def vl_image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
+    format of the model's family (`PIXEL_INPUTS`, Qwen-VL's by default; ``mm_token_type_ids`` where the model's
+    forward takes them)."""
+    config = model.config
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 90, (batch, length), generator=g)
+    start = next((v for k in ("vision_start_token_id", "image_start_token_id", "boi_token_id")
+                  if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
+    end = next((v for k in ("vision_end_token_id", "image_end_token_id", "eoi_token_id")
+                if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
+    if start is not None:
+        ids[:, 2] = start
+    if end is not None:
+        ids[:, 7] = end
+    ids[:, 3:7] = config.image_token_id
+    inputs = {
+        "input_ids": ids,
+        **PIXEL_INPUTS.get(get_adapter(model).model_type, _qwen_pixels)(config, batch, g),
+    }
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
+    return inputs
+
+
+def tiny_vl_processor_parts(config):
+    """A word-level tokenizer (words ``w3`` .. ``w149``) whose special tokens sit at the config's ids, and Qwen-VL's
+    image processor (4 x 4 pixel patches, 2 x 2 merge): built locally, nothing downloaded."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    specials = {
+        "<|image_pad|>": config.image_token_id,
+        "<|video_pad|>": config.video_token_id,
+        "<|vision_start|>": config.vision_start_token_id,
+        "<|vision_end|>": config.vision_end_token_id,
+    }
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, 150)}, **specials}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
+        additional_special_tokens=list(specials),
+    )  # fmt: skip
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 256, "longest_edge": 256}
+    )
+    return tokenizer, image_processor
+
+
+@pytest.fixture(scope="session")
+def vl_workspace(tmp_path_factory):
+    """A tiny Qwen3-VL-MoE checkpoint with its tokenizer and image processor (``vl/``), and calibration text in the
+    tokenizer's words (``cal.jsonl``, field ``text``)."""
+    import random
+
+    root = tmp_path_factory.mktemp("vl-cli")
+    model = tiny_model("qwen3_vl_moe")
+    tokenizer, image_processor = tiny_vl_processor_parts(model.config)
+    for part in (model, tokenizer, image_processor):
+        part.save_pretrained(root / "vl")
+    words = random.Random(0)
+    rows = [{"text": " ".join(f"w{words.randint(3, 149)}" for _ in range(40))} for _ in range(12)]
+    (root / "cal.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root
 
 

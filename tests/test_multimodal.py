@@ -3,13 +3,12 @@ model, vision tower and processor included, saves and reloads with ``AutoModelFo
 format, ``trust_remote_code`` without the package, stock export of a uniform layout) with exactly equal logits on
 image + text and on text-only inputs."""
 
-import inspect
 import json
 import textwrap
 
 import pytest
 import torch
-from conftest import run_without_package
+from conftest import run_without_package, tiny_vl_processor_parts, vl_image_batch
 from datasets import Dataset
 from train_args import train_args
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationConfig
@@ -24,63 +23,6 @@ from hf_moeprune.oneshot import collect_statistics, prune_oneshot
 from hf_moeprune.training import MoEPruneTrainer
 
 MULTIMODAL = sorted(name for name, a in ADAPTERS.items() if a.auto_class == "AutoModelForImageTextToText")
-GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
-
-
-def _qwen_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Qwen-VL / GLM-4V / dots3 / MiniMax-M3-VL: t x p x p patches flattened over the batch, a (t, h, w) patch grid
-    per image."""
-    vision = config.vision_config
-    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
-    return {"pixel_values": torch.randn(batch * 16, patch, generator=g), "image_grid_thw": GRID.repeat(batch, 1)}
-
-
-def _gemma4_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Gemma-4: one sequence of 16 patches (values in [0, 1]) per image with their (x, y) positions; the vision tower
-    pools 2 x 2 patches into one soft token."""
-    positions = torch.stack(torch.meshgrid(torch.arange(4), torch.arange(4), indexing="xy"), -1).reshape(16, 2)
-    return {
-        "pixel_values": torch.rand(batch, 16, 3 * config.vision_config.patch_size**2, generator=g),
-        "image_position_ids": positions.repeat(batch, 1, 1),
-    }
-
-
-def _inkling2_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Inkling-2: one block of merge x merge patches per image token (values in [-1, 1]), the grid counted in image
-    tokens."""
-    side = config.vision_config.patch_size * config.vision_config.spatial_merge_size
-    return {
-        "pixel_values": torch.rand(batch * 4, side, side, 3, generator=g) * 2 - 1,
-        "image_grid_thw": torch.tensor([[1, 2, 2]]).repeat(batch, 1),
-    }
-
-
-PIXEL_INPUTS = {"gemma4": _gemma4_pixels, "inkling2": _inkling2_pixels, "inkling2_loop": _inkling2_pixels}
-
-
-def _image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
-    format of the model's family (`PIXEL_INPUTS`, Qwen-VL's by default; ``mm_token_type_ids`` where the model's
-    forward takes them)."""
-    config = model.config
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 90, (batch, length), generator=g)
-    start = next((v for k in ("vision_start_token_id", "image_start_token_id", "boi_token_id")
-                  if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
-    end = next((v for k in ("vision_end_token_id", "image_end_token_id", "eoi_token_id")
-                if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
-    if start is not None:
-        ids[:, 2] = start
-    if end is not None:
-        ids[:, 7] = end
-    ids[:, 3:7] = config.image_token_id
-    inputs = {
-        "input_ids": ids,
-        **PIXEL_INPUTS.get(hf_moeprune.get_adapter(model).model_type, _qwen_pixels)(config, batch, g),
-    }
-    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
-        inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
-    return inputs
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -113,7 +55,7 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in vision_before.items())
 
-    image = _image_batch(model, batch=2)
+    image = vl_image_batch(model, batch=2)
     text = {"input_ids": image["input_ids"][:, 8:]}
     expected_image, expected_text = _logits(model, image), _logits(model, text)
     other_pixels = dict(image, pixel_values=image["pixel_values"] * 2)
@@ -135,7 +77,7 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     else:
         assert "AutoModelForCausalLM" not in config["auto_map"]
     greedy = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
-    one = _image_batch(model, seed=1)
+    one = vl_image_batch(model, seed=1)
     assert torch.equal(
         model.generate(**one, generation_config=greedy), reloaded.generate(**one, generation_config=greedy)
     )
@@ -166,7 +108,7 @@ def test_looped_layer_is_pruned_once_and_routes_on_every_pass(tmp_path):
     )  # fmt: skip
     plan = _per_layer_plan(model, hf_moeprune.get_adapter(model))
     prune_experts(model, plan)
-    image = _image_batch(model, batch=2)
+    image = vl_image_batch(model, batch=2)
     loads = measure_expert_loads(model, [image], progress=False)
     routed = image["input_ids"].numel() * 2  # top-2
     assert [loads[i].numel() for i in (0, 1, 2)] == [len(plan[i]) for i in (0, 1, 2)]
@@ -181,7 +123,7 @@ def test_looped_layer_is_pruned_once_and_routes_on_every_pass(tmp_path):
 def test_vision_language_model_loads_with_trust_remote_code_without_the_package(tmp_path):
     model = tiny_model("qwen3_vl_moe")
     prune_experts(model, _per_layer_plan(model, hf_moeprune.get_adapter(model)))
-    image = _image_batch(model, batch=2)
+    image = vl_image_batch(model, batch=2)
     model.save_pretrained(tmp_path / "pruned", export_stock=False)
     torch.save({"inputs": image, "expected": _logits(model, image)}, tmp_path / "io.pt")
     code = textwrap.dedent(
@@ -198,31 +140,6 @@ def test_vision_language_model_loads_with_trust_remote_code_without_the_package(
     )
     result = run_without_package(code, cwd=tmp_path)
     assert "REMOTE_OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def _tiny_processor_parts(config):
-    """A word-level tokenizer whose special tokens sit at the config's ids, and Qwen-VL's image processor (4 x 4 pixel
-    patches, 2 x 2 merge): built locally, nothing downloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
-
-    specials = {
-        "<|image_pad|>": config.image_token_id,
-        "<|video_pad|>": config.video_token_id,
-        "<|vision_start|>": config.vision_start_token_id,
-        "<|vision_end|>": config.vision_end_token_id,
-    }
-    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, 150)}, **specials}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>",
-        additional_special_tokens=list(specials),
-    )  # fmt: skip
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=4, merge_size=2, temporal_patch_size=2, size={"shortest_edge": 256, "longest_edge": 256}
-    )
-    return tokenizer, image_processor
 
 
 def _process(tokenizer, image_processor, config, image) -> dict[str, torch.Tensor]:
@@ -242,7 +159,7 @@ def test_processor_is_saved_and_reloaded_with_the_pruned_model(tmp_path):
 
     model = tiny_model("qwen3_vl_moe")
     prune_experts(model, _per_layer_plan(model, hf_moeprune.get_adapter(model)))
-    tokenizer, image_processor = _tiny_processor_parts(model.config)
+    tokenizer, image_processor = tiny_vl_processor_parts(model.config)
     image = (np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)
     inputs = _process(tokenizer, image_processor, model.config, image)
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 4
@@ -264,7 +181,7 @@ def test_full_processor_round_trip(tmp_path):
     from transformers import AutoProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
     model = tiny_model("qwen3_vl_moe")
-    tokenizer, image_processor = _tiny_processor_parts(model.config)
+    tokenizer, image_processor = tiny_vl_processor_parts(model.config)
     video = Qwen3VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
     processor = Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video)
     image = (np.random.RandomState(0).rand(16, 16, 3) * 255).astype(np.uint8)
@@ -282,7 +199,7 @@ def test_full_processor_round_trip(tmp_path):
 def _image_dataset(model, n: int = 16) -> Dataset:
     rows = []
     for i in range(n):
-        batch = _image_batch(model, length=16, seed=i)
+        batch = vl_image_batch(model, length=16, seed=i)
         per_image = ("pixel_values", "image_grid_thw")  # flattened over images, not over sequences
         rows.append({k: v.tolist() if k in per_image else v[0].tolist() for k, v in batch.items()})
     return Dataset.from_list(rows)
@@ -325,7 +242,7 @@ def test_trainer_records_statistics_and_removes_experts_on_image_text_data(tmp_p
 
 def test_oneshot_reap_on_image_text_calibration():
     model = tiny_model("qwen3_vl_moe")
-    batches = [_image_batch(model, batch=4, length=16, seed=s) for s in range(2)]
+    batches = [vl_image_batch(model, batch=4, length=16, seed=s) for s in range(2)]
     stats = collect_statistics(model, batches, progress=False)
     # every token (image placeholders included) routed to top-2 experts in every MoE layer
     assert all(s.tokens.sum() == 2 * 4 * 16 * 2 for s in stats.values())

@@ -70,14 +70,14 @@ def check_expert_parallel_counts(counts: Sequence[int | None], ep_size: int) -> 
 
 
 def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained(path)`` under expert parallelism; call it on every rank.
+    """``from_pretrained(path)`` (with the family's Auto class) under expert parallelism; call it on every rank.
 
     torch.distributed is initialised by transformers from the launcher's environment (``torchrun``,
     ``accelerate launch``) if it is not already.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from hf_moeprune.loading import load_config, load_model
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+    config = load_config(path, trust_remote_code=kwargs.get("trust_remote_code", False))
     distributed_config = expert_parallel_config(ep_size)
     counts = getattr(config, "experts_per_layer", None)
     if counts is not None:
@@ -89,7 +89,7 @@ def load_expert_parallel(path: str, ep_size: int | None = None, **kwargs) -> nn.
             raise ValueError(
                 f"ep_size={distributed_config.ep_size} must divide the expert count, but {path} has {field}={count}"
             )
-    return AutoModelForCausalLM.from_pretrained(path, distributed_config=distributed_config, **kwargs)
+    return load_model(path, config=config, distributed_config=distributed_config, **kwargs)
 
 
 def _register_counting_implementation() -> None:

@@ -45,16 +45,3 @@ def check_output_dir(args, overwrite: bool, needs_pruning_state: bool = True) ->
                 shutil.rmtree(old)
                 logger.warning("--overwrite: removed old checkpoint %s", old)
     return None
-
-
-def copy_tokenizer(source: str, folder: str | Path) -> bool:
-    """Save ``source``'s tokenizer (if it has one) into ``folder``, so ``generate`` works on the output."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as exc:
-        logger.info("no tokenizer copied from %s: %s", source, exc)
-        return False
-    tokenizer.save_pretrained(folder)
-    return True

@@ -42,11 +42,12 @@ def _fmt(value: float | None, width: int = 8) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from hf_moeprune.balancing.loads import measure_expert_loads, rebalance_for_expert_parallel
     from hf_moeprune.commands._parsing import parse_args, positionals_to_flags
     from hf_moeprune.data import calibration_blocks
+    from hf_moeprune.loading import load_model, save_processor
     from hf_moeprune.utils import atomic_output_dir, check_output_folder
 
     (args,) = parse_args((BalanceArguments,), positionals_to_flags(argv, ("--model",)), prog="hf-moeprune balance")
@@ -55,13 +56,13 @@ def main(argv: Sequence[str]) -> int:
         raise FileNotFoundError(f"--data {args.data!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = calibration_blocks(args.data, tokenizer, args.text_field, args.block_size, args.max_blocks)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    model = load_model(args.model)
     batches = [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, len(ids), args.batch_size)]
     loads = measure_expert_loads(model, batches)
     plan = rebalance_for_expert_parallel(model, loads, args.ep_size, args.num_redundant)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)
-        tokenizer.save_pretrained(tmp)
+        save_processor(args.model, tmp)
         # replica maps renumbered to the saved (permuted) expert order, which is what an engine reads
         record = plan.for_permuted_checkpoint().to_dict()
         record["loads"] = {layer: load.tolist() for layer, load in loads.items()}  # in the original numbering

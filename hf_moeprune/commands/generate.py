@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,10 @@ from hf_moeprune.inference import (
 
 @dataclass
 class GenerateArguments:
-    model: str = field(metadata={"help": "model folder or Hub id (a pruned, quantized or stock MoE causal LM)"})
+    model: str = field(
+        metadata={"help": "model folder or Hub id (a pruned, quantized or stock MoE model; vision-language ones take "
+                  "text prompts)"}
+    )  # fmt: skip
     prompts: str = field(metadata={"help": 'JSONL file, one {"id": ..., "prompt": ...} per line'})
     out: str = field(metadata={"help": "JSONL file the results are appended to, one line per prompt, in order"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder or id (default: the model's)"})
@@ -53,19 +55,17 @@ def check_out(out_arg: str, resume: bool, overwrite: bool) -> None:
 
 
 def load_model_and_tokenizer(args: GenerateArguments):
-    """The model (pruned models load through ``import hf_moeprune``'s Auto registration) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The model, with the Auto class its family names (``hf_moeprune.loading``: pruned, quantized and
+    vision-language models too; prompts are text), and its tokenizer."""
+    from transformers import AutoTokenizer
 
-    import hf_moeprune  # noqa: F401  (registers the pruned-model classes with the Auto classes)
-
-    with contextlib.suppress(ImportError):
-        import hf_moeprune.quantization  # noqa: F401  (registers quant_method="hf_moeprune" for from_pretrained)
+    from hf_moeprune.loading import load_model
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     return model, tokenizer

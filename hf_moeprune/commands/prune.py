@@ -219,11 +219,13 @@ def _calibration_batches(args, tokenizer) -> tuple[list[dict], dict]:
 
 
 def main(argv: Sequence[str]) -> int:
+    import functools
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from hf_moeprune.commands._parsing import parse_args, positionals_to_flags
+    from hf_moeprune.loading import load_model, save_processor
     from hf_moeprune.streaming import StreamingUnsupported
     from hf_moeprune.surgery import prune_experts
     from hf_moeprune.utils import atomic_output_dir, check_output_folder
@@ -236,9 +238,13 @@ def main(argv: Sequence[str]) -> int:
     keep = _read_plan(args)
     from hf_moeprune.streaming import meta_skeleton
 
+    # the input's tokenizer, image processor etc., so that `generate`, `push` and the processor's users work on the
+    # output as on the input
+    save_source_processor = functools.partial(save_processor, args.model)
+
     planner = meta_skeleton(args.model)  # no weights: the config's layout, checked before any calibration or write
     check_top_k_fits(planner)
-    model = tokenizer = merge = None
+    model = merge = None
     provenance: dict = {}
     if keep is None:
         from hf_moeprune.oneshot import (
@@ -268,7 +274,7 @@ def main(argv: Sequence[str]) -> int:
             elif args.layerwise:
                 logger.warning("calibrating the whole loaded model: saliency needs gradients through the full model")
             if stats is None:
-                model = planner = AutoModelForCausalLM.from_pretrained(args.model)
+                model = planner = load_model(args.model)
                 check_top_k_fits(model)
                 stats = collect_statistics(model, batches, saliency=args.criterion == "saliency", observers=observers)
             extra = {name: values for o in observers for name, values in o.values.items()}
@@ -302,16 +308,8 @@ def main(argv: Sequence[str]) -> int:
         from hf_moeprune.streaming import prune_checkpoint
 
         try:
-            if tokenizer is not None:
-                save_tokenizer = tokenizer.save_pretrained
-            else:  # so that `generate` and `push` work on the output as on the input
-                from hf_moeprune.commands._shared import copy_tokenizer
-
-                def save_tokenizer(folder):
-                    copy_tokenizer(args.model, folder)
-
             skeleton = prune_checkpoint(args.model, keep, args.output_dir, args.export_stock, args.max_shard_size,
-                                        merge=merge, extra_config=provenance, on_written=save_tokenizer,
+                                        merge=merge, extra_config=provenance, on_written=save_source_processor,
                                         overwrite=args.overwrite,
                                         drop_group_limited_routing=args.drop_group_limited_routing)  # fmt: skip
         except StreamingUnsupported as exc:
@@ -322,7 +320,7 @@ def main(argv: Sequence[str]) -> int:
             print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
             return 0
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        model = load_model(args.model)
         check_top_k_fits(model)
     if merge:
         from hf_moeprune.pruning.merging import merge_experts
@@ -337,12 +335,7 @@ def main(argv: Sequence[str]) -> int:
     counts = getattr(model.config, "experts_per_layer", None)
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp, export_stock=args.export_stock)  # generation_config.json comes along
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        else:
-            from hf_moeprune.commands._shared import copy_tokenizer
-
-            copy_tokenizer(args.model, tmp)  # so that `generate` and `push` work on the output as on the input
+        save_source_processor(tmp)
     logger.info("saved pruned model to %s (experts per layer %s)", args.output_dir, counts)
     print(json.dumps({"output_dir": args.output_dir, "experts_per_layer": counts}))
     return 0

@@ -38,10 +38,8 @@ class QuantizeCLIArguments:
 
 
 def main(argv: Sequence[str]) -> int:
-    from transformers import AutoModelForCausalLM
-
     from hf_moeprune.commands._parsing import parse_args, positionals_to_flags
-    from hf_moeprune.commands._shared import copy_tokenizer
+    from hf_moeprune.loading import load_model, save_processor
     from hf_moeprune.quantization.compressed_tensors_export import SCHEME_FOR, UnsupportedLayoutError
     from hf_moeprune.quantization.config import QuantizationConfig
     from hf_moeprune.quantization.quantizer import model_size_bytes, weight_files_size_bytes
@@ -60,7 +58,7 @@ def main(argv: Sequence[str]) -> int:
         raise SystemExit(f"hf-moeprune quantize: {exc}") from None
     # entered first so that a non-empty output_dir is refused before the model is loaded
     with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(args.model)
+        model = load_model(args.model)
         before = model_size_bytes(model)
         try:
             written = save_quantized(
@@ -68,7 +66,7 @@ def main(argv: Sequence[str]) -> int:
             )
         except UnsupportedLayoutError as exc:
             raise SystemExit(f"hf-moeprune quantize: --format compressed-tensors: {exc}") from None
-        copy_tokenizer(args.model, tmp)
+        save_processor(args.model, tmp)
     on_disk = weight_files_size_bytes(args.output_dir)
     logger.info("saved %s-quantized model (%s format) to %s", args.scheme, written, args.output_dir)
     print(f"format: {written}")

@@ -94,11 +94,12 @@ class LoraArguments:
 
 
 def main(argv: Sequence[str]) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from hf_moeprune.commands._parsing import parse_args
     from hf_moeprune.commands._shared import check_output_dir
     from hf_moeprune.data import load_text_dataset, tokenize_and_pack
+    from hf_moeprune.loading import load_model
     from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
     from hf_moeprune.utils import replace_model_files
 
@@ -115,7 +116,7 @@ def main(argv: Sequence[str]) -> int:
     )
     raw = load_text_dataset(data_args.data, data_args.text_field, data_args.validation_fraction, args.seed)
     data = tokenize_and_pack(raw, tokenizer, data_args.block_size)  # bad data fails before the model is read
-    model = AutoModelForCausalLM.from_pretrained(
+    model = load_model(
         model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,
         experts_implementation=model_args.experts_implementation,

@@ -18,6 +18,10 @@ On load, transformers dequantizes the per-expert tensors and merges them into it
 layers packed. A family whose experts transformers keeps fused on disk (GPT-OSS in 5.24: no conversion
 mapping, ``mlp.experts.gate_up_proj`` is a 3D tensor) cannot be expressed in this format, because
 compressed-tensors quantizes per-module 2D weights only; such a model is refused with that reason.
+
+A vision-language model's vision tower (every module outside the language model and its LM head:
+``quantizer.encoder_module_names``) is written in full precision and its Linear layers are listed under ``ignore``,
+as the hf_moeprune format keeps it too.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,13 +191,29 @@ def _skip_patterns(include_lm_head: bool) -> list[str]:
     return patterns if include_lm_head else [*patterns, LM_HEAD_PATTERN]
 
 
-def _is_target(name: str, tensor_ndim: int, dtype: torch.dtype, patterns: list[str]) -> bool:
-    return (
-        name.endswith(".weight")
-        and tensor_ndim == 2
-        and dtype.is_floating_point
-        and not any(re.search(p, name) for p in patterns)
-    )
+def _skip_rule(model: nn.Module, include_lm_head: bool) -> Callable[[str], bool]:
+    """Whether a checkpoint key stays in full precision: it matches a default skip pattern, or it belongs to a
+    vision (or audio) tower of a multimodal model (``encoder_module_names``, matched on the model-side name the key
+    loads into, since a family's conversion mapping may rename the towers on disk)."""
+    from hf_moeprune import compat
+    from hf_moeprune.quantization.quantizer import encoder_module_names
+
+    patterns = _skip_patterns(include_lm_head)
+    encoders = tuple(f"{name}." for name in encoder_module_names(model))
+    if not encoders:
+        return lambda key: any(re.search(p, key) for p in patterns)
+    conversions, meta_state = compat.load_conversions(model), model.state_dict()
+
+    def skipped(key: str) -> bool:
+        if any(re.search(p, key) for p in patterns):
+            return True
+        return compat.converted_key(key, conversions, model.base_model_prefix, meta_state).startswith(encoders)
+
+    return skipped
+
+
+def _is_target(name: str, tensor_ndim: int, dtype: torch.dtype, skipped: Callable[[str], bool]) -> bool:
+    return name.endswith(".weight") and tensor_ndim == 2 and dtype.is_floating_point and not skipped(name)
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -202,7 +223,7 @@ def _shards(folder: Path) -> list[Path]:
     return shards
 
 
-def _check_layout(staging: Path, patterns: list[str]) -> tuple[dict, list[int]]:
+def _check_layout(staging: Path, skipped: Callable[[str], bool]) -> tuple[dict, list[int]]:
     """Read the staged checkpoint's config and headers; refuse what compressed-tensors cannot express."""
     from safetensors import safe_open
 
@@ -222,12 +243,12 @@ def _check_layout(staging: Path, patterns: list[str]) -> tuple[dict, list[int]]:
                 piece = f.get_slice(name)
                 shape, dtype = piece.get_shape(), piece.get_dtype()
                 floating = dtype in ("F32", "F16", "BF16", "F64")
-                skipped = any(re.search(p, name) for p in patterns) or name.endswith("bias")
+                kept = skipped(name) or name.endswith("bias")
                 # fused experts (GPT-OSS ``experts.gate_up_proj``, GraniteMoE ``input_linear.weight``); other 3D
                 # tensors, e.g. MiniMax's attention decay buffers, are not matmul weights and stay as they are
-                if len(shape) >= 3 and floating and not skipped and FUSED_WEIGHT_RE.search(name):
+                if len(shape) >= 3 and floating and not kept and FUSED_WEIGHT_RE.search(name):
                     fused.append(f"{name} {list(shape)}")
-                elif len(shape) == 2 and floating and name.endswith(".weight") and not skipped:
+                elif len(shape) == 2 and floating and name.endswith(".weight") and not kept:
                     widths.append(shape[1])
     if fused:
         raise UnsupportedLayoutError(
@@ -267,8 +288,8 @@ def export_compressed_tensors(model: nn.Module, folder: str | os.PathLike, confi
     folder = Path(folder)
     staging = folder / STAGING_DIRNAME
     model.save_pretrained(staging)
-    patterns = _skip_patterns(config.include_lm_head)
-    hf_config, widths = _check_layout(staging, patterns)
+    skipped = _skip_rule(model, config.include_lm_head)
+    hf_config, widths = _check_layout(staging, skipped)
     scheme = get_ct_scheme(config.scheme)
     group_size = choose_group_size(widths, config.group_size) if scheme.strategy == "group" else None
     ct_scheme = ct_quantization_scheme(scheme, group_size)
@@ -283,7 +304,7 @@ def export_compressed_tensors(model: nn.Module, folder: str | os.PathLike, confi
             names = f.keys()
             for name in names:
                 tensor = f.get_tensor(name)
-                if _is_target(name, tensor.ndim, tensor.dtype, patterns):
+                if _is_target(name, tensor.ndim, tensor.dtype, skipped):
                     prefix = name[: -len("weight")]
                     for suffix, value in compress_weight(tensor, ct_scheme).items():
                         out[prefix + suffix] = value.contiguous()

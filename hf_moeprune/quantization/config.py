@@ -20,7 +20,9 @@ QUANT_METHOD = "hf_moeprune"
 # Routers decide which experts run, so a small error there changes the computation path, not just
 # its values; they are also tiny. Embeddings are a lookup, not a matmul, and are skipped like in
 # bitsandbytes/torchao. Biases, norms and DeepSeek's e_score_correction_bias (a buffer) are never
-# candidates: only floating-point parameters of rank >= 2 whose name does not end in "bias" are.
+# candidates: only floating-point parameters of rank >= 2 whose name does not end in "bias" are. A vision-language
+# model's vision tower gets anchored patterns of its own when it is quantized
+# (quantizer.keep_encoders_in_high_precision).
 DEFAULT_SKIP_PATTERNS: tuple[str, ...] = (
     r"(^|\.)gate\.",  # Mixtral/Qwen/OLMoE/DeepSeek router: mlp.gate.weight (HunYuan: mlp.gate.wg.weight)
     r"(^|\.)router\.",  # GPT-OSS router: mlp.router.weight (+ bias); GraniteMoE, Jamba: <block>.router.weight

@@ -58,9 +58,10 @@ class MoEPruneHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            from hf_moeprune.quantization.quantizer import use_pruned_format
+            from hf_moeprune.quantization.quantizer import keep_encoders_in_high_precision, use_pruned_format
 
             use_pruned_format(model)
+            keep_encoders_in_high_precision(model, self.quantization_config)
             apply_quantization(model, self.quantization_config)
             return model
         # the loader flags every tensor it filled from the checkpoint; an unflagged packed tensor holds garbage

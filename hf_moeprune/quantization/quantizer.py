@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,62 @@ def select_targets(model: nn.Module, config: QuantizationConfig) -> list[QuantTa
     return targets
 
 
+def encoder_module_names(model: nn.Module) -> list[str]:
+    """The modules of a multimodal model outside its language model and LM head: vision (and audio) towers and the
+    projectors/mergers that feed the language model (``model.visual`` for Qwen3-VL-MoE and GLM-4.5V,
+    ``model.vision_tower`` and ``model.audio_tower`` for dots3). Empty for a text-only model.
+
+    Found from the structure, not from names: the language model is the shallowest module on the path to the decoder
+    layers whose config is the text sub-config; every other child of the modules above it that holds parameters,
+    except the output embeddings, is an encoder."""
+    from hf_moeprune.adapters import get_adapter
+
+    try:
+        adapter = get_adapter(model)
+    except ValueError:
+        return []
+    if adapter.text_config_attr is None or not hasattr(model, "config"):
+        return []
+    layers = adapter.decoder_layers(model)
+    path = next((name for name, module in model.named_modules() if module is layers), None)
+    if not path:
+        return []
+    parts = path.split(".")
+    text_config_type = type(adapter.moe_config(model.config))
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts))]
+    language_model = next(
+        (p for p in prefixes if isinstance(getattr(model.get_submodule(p), "config", None), text_config_type)),
+        ".".join(parts[:-1]),
+    )
+    above = [""] + [p for p in prefixes if language_model.startswith(p + ".")]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for parent in above:
+        for child_name, child in model.get_submodule(parent).named_children():
+            name = f"{parent}.{child_name}" if parent else child_name
+            if name == language_model or name in above or child is head:
+                continue
+            if any(True for _ in child.parameters()):
+                found.append(name)
+    return found
+
+
+def keep_encoders_in_high_precision(model: nn.Module, config: QuantizationConfig) -> list[str]:
+    """Add a skip pattern per encoder module of a multimodal model (``encoder_module_names``) to
+    ``config.skip_patterns``, in place, so that the vision tower and its projector stay in their dtype and the saved
+    ``quantization_config`` says so (a reload selects the same tensors from the config alone). Vision towers are small
+    next to the experts and their errors reach every image token, so they are kept like the routers. Returns the
+    module names (empty for a text model)."""
+    names = encoder_module_names(model)
+    for name in names:
+        pattern = rf"^{re.escape(name)}\."
+        if pattern not in config.skip_patterns:
+            config.skip_patterns.append(pattern)
+    if names:
+        logger.info("kept in high precision (outside the language model): %s", ", ".join(names))
+    return names
+
+
 def quantized_targets(model: nn.Module) -> dict[str, QuantizedWeight]:
     """Full name -> parametrization, for every tensor of ``model`` quantized by hf_moeprune."""
     found = {}
@@ -259,8 +316,10 @@ def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **conf
 
     ``scheme`` is a scheme name (``config_fields`` then fill the rest of a ``QuantizationConfig``, e.g.
     ``group_size=64, include_lm_head=True``) or a ready ``QuantizationConfig``. Routers, embeddings,
-    norms and biases stay in their dtype. Returns the model, which saves with ``save_pretrained`` and
-    reloads with ``AutoModelForCausalLM.from_pretrained`` once ``hf_moeprune`` is imported.
+    norms and biases stay in their dtype, and so does the vision tower of a vision-language model (its patterns are
+    added to the config's ``skip_patterns``: ``keep_encoders_in_high_precision``). Returns the model, which saves
+    with ``save_pretrained`` and reloads with the Auto class of its family (``AutoModelForCausalLM``,
+    ``AutoModelForImageTextToText``) once ``hf_moeprune`` is imported.
     """
     if isinstance(scheme, QuantizationConfig):
         if config_fields:
@@ -279,6 +338,7 @@ def quantize(model: nn.Module, scheme: str | QuantizationConfig = "int8", **conf
         )
     before = model_size_bytes(model)
     use_pruned_format(model)
+    keep_encoders_in_high_precision(model, config)
     targets = apply_quantization(model, config)
     if not targets:
         raise ValueError(
