@@ -85,7 +85,7 @@ class RoutingRecorder:
 
     def _hook(self, idx):
         def hook(module, args, output):
-            logits, weights, indices = output
+            logits, weights, indices = output[:3]  # Inkling returns the shared experts' weights too
             self.calls[idx] = (logits.detach(), weights.detach(), indices.detach())
 
         return hook
