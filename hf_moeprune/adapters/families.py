@@ -1280,7 +1280,7 @@ register_family(MoEAdapter(model_type="inkling2_loop_text", **_INKLING2))
 # weights (the router's fourth output) depend on the choice and the rule reads the router's input to reproduce them.
 # The correction bias and the router's first output cover the routed experts only. Pruning keeps the shared rows at
 # the end; the router slices them off from the end (-n_shared_experts), which the new routed count does not change.
-register_family(
+INKLING_TEXT = register_family(
     MoEAdapter(
         model_type="inkling_text",
         router_tensors=("weight", "e_score_correction_bias"),
@@ -1517,6 +1517,23 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Inkling (inkling_mm_model): the inkling_text language model at model.language_model, a vision tower that turns each
+# patch ([temporal, height, width, channels]) into one placeholder token's embedding, and an audio tower.
+_multimodal(
+    "inkling_mm_model",
+    INKLING_TEXT,
+    tiny_config=dict(
+        text_config=dict(INKLING_TEXT.tiny_config),
+        vision_config=dict(patch_size=4, temporal_patch_size=2, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2),
+        audio_config=dict(n_mel_bins=8, mel_vocab_size=16),
+        image_token_id=95,
+        audio_token_id=96,
+        image_bos_token_id=97,
+        audio_bos_token_id=98,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1574,10 +1591,6 @@ for _model_type, _reason in {
     "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
     "llama4": _text_unsupported("llama4_text"),
     "gemma4": _text_unsupported("gemma4_text"),
-    "inkling_mm_model": _text_unsupported("inkling_text")
-    + " (its language model sits at model.language_model.layers of an inkling_text config; the composite also has an "
-    "audio tower, and its vision inputs, one placeholder token per patch with no image grid, differ from the Qwen-VL "
-    "image batches the vision-language tests build)",
     "inkling2": _text_unsupported("inkling2_text"),
     "inkling2_loop": _text_unsupported("inkling2_loop_text"),
     "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
