@@ -43,17 +43,33 @@ OutputObserverFn = Callable[[int, nn.Module, torch.Tensor, torch.Tensor, torch.T
 
 
 # -- pure maths -------------------------------------------------------------------------------------------------
-def pair_weights(token_weights: torch.Tensor | None, top_k: int) -> torch.Tensor | None:
-    """Per-(token, expert) pair weights in ``top_k_index.reshape(-1)`` order from per-token weights (None: all 1)."""
-    return None if token_weights is None else token_weights.repeat_interleave(top_k)
+def pair_weights(
+    token_weights: torch.Tensor | None, top_k: int, routed: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Per-(token, expert) pair weights in ``top_k_index.reshape(-1)`` order from per-token weights (None: all 1).
+    ``routed`` [tokens, top_k] (bool): False for pairs that went to a router row that is not a routed expert
+    (LongCat's zero-computation experts), which then weigh 0."""
+    weights = None if token_weights is None else token_weights.repeat_interleave(top_k)
+    if routed is None:
+        return weights
+    mask = routed.reshape(-1).to(torch.float32 if weights is None else weights.dtype)
+    return mask if weights is None else weights * mask.to(weights.device)
 
 
 def routed_counts(
-    top_k_index: torch.Tensor, num_experts: int, token_weights: torch.Tensor | None = None
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    token_weights: torch.Tensor | None = None,
+    routed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Tokens routed to each expert: ``top_k_index`` [tokens, top_k] as the router chose them, each token counted
-    with its weight (0 for padding)."""
-    weights = pair_weights(token_weights, top_k_index.shape[-1])
+    with its weight (0 for padding). Indices >= ``num_experts`` (router rows after the routed experts) and pairs
+    ``routed`` marks False count for no expert."""
+    beyond = top_k_index >= num_experts
+    if bool(beyond.any()):
+        routed = ~beyond if routed is None else routed & ~beyond
+        top_k_index = top_k_index.masked_fill(beyond, 0)
+    weights = pair_weights(token_weights, top_k_index.shape[-1], routed)
     return torch.bincount(top_k_index.reshape(-1), weights=weights, minlength=num_experts)
 
 
@@ -63,14 +79,16 @@ def output_norm_sums(
     per_pair: torch.Tensor,
     num_experts: int,
     token_weights: torch.Tensor | None = None,
+    routed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per expert: (REAP numerator = sum of gate weight x ||output||, EAN = sum of ||output||) over routed pairs.
 
     ``per_pair`` [tokens * top_k, hidden] holds each selected expert's own output in ``top_k_index.reshape(-1)``
-    order; padding tokens (weight 0) add nothing."""
+    order; padding tokens (weight 0) and pairs ``routed`` marks False (LongCat's routes to a zero-computation
+    expert, which its MoE block hands the experts as a placeholder index with weight 0) add nothing."""
     output_norms = per_pair.detach().float().norm(dim=-1)
     norms = output_norms * top_k_weights.detach().float().reshape(-1)
-    weights = pair_weights(token_weights, top_k_index.shape[-1])
+    weights = pair_weights(token_weights, top_k_index.shape[-1], routed)
     if weights is not None:
         norms, output_norms = norms * weights, output_norms * weights
     flat_index = top_k_index.reshape(-1)
@@ -105,6 +123,9 @@ class RoutingInstrumentation:
         self.router_logits: dict[int, torch.Tensor] = {}
         self.step_loads: dict[int, torch.Tensor] = {}  # tokens per expert in the current optimizer step
         self.masked: dict[int, torch.Tensor] = {}  # bool [experts]: soft-masked (never selected)
+        # bool [tokens, top_k] per layer, this forward: the router chose a routed expert, not an extra row (LongCat's
+        # zero-computation experts reach the experts module as placeholder indices, told apart only here)
+        self.routed_pairs: dict[int, torch.Tensor] = {}
         self._handles = []
         self._wrapped: list[nn.Module] = []
 
@@ -154,18 +175,22 @@ class RoutingInstrumentation:
 
     def _router_hook(self, layer: int):
         def hook(module, args, output):
-            logits, weights, indices = output[0], output[1], output[2]
+            logits, indices = output[0], output[2]
             bias = self._mask_bias(layer, module, logits)
             if bias is not None:
-                weights, indices = self.adapter.route(module, logits, bias, *args[1:])
-                output = (logits, weights.to(output[1].dtype), indices, *output[3:])
+                output = self.adapter.reroute(module, args, output, bias)
+                indices = output[2]
             if self.capture_logits:
                 self.router_logits[layer] = logits
+            num_experts = logits.shape[-1]
+            if self.adapter.extra_rows_field is not None:
+                num_experts = self._num_experts(layer)
+                self.routed_pairs[layer] = indices.detach() < num_experts
             if self.recording:
                 with torch.no_grad():
-                    num_experts = logits.shape[-1]
                     token_weights = self._token_weights(logits.shape[0], logits.device)
-                    probs = self.adapter.scores(logits.detach())
+                    # the routed experts' share of the router's scores (not the extra rows')
+                    probs = self.adapter.scores(logits.detach())[..., :num_experts]
                     if token_weights is not None:
                         probs = probs * token_weights[:, None]
                     counts = routed_counts(indices, num_experts, token_weights)
@@ -199,12 +224,23 @@ class RoutingInstrumentation:
             with torch.no_grad():
                 token_weights = self._token_weights(num_tokens, per_pair.device)
                 num_experts = self._num_experts(layer)
-                reap, ean = output_norm_sums(top_k_index, top_k_weights, per_pair, num_experts, token_weights)
+                routed = self.routed_pairs.pop(layer, None)
+                if routed is not None and routed.shape != top_k_index.shape:
+                    raise RuntimeError(
+                        f"layer {layer}: the router chose {tuple(routed.shape)} (token, slot) pairs but the experts "
+                        f"received {tuple(top_k_index.shape)}; cannot tell routed experts from extra router rows"
+                    )
+                reap, ean = output_norm_sums(top_k_index, top_k_weights, per_pair, num_experts, token_weights, routed)
                 self.statistics.add(layer, "reap_sum", reap)
                 self.statistics.add(layer, "ean_sum", ean)
-                self.statistics.add(layer, "reap_tokens", routed_counts(top_k_index, num_experts, token_weights))
+                self.statistics.add(
+                    layer, "reap_tokens", routed_counts(top_k_index, num_experts, token_weights, routed)
+                )
+                observed = per_pair.detach()
+                if routed is not None:  # placeholder pairs of extra rows: no output of the expert they name
+                    observed = observed * routed.reshape(-1, 1).to(observed.dtype)
                 for observe in self.output_observers:
-                    observe(layer, experts, hidden_states, top_k_index, per_pair.detach(), token_weights)
+                    observe(layer, experts, hidden_states, top_k_index, observed, token_weights)
             return combined.to(hidden_states.dtype)
 
         return forward

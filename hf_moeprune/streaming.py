@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from hf_moeprune import compat
+from hf_moeprune.format.modeling_moeprune import with_extra_rows
 from hf_moeprune.format.safetensors_header import header_bytes
 from hf_moeprune.utils import atomic_write_text
 
@@ -437,12 +438,18 @@ def prune_checkpoint(
     loader = ModuleLoader.create(path, meta_skeleton(path, copy.deepcopy(config)))
     adapter = get_adapter(model)
     prefixes = _layer_prefixes(model, adapter)
+    layers = adapter.decoder_layers(model)
+    # (routed experts, router rows after them) per layer before pruning: those rows (LongCat's zero-computation
+    # experts) are kept at the end of the tensors that hold them, in order
+    before = {int(layer): (adapter.num_experts(layers[int(layer)]), adapter.extra_rows(layers[int(layer)]))
+              for layer in keep}  # fmt: skip
     # validates the plan and gives the skeleton the pruned config, class and shapes
     prune_experts(model, keep, drop_group_limited_routing=drop_group_limited_routing)
     for name, value in (extra_config or {}).items():
         setattr(model.config, name, value)
     merge = {int(layer): m for layer, m in (merge or {}).items() if m[0]}
     index = {int(layer): torch.tensor([int(p) for p in kept], dtype=torch.long) for layer, kept in keep.items()}
+    full_index = {layer: with_extra_rows(rows, *before[layer]) for layer, rows in index.items()}
     pruned_state = model.state_dict()
     with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
         # config, generation config and (for the hf_moeprune format) the modeling file, written by the same code as
@@ -455,19 +462,24 @@ def prune_checkpoint(
         writer = ShardWriter(tmp, max_bytes)
         units = sorted(loader.units, key=lambda u: -1 if u is None else u)
         for unit in units:
-            expert_names, merged_names, select = set(), set(), {}
+            expert_names, merged_names, select, extra_names = set(), set(), {}, set()
             if unit in index:
                 expert_names = {prefixes[unit] + n for n in adapter.tensor_names}
+                extra_names = {prefixes[unit] + n for n in adapter.extra_row_tensor_names}
+
+            def rows(name: str, unit=unit, extra_names=extra_names) -> torch.Tensor:
+                return full_index[unit] if name in extra_names else index[unit]
+
             if unit in merge:
                 merged_names = {f"{prefixes[unit]}{adapter.experts_path}.{n}" for n in adapter.expert_tensors}
             else:  # removed experts are not read at all (merging needs them)
-                select = dict.fromkeys(expert_names, index.get(unit))
+                select = {name: rows(name) for name in expert_names}
             for group in loader.groups(unit, select):
                 for name in list(group):
                     if name in merged_names:
                         group[name] = merged_rows(group[name], *merge[unit])
                     if name in expert_names and name not in select:
-                        group[name] = group[name].index_select(0, index[unit])
+                        group[name] = group[name].index_select(0, rows(name))
                     expected = pruned_state.get(name)
                     if expected is not None and tuple(expected.shape) != tuple(group[name].shape):
                         raise RuntimeError(

@@ -17,7 +17,7 @@ from hf_moeprune import compat
 from hf_moeprune.adapters import MoEAdapter, get_adapter
 from hf_moeprune.distributed import ShardedSurgery, check_expert_parallel_count, is_sharded
 from hf_moeprune.format import expert_counts, mark_pruned, record_per_layer_counts, resize_expert_tensors
-from hf_moeprune.format.modeling_moeprune import get_submodule_attr
+from hf_moeprune.format.modeling_moeprune import get_submodule_attr, with_extra_rows
 from hf_moeprune.lora import is_peft_model, peeled, slice_adapters
 from hf_moeprune.quantization.quantizer import (
     check_quantized_experts,
@@ -264,6 +264,14 @@ def _apply(
         index = torch.tensor(positions, dtype=torch.long)
         layer = layers[layer_idx]
         old_count = adapter.num_experts(layer)
+        # router rows after the routed experts (LongCat's zero-computation experts) stay at the end, in order
+        extra = adapter.extra_rows(layer)
+        extra_names = set(adapter.extra_row_tensor_names)
+        full_index = with_extra_rows(index, old_count, extra)
+
+        def rows(name: str, index=index, full_index=full_index, extra_names=extra_names) -> torch.Tensor:
+            return full_index if name in extra_names else index
+
         # peft adapter wrappers (LoRA on the experts or the router) are set aside while the base tensors are
         # resized, then their factors are sliced by the same index
         owners = [name.rpartition(".")[0] for name in (*adapter.tensor_names, *adapter.count_attributes)]
@@ -273,9 +281,9 @@ def _apply(
             if sharded and sharded_surgery is None:
                 sharded_surgery = ShardedSurgery(model)
             for name in sharded:
-                old, new = sharded_surgery.replace(*get_submodule_attr(layer, name), index)
+                old, new = sharded_surgery.replace(*get_submodule_attr(layer, name), rows(name))
                 if on_tensor_replaced is not None:
-                    on_tensor_replaced(old, new, index)
+                    on_tensor_replaced(old, new, rows(name))
                 del old, new
             # hf_moeprune-quantized expert tensors (QLoRA bases): their packed codes and scales are sliced per
             # expert; they are never trainable (integer storage), so no optimizer state follows them
@@ -285,17 +293,30 @@ def _apply(
             plain = [name for name in adapter.tensor_names if name not in sharded and name not in packed]
             if on_tensor_replaced is not None:
                 before = {name: _lookup(layer, name) for name in plain}
-            resized = resize_expert_tensors(layer, plain, adapter.count_attributes, len(positions), index)
+            resized = resize_expert_tensors(
+                layer,
+                plain,
+                adapter.count_attributes,
+                len(positions),
+                index,
+                extra_rows=extra,
+                extra_row_tensors=adapter.extra_row_tensor_names,
+                total_count_attributes=adapter.total_count_attribute_names,
+            )
             if on_tensor_replaced is not None:
                 for name, old in before.items():
                     if old is not None:
-                        on_tensor_replaced(old, _lookup(layer, name), index)
+                        on_tensor_replaced(old, _lookup(layer, name), rows(name))
                 del before
             if sharded:
                 ShardedSurgery.finish_experts(adapter.experts(layer), len(positions))
         for path, chain in chains.items():
-            attrs = {name[len(path) + 1 :] for name in (*resized, *sharded, *packed) if name.startswith(path + ".")}
-            slice_adapters(chain, attrs, index, old_count, on_tensor_replaced)
+            names = [name for name in (*resized, *sharded, *packed) if name.startswith(path + ".")]
+            attrs = {name[len(path) + 1 :] for name in names}
+            # a LoRA on a router with extra rows: its lora_B rows follow the router's rows
+            chain_index = full_index if extra_names.intersection(names) else index
+            slice_adapters(chain, attrs, chain_index, old_count + (extra if chain_index is full_index else 0),
+                           on_tensor_replaced)  # fmt: skip
         config.kept_expert_ids[layer_idx] = [config.kept_expert_ids[layer_idx][p] for p in positions]
     counts = expert_counts(model, adapter)
     config.experts_per_layer = counts

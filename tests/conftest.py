@@ -105,7 +105,19 @@ def _inkling2_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.
     }
 
 
-PIXEL_INPUTS = {"gemma4": _gemma4_pixels, "inkling2": _inkling2_pixels, "inkling2_loop": _inkling2_pixels}
+def _inkling_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Inkling (inkling_mm_model): one placeholder token per patch, each patch [temporal, height, width, channels]."""
+    vision = config.vision_config
+    patch = (getattr(vision, "temporal_patch_size", 1), vision.patch_size, vision.patch_size, vision.num_channels)
+    return {"pixel_values": torch.randn(batch * 4, *patch, generator=g)}
+
+
+PIXEL_INPUTS = {
+    "gemma4": _gemma4_pixels,
+    "inkling2": _inkling2_pixels,
+    "inkling2_loop": _inkling2_pixels,
+    "inkling_mm_model": _inkling_pixels,
+}
 
 
 def vl_image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -187,7 +199,7 @@ class RoutingRecorder:
 
     def _hook(self, idx):
         def hook(module, args, output):
-            logits, weights, indices = output
+            logits, weights, indices = output[:3]  # Inkling returns the shared experts' weights too
             self.calls[idx] = (logits.detach(), weights.detach(), indices.detach())
 
         return hook

@@ -31,7 +31,7 @@ from hf_moeprune.adapters import ADAPTERS, UNSUPPORTED
 from hf_moeprune.adapters.base import COUNT_FIELD_CANDIDATES
 from hf_moeprune.adapters.discovery import block_router_args, discover_adapter, identify_routing, router_top_k
 from hf_moeprune.balancing.loads import measure_expert_loads
-from hf_moeprune.demo.tiny_models import tiny_model
+from hf_moeprune.demo.tiny_models import tiny_config, tiny_model
 from hf_moeprune.quantization import quantize, quantized_targets
 from hf_moeprune.training import MoEPruneTrainer
 
@@ -109,13 +109,32 @@ def _logits(model):
         return model(IDS).logits
 
 
+def _routed_pairs(model, adapter) -> dict[int, int]:
+    """(token, slot) pairs each MoE layer's router sends to a routed expert on IDS, read off the router's own indices
+    (a route to an extra router row, LongCat's zero-computation experts, is not one)."""
+    layers = adapter.decoder_layers(model)
+    found, handles = {}, []
+    for i in adapter.moe_layer_indices(model):
+        limit = adapter.num_experts(layers[i])
+
+        def hook(module, args, output, i=i, limit=limit):
+            found[i] = found.get(i, 0) + int((output[2] < limit).sum())
+
+        handles.append(adapter.router(layers[i]).register_forward_hook(hook))
+    _logits(model)
+    for handle in handles:
+        handle.remove()
+    return found
+
+
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_registration_matches_the_model(family):
     """The declaration agrees with what the modeling code exposes, and its rule reproduces the stock router."""
     model = tiny_model(family)
     declared, found = ADAPTERS[family], discover_adapter(model)
     fields = ("block_attr", "router_attr", "expert_tensors", "block_tensors", "config_class", "model_class")
-    for field in (*fields, "text_config_attr", "layers_path", "auto_class"):
+    extra_rows = ("extra_rows_field", "extra_row_tensors", "routed_count_attributes", "total_count_attributes")
+    for field in (*fields, "text_config_attr", "layers_path", "auto_class", *extra_rows, "layers_field"):
         assert getattr(declared, field) == getattr(found, field), field
     assert (
         set(declared.router_tensors) == set(found.router_tensors)
@@ -162,9 +181,12 @@ def test_prune_save_reload_export_generate(family, tmp_path):
     if len(plan) > 1:
         assert len({len(kept) for kept in plan.values()}) == 2  # a real per-layer layout
     expected = _logits(model)
+    routed = _routed_pairs(model, adapter)
     loads = measure_expert_loads(model, [{"input_ids": IDS}], progress=False)  # routing statistics via the adapter
     assert [loads[i].numel() for i in moe_layers] == counts
-    assert all(loads[i].sum() == IDS.numel() * adapter.top_k(model.config) for i in moe_layers)
+    assert all(loads[i].sum() == routed[i] for i in moe_layers)
+    if adapter.extra_rows_field is None:
+        assert all(routed[i] == IDS.numel() * adapter.top_k(model.config) for i in moe_layers)
 
     # export_stock=False: the hf_moeprune format even where one MoE layer makes the layout uniform
     model.save_pretrained(tmp_path / "pruned", export_stock=False)
@@ -204,6 +226,8 @@ REMOTE_DEFAULT = [
     "sarvam_mla",  # a config class of its own on DeepseekV3ForCausalLM: the pruned class named after both
     "ergo",  # a per-expert tensor in a submodule of the experts (post_expert_norm.weight)
     "gemma4",  # a composite whose class is also its causal-LM class, router and experts in the decoder layer
+    "longcat_flash",  # zero-computation experts: router rows after the routed ones, reindexed by the new count
+    "inkling_text",  # shared experts' router rows after the routed ones; its rule reads the router's input
 ]  # fmt: skip
 
 
@@ -374,3 +398,151 @@ def test_family_trains_prunes_by_reap_quantizes_and_generates(family, tmp_path):
     assert torch.nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.99
     greedy = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert model.generate(IDS[:1], generation_config=greedy).shape == (1, IDS.shape[1] + 3)
+
+
+# -- router rows after the routed experts (issue 13) -----------------------------------------------------------------
+def _router_rows(model, adapter) -> dict[int, dict[str, torch.Tensor]]:
+    layers = adapter.decoder_layers(model)
+    return {
+        i: {name: adapter.router(layers[i]).get_parameter(name).detach().clone() if name.endswith("weight")
+            else adapter.router(layers[i]).get_buffer(name).clone() for name in adapter.router_tensors}
+        for i in adapter.moe_layer_indices(model)
+    }  # fmt: skip
+
+
+def test_longcat_zero_experts_survive_pruning_and_are_still_reached(tmp_path):
+    """LongCat-Flash's zero-computation experts (router rows n_routed_experts + j) keep their rows bit for bit after
+    pruning, still at the end; the pruned model is the stock model of the new routed count with the kept weights (so
+    its index arithmetic reaches the zero experts), and the statistics count routed experts only."""
+    from hf_moeprune.observation import observe_routing
+
+    model = tiny_model("longcat_flash")
+    adapter = hf_moeprune.get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    torch.manual_seed(3)
+    with torch.no_grad():  # varied routing: router rows that matter more than the correction bias
+        for i in adapter.moe_layer_indices(model):
+            adapter.router(layers[i]).classifier.weight.normal_(0.0, 1.0)
+            adapter.router(layers[i]).e_score_correction_bias.normal_(0.0, 0.01)
+    routed = _routed_pairs(model, adapter)
+    pairs = IDS.numel() * adapter.top_k(model.config)
+    assert all(0 < routed[i] < pairs for i in routed)  # some routes go to zero experts, some to routed ones
+    stats = observe_routing(model, [{"input_ids": IDS}], progress=False).snapshot()
+    for i in adapter.moe_layer_indices(model):  # REAP's pairs exclude the zero experts' placeholder routes too
+        assert stats[i].tokens.numel() == 8 and stats[i].tokens.sum() == routed[i]
+        assert torch.equal(stats[i].reap_tokens, stats[i].tokens)
+    before = _router_rows(model, adapter)
+    experts_before = {
+        i: adapter.experts(layers[i]).down_proj.detach().clone() for i in adapter.moe_layer_indices(model)
+    }
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+
+    keep = {0: [6, 1, 4, 0, 7], 1: [2, 5, 3, 6, 0]}  # reordered too: rows follow the order given
+    prune_experts(model, keep)
+    zero = model.config.zero_expert_num
+    for i, kept in keep.items():
+        after = _router_rows(model, adapter)[i]
+        for name, rows in before[i].items():
+            assert torch.equal(after[name][: len(kept)], rows[kept])
+            assert torch.equal(after[name][len(kept) :], rows[-zero:])  # the zero experts, unpruned, in order
+        assert torch.equal(adapter.experts(layers[i]).down_proj, experts_before[i][kept])
+        assert adapter.num_experts(layers[i]) == len(kept) and adapter.moe_block(layers[i]).num_routed_experts == 5
+        assert adapter.router(layers[i]).n_routed_experts == len(kept) + zero
+    assert model.config.n_routed_experts == 5 and model.config.zero_expert_num == zero
+    logits = _logits(model)
+
+    # the stock model built for 5 routed experts, given the kept rows by hand, computes the same logits
+    config = tiny_config("longcat_flash", n_routed_experts=5)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    state = {}
+    for key, value in original.items():
+        match = re.match(r"model\.layers\.(\d+)\.mlp\.(router\.classifier\.weight|router\.e_score_correction_bias|"
+                         r"experts\.gate_up_proj|experts\.down_proj)$", key)  # fmt: skip
+        if match is None:
+            state[key] = value
+            continue
+        kept = torch.tensor(keep[int(match.group(1))])
+        if match.group(2).startswith("router"):
+            kept = torch.cat((kept, torch.arange(8, 8 + zero)))
+        state[key] = value[kept]
+    reference.load_state_dict(state, strict=True)
+    assert torch.equal(_logits(reference), logits)
+
+    model.save_pretrained(tmp_path, export_stock=False)
+    assert json.loads((tmp_path / "config.json").read_text())["expert_extra_rows_field"] == "zero_expert_num"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(_logits(reloaded), logits)
+    for i in keep:
+        for name, rows in _router_rows(reloaded, adapter)[i].items():
+            assert torch.equal(rows[-zero:], before[i][name][-zero:])
+
+
+def test_inkling_shared_rows_survive_pruning_and_unrouted_experts_leave_logits_unchanged(tmp_path):
+    """Inkling's shared experts' router rows stay at the end bit for bit; removing the routed experts no token chose
+    leaves the logits as they were (per-expert sigmoids, normalised over the chosen and the shared experts): bit for
+    bit equal to the stock model built for the kept count with the kept rows, and equal to the unpruned model's up to
+    the router matmul's rounding (CPU BLAS rounds some output columns of ``x @ W.T`` differently once W has fewer rows:
+    measured 2.3e-10). Its selection bias recomputes the shared experts' weights, which depend on the choice."""
+    from hf_moeprune.format import enable_selection_bias
+
+    ids = IDS[:1, :3]  # 3 tokens x top-2: most routed experts stay unchosen
+    model = tiny_model("inkling_text")
+    adapter = hf_moeprune.get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    moe_layers = adapter.moe_layer_indices(model)
+    chosen = {}
+    handles = [
+        adapter.router(layers[i]).register_forward_hook(lambda m, a, out, i=i: chosen.__setitem__(i, out[2]))
+        for i in moe_layers
+    ]
+    with torch.no_grad():
+        expected = model(ids).logits
+    for handle in handles:
+        handle.remove()
+    keep = {i: sorted(set(chosen[i].flatten().tolist())) for i in moe_layers}
+    assert all(2 <= len(kept) < 8 for kept in keep.values()), keep
+    keep = {i: keep[i] + [e for e in range(8) if e not in keep[i]][: 4 - len(keep[i])] for i in moe_layers}  # 4 each
+    shared = model.config.n_shared_experts
+    before = _router_rows(model, adapter)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    prune_experts(model, keep)
+    for i, kept in keep.items():
+        after = _router_rows(model, adapter)[i]
+        assert torch.equal(after["weight"][: len(kept)], before[i]["weight"][kept])
+        assert torch.equal(after["weight"][len(kept) :], before[i]["weight"][-shared:])  # the shared experts' rows
+        assert torch.equal(after["e_score_correction_bias"], before[i]["e_score_correction_bias"][kept])
+        assert adapter.router(layers[i]).n_total_experts == len(kept) + shared
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-8)
+    reference = AutoModelForCausalLM.from_config(tiny_config("inkling_text", n_routed_experts=4)).eval()
+    state = {}
+    for key, value in original.items():
+        match = re.match(r"model\.layers\.(\d+)\.mlp\.(gate\.weight|gate\.e_score_correction_bias|experts\.\w+)$", key)
+        if match is None:
+            state[key] = value
+            continue
+        rows = torch.tensor(keep[int(match.group(1))])
+        if match.group(2) == "gate.weight":
+            rows = torch.cat((rows, torch.arange(8, 8 + shared)))
+        state[key] = value[rows]
+    reference.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(reference(ids).logits, logits)
+
+    model.save_pretrained(tmp_path / "pruned", export_stock=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)
+
+    # a selection bias forcing expert 1 gives what the stock router gives with that bias in its correction bias: the
+    # shared experts' weights follow the new choice
+    biased, reference = tiny_model("inkling_text"), tiny_model("inkling_text")
+    enable_selection_bias(biased, adapter)
+    with torch.no_grad():
+        for model_, name in ((biased, "selection_bias"), (reference, "e_score_correction_bias")):
+            for i in moe_layers:
+                getattr(adapter.router(adapter.decoder_layers(model_)[i]), name)[1] += 100.0
+        out, ref, plain = biased(IDS).logits, reference(IDS).logits, tiny_model("inkling_text")(IDS).logits
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-8)
+    assert (out - plain).abs().max() > 1e-6  # the tiny model's logits are ~1e-2: forcing an expert shows

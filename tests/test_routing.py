@@ -39,10 +39,12 @@ def test_route_function_reproduces_stock_router_exactly(family, overrides):
     for layer in adapter.prunable_layer_indices(model):
         router = adapter.router(adapter.decoder_layers(model)[layer])
         args = block_router_args(adapter.moe_block(adapter.decoder_layers(model)[layer]), adapter.block_tensors)
-        logits, weights, indices = call_router(router, hidden, *args)
-        w, i = adapter.route(router, logits, None, *args)
-        assert torch.equal(i, indices)
-        assert torch.equal(w, weights) and w.dtype == weights.dtype
+        output = call_router(router, hidden, *args)
+        # the re-route hooks apply (selection bias, soft masks): every output, Inkling's shared-expert weights too
+        rerouted = adapter.reroute(router, (hidden, *args), output, None)
+        assert len(rerouted) == len(output)
+        for ours, stock in zip(rerouted, output):
+            assert torch.equal(ours, stock) and ours.dtype == stock.dtype
 
 
 def test_selection_bias_changes_choice_not_weights():

@@ -29,6 +29,7 @@ from hf_moeprune.format.modeling_moeprune import (
     SELECTION_BIAS,
     get_submodule_attr,
     make_pruned_classes,
+    reroute,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "score_fn_topk": True,  # per-expert scores (sigmoid, sqrtsoftplus): no shared denominator
     "logit_topk_sigmoid": True,
     "softmax_topk_renorm_expert_scale": True,
+    # the softmax runs over every routed (and zero-computation) expert and is never renormalised (LongCat-Flash)
+    "softmax_topk_biased_scaled": False,
+    # per-expert sigmoids normalised over the chosen and the shared experts (Inkling): an unchosen expert adds nothing
+    "logsigmoid_topk_shared": True,
 }
 # What the router's first output is turned into per-expert scores with, per rule (statistics, balancing losses).
 # Gemma-4's router returns probabilities already, not logits.
@@ -173,6 +178,20 @@ class MoEAdapter:
         keep_all_experts: the MoE layers that must keep all their experts (`KeepAllExperts`; DeepSeek-V4's
             ``hash_moe`` layers), or None. Every plan maker leaves them whole and ``prune_experts`` refuses a plan
             that changes them; `prunable_layer_indices` lists the other MoE layers.
+        extra_rows_field: config field giving how many router rows follow the routed experts' rows and are not
+            routed experts (LongCat-Flash's ``zero_expert_num`` identity experts, Inkling's ``n_shared_experts``);
+            the router or the MoE block holds the same count under the same attribute name. Pruning keeps those
+            rows at the end, unpruned and in order; statistics count routed experts only (a route to an index
+            ``>= `` the routed count is not a routed expert). None: the router's rows are the routed experts.
+        extra_row_tensors: the router tensors (of ``router_tensors``) that hold the extra rows after the routed
+            ones (LongCat: the classifier weight and the correction bias; Inkling: the weight only).
+        routed_count_attributes: attributes (relative to the MoE block) that cache the routed count besides
+            ``num_experts`` and must follow surgery (LongCat's ``num_routed_experts``, which its index arithmetic
+            ``n_routed_experts + j`` for the j-th zero expert reads).
+        total_count_attributes: attributes (relative to the MoE block) that cache routed + extra rows
+            (LongCat's ``router.n_routed_experts``); surgery sets them to the kept count + the extra rows.
+        layers_field: config field holding the number of decoder layers (LongCat: ``num_layers``; its
+            ``num_hidden_layers`` counts two attention sublayers per decoder layer).
     """
 
     model_type: str
@@ -199,12 +218,33 @@ class MoEAdapter:
     layers_path: str | None = None
     auto_class: str = "AutoModelForCausalLM"
     keep_all_experts: KeepAllExperts | None = None
+    extra_rows_field: str | None = None
+    extra_row_tensors: tuple[str, ...] = ()
+    routed_count_attributes: tuple[str, ...] = ()
+    total_count_attributes: tuple[str, ...] = ()
+    layers_field: str = "num_hidden_layers"
 
     def __post_init__(self):
         if self.keep_all_experts is not None and not isinstance(self.keep_all_experts, KeepAllExperts):
             raise TypeError(
                 f"keep_all_experts for {self.model_type!r} must be a KeepAllExperts, got "
                 f"{type(self.keep_all_experts).__name__}"
+            )
+        if (self.extra_rows_field is None) != (not self.extra_row_tensors):
+            raise ValueError(
+                f"{self.model_type!r}: extra_rows_field={self.extra_rows_field!r} and extra_row_tensors="
+                f"{self.extra_row_tensors!r} go together (a config field counting the extra router rows, and the "
+                f"router tensors holding them)"
+            )
+        stray = [name for name in self.extra_row_tensors if name not in self.router_tensors]
+        if stray:
+            raise ValueError(
+                f"{self.model_type!r}: extra_row_tensors {stray} are not router tensors; router_tensors="
+                f"{self.router_tensors}"
+            )
+        if self.total_count_attributes and self.extra_rows_field is None:
+            raise ValueError(
+                f"{self.model_type!r}: total_count_attributes={self.total_count_attributes} need extra_rows_field"
             )
         if self.score_function not in ROUTER_SCORE_FUNCTIONS:
             raise ValueError(
@@ -309,8 +349,29 @@ class MoEAdapter:
         return [i for i in self.moe_layer_indices(model) if i not in fixed]
 
     def num_experts(self, layer: nn.Module) -> int:
+        """The layer's routed experts: the router's rows less the extra rows that follow them."""
         owner, attr = get_submodule_attr(self.router(layer), self.router_tensors[0])
-        return getattr(owner, attr).shape[0]
+        return getattr(owner, attr).shape[0] - self.extra_rows(layer)
+
+    def extra_rows(self, layer: nn.Module) -> int:
+        """Router rows after the routed experts' (0 unless ``extra_rows_field``), as the router or the MoE block
+        caches the config field under its own name."""
+        if self.extra_rows_field is None:
+            return 0
+        for module in (self.router(layer), self.moe_block(layer)):
+            value = getattr(module, self.extra_rows_field, None)
+            if value is not None:
+                return int(value)
+        raise ValueError(
+            f"{self.model_type!r}: neither the router nor the MoE block has an attribute {self.extra_rows_field!r} "
+            f"(the extra router rows' count)"
+        )
+
+    def extra_rows_in_config(self, config) -> int:
+        """The extra router rows the config declares (``extra_rows_field``; 0 without one)."""
+        if self.extra_rows_field is None:
+            return 0
+        return int(getattr(self.moe_config(config), self.extra_rows_field) or 0)
 
     def top_k(self, config) -> int:
         return int(getattr(self.moe_config(config), self.top_k_field))
@@ -335,7 +396,18 @@ class MoEAdapter:
             join_path(self.router_path, "num_experts"),
             join_path(self.experts_path, "num_experts"),
             join_path(self.block_attr, "num_experts"),
+            *(join_path(self.block_attr, name) for name in self.routed_count_attributes),
         ]
+
+    @property
+    def extra_row_tensor_names(self) -> list[str]:
+        """The per-expert tensors (relative to the decoder layer) whose rows continue past the routed experts."""
+        return [join_path(self.router_path, n) for n in self.extra_row_tensors]
+
+    @property
+    def total_count_attribute_names(self) -> list[str]:
+        """Module attributes (relative to the decoder layer) caching routed + extra rows."""
+        return [join_path(self.block_attr, name) for name in self.total_count_attributes]
 
     @property
     def router_path(self) -> str:
@@ -362,6 +434,11 @@ class MoEAdapter:
         """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice.
         ``router_args``: the router's arguments after the hidden states (a bias the MoE block holds and passes)."""
         return get_route_function(self.routing)(router, logits, selection_bias, *router_args)
+
+    def reroute(self, router: nn.Module, args: tuple, output: tuple, selection_bias: torch.Tensor | None) -> tuple:
+        """The router's ``output`` (for inputs ``args``) with its experts chosen on score + ``selection_bias``: the
+        logits as they were, the new weights and indices, and the further outputs that follow the choice."""
+        return reroute(self.routing, router, args, output, selection_bias)
 
     def num_groups(self, config) -> int:
         config = self.moe_config(config)

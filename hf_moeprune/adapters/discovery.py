@@ -25,7 +25,7 @@ from hf_moeprune.adapters.base import (
     KeepAllExperts,
     MoEAdapter,
 )
-from hf_moeprune.format.modeling_moeprune import ROUTE_FUNCTIONS
+from hf_moeprune.format.modeling_moeprune import ROUTE_FUNCTIONS, ROUTES_READING_INPUTS
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ RULE_PREFERENCE = (
     "sigmoid_group_limited_sorted",
 )
 GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
+# Config fields counting router rows after the routed experts (LongCat-Flash's zero-computation experts, Inkling's
+# shared experts); the router or the MoE block keeps the count under the same name.
+EXTRA_ROW_FIELD_CANDIDATES = ("zero_expert_num", "n_shared_experts")
+# Config fields counting decoder layers where num_hidden_layers counts something else (LongCat: attention sublayers)
+LAYER_COUNT_FIELD_CANDIDATES = ("num_layers",)
 
 
 class DiscoveryError(ValueError):
@@ -58,9 +63,18 @@ def _per_expert(module: nn.Module, num_experts: int, recurse: bool = True) -> li
     ]
 
 
+def _extra_rows_field(block: nn.Module, router: nn.Module, extra: int) -> str | None:
+    """The name under which the router or the block keeps ``extra`` (> 0) rows after the routed experts, if any."""
+    for name in EXTRA_ROW_FIELD_CANDIDATES:
+        if any(getattr(module, name, None) == extra for module in (router, block)):
+            return name
+    return None
+
+
 def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
     """(block attribute, router attribute, router weight path, experts module) of a decoder layer, or None. The block
-    attribute is "" when the layer itself holds router and experts (Gemma-4)."""
+    attribute is "" when the layer itself holds router and experts (Gemma-4). The router's weight may have extra rows
+    after the routed experts where router or block name their count (`EXTRA_ROW_FIELD_CANDIDATES`)."""
     for block_attr, block in [("", layer), *layer.named_children()]:
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module):
@@ -76,7 +90,10 @@ def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
             if router_attr == "experts":
                 continue
             for name, param in router.named_parameters():
-                if param.dim() == 2 and param.shape[0] == num_experts and param.shape[1] in hidden:
+                if param.dim() != 2 or param.shape[1] not in hidden:
+                    continue
+                extra = param.shape[0] - num_experts
+                if extra == 0 or (extra > 0 and _extra_rows_field(block, router, extra) is not None):
                     return block_attr, router_attr, name, experts
     return None
 
@@ -97,18 +114,27 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_
             output = call_router(router, hidden, *router_args)
         except TypeError as exc:  # a router that needs more than the hidden states (a bias owned by the block)
             raise DiscoveryError(f"{type(router).__name__} is not called as router(hidden_states): {exc}") from None
-    if not (isinstance(output, tuple) and len(output) == 3 and all(isinstance(t, torch.Tensor) for t in output)):
-        raise DiscoveryError(f"{type(router).__name__} does not return (logits, top-k weights, top-k indices)")
-    logits, weights, indices = output
+    if not (isinstance(output, tuple) and len(output) >= 3 and all(isinstance(t, torch.Tensor) for t in output[:3])):
+        raise DiscoveryError(f"{type(router).__name__} does not return (logits, top-k weights, top-k indices, ...)")
+    logits, weights, indices = output[:3]
     matches = []
     for name in sorted(ROUTE_FUNCTIONS, key=lambda n: RULE_PREFERENCE.index(n) if n in RULE_PREFERENCE else 99):
+        reads_inputs = name in ROUTES_READING_INPUTS
         try:
-            w, i = ROUTE_FUNCTIONS[name](router, logits, None, *router_args)
-        except (AttributeError, RuntimeError, TypeError):
-            continue  # the rule reads router attributes this family does not have
-        if torch.equal(i, indices) and w.dtype == weights.dtype and torch.equal(w, weights):
+            inputs = (hidden, *router_args) if reads_inputs else router_args
+            w, i, *rest = ROUTE_FUNCTIONS[name](router, logits, None, *inputs)
+        except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
+            continue  # the rule reads router attributes (or inputs) this family does not have
+        # a rule that returns the router's further outputs (Inkling's shared-expert weights) must reproduce them too
+        if reads_inputs and not (len(rest) == len(output) - 3 and all(map(_same, rest, output[3:]))):
+            continue
+        if torch.equal(i, indices) and _same(w, weights):
             matches.append(name)
     return matches
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def call_router(router: nn.Module, hidden: torch.Tensor, *router_args):
@@ -232,7 +258,24 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     layer_idx = routed[0]
     experts = dict(found)[layer_idx][3]
     block, router, num_experts, block_tensors = parts(layer_idx, experts)
-    router_tensors = [weight_name] + [n for n in _per_expert(router, num_experts) if n != weight_name]
+    extra = router.get_parameter(weight_name).shape[0] - num_experts
+    extra_rows = {}
+    if extra:
+        field = _extra_rows_field(block, router, extra)
+        if getattr(config, field, None) != extra:
+            raise DiscoveryError(
+                f"{config.model_type}: the router has {extra} rows after the {num_experts} experts, but config.{field} "
+                f"is {getattr(config, field, None)!r}"
+            )
+        extra_rows = dict(
+            extra_rows_field=field,
+            extra_row_tensors=tuple(_per_expert(router, num_experts + extra)),
+            routed_count_attributes=_count_attributes(block, num_experts, exclude=("num_experts",)),
+            total_count_attributes=_count_attributes(block, num_experts + extra),
+        )
+    router_tensors = [weight_name] + [
+        n for n in (*_per_expert(router, num_experts), *extra_rows.get("extra_row_tensors", ())) if n != weight_name
+    ]
     # with the experts' own submodules: Ergo keeps a per-expert RMSNorm scale in experts.post_expert_norm
     expert_tensors = _per_expert(experts, num_experts)
     count_field = _config_field(config, COUNT_FIELD_CANDIDATES, num_experts)
@@ -242,6 +285,14 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
             f"{config.model_type}: no config field among {COUNT_FIELD_CANDIDATES} equals {num_experts} experts or "
             f"none among {TOP_K_FIELD_CANDIDATES} equals the router's top_k"
         )
+    if getattr(config, "num_hidden_layers", len(layers)) != len(layers):  # LongCat: two sublayers per decoder layer
+        field = _config_field(config, LAYER_COUNT_FIELD_CANDIDATES, len(layers))
+        if field is None:
+            raise DiscoveryError(
+                f"{config.model_type}: {len(layers)} decoder layers but num_hidden_layers={config.num_hidden_layers} "
+                f"and none of {LAYER_COUNT_FIELD_CANDIDATES} counts them"
+            )
+        extra_rows["layers_field"] = field
     rules = identify_routing(router, config.hidden_size, router_args=block_router_args(block, block_tensors))
     if not rules:
         raise DiscoveryError(
@@ -268,4 +319,17 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         keep_all_experts=keep_all,
         **groups,
         **composite,
+        **extra_rows,
     )
+
+
+def _count_attributes(block: nn.Module, count: int, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Integer attributes of the block and its router-like children whose name mentions experts and whose value is
+    ``count`` (relative to the block): the counts a family caches, which surgery must follow. Only looked for where
+    extra router rows make the routed count and the router's width differ (LongCat's ``num_routed_experts``)."""
+    found = []
+    for path, module in [("", block), *((n, m) for n, m in block.named_children() if n != "experts")]:
+        for name, value in vars(module).items():
+            if type(value) is int and value == count and "expert" in name and name not in exclude:
+                found.append(f"{path}.{name}" if path else name)
+    return tuple(found)

@@ -20,6 +20,19 @@ Mixtral rule), plus a tiny config for the tests. ``tests/test_families.py`` then
 the model (`adapters.discovery`), the routing rule bit for bit against the stock router, and runs prune / save /
 reload / stock export / generate on the tiny model; the README's family table is generated from this file.
 Families that cannot be supported are listed with `register_unsupported(model_type, reason)` at the end.
+
+Router rows after the routed experts (``extra_rows_field``, issue 13): some routers score rows that are not routed
+experts after the routed ones, LongCat-Flash's ``zero_expert_num`` zero-computation (identity) experts and Inkling's
+``n_shared_experts`` shared experts. A declaration names the config field counting them (``extra_rows_field``; the
+router or the MoE block keeps the count under the same name), the router tensors holding them
+(``extra_row_tensors``), and the attributes caching counts that surgery must follow: ``routed_count_attributes``
+(the routed count, relative to the MoE block, e.g. LongCat's ``num_routed_experts``, from which its index arithmetic
+``n_routed_experts + j`` reaches zero expert j) and ``total_count_attributes`` (routed + extra). Surgery removes and
+reorders routed experts only and keeps the extra rows at the end, in order; the statistics count routed experts
+only; the pruned config records the layout (``expert_extra_rows_field``, ``expert_extra_row_tensors``,
+``expert_total_count_attributes``) so ``modeling_moeprune.py`` rebuilds it, and a stock export is the stock config
+with the kept routed count. ``layers_field`` names the decoder-layer count where ``num_hidden_layers`` is not it
+(LongCat counts two attention sublayers per decoder layer there).
 The tiny configs of the families added in 2026-12 are transformers' own test-suite configs (ModelTester) with 8
 experts and top-k 2.
 """
@@ -1253,6 +1266,85 @@ register_family(
     )
 )
 
+# Inkling: the router's weight holds the routed experts' rows then n_shared_experts shared experts' rows; the chosen
+# routed logits and the shared logits are normalised together (log-sigmoid, softmax over them), so the shared experts'
+# weights (the router's fourth output) depend on the choice and the rule reads the router's input to reproduce them.
+# The correction bias and the router's first output cover the routed experts only. Pruning keeps the shared rows at
+# the end; the router slices them off from the end (-n_shared_experts), which the new routed count does not change.
+INKLING_TEXT = register_family(
+    MoEAdapter(
+        model_type="inkling_text",
+        router_tensors=("weight", "e_score_correction_bias"),
+        score_function="sigmoid",
+        routing="logsigmoid_topk_shared",
+        extra_rows_field="n_shared_experts",
+        extra_row_tensors=("weight",),
+        total_count_attributes=("gate.n_total_experts",),
+        tiny_config={
+            **_TINY_13,
+            "unpadded_vocab_size": 99,
+            "swa_num_attention_heads": 2,
+            "swa_num_key_value_heads": 2,
+            "swa_head_dim": 16,
+            "sliding_window_size": 16,
+            "d_rel": 4,
+            "rel_extent": 16,
+            "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"],
+            "mlp_layer_types": ["dense", "sparse", "sparse"],
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+            "route_scale": 2.5,
+        },
+    )
+)
+
+# LongCat-Flash: the router scores n_routed_experts routed experts followed by zero_expert_num zero-computation
+# (identity) experts, softmax over all of them, unsorted top-k on probability + e_score_correction_bias, x
+# routed_scaling_factor, never renormalised. The MoE block sends an index n_routed_experts + j to zero expert j (an
+# identity scaled by its weight) and hands the experts a placeholder routed index with weight 0 for it; the experts
+# hold the routed experts only (gate_up_proj and down_proj alike). Pruning keeps the zero experts' router rows (the
+# classifier's and the correction bias's) at the end and updates the block's num_routed_experts, from which its index
+# arithmetic tells them apart. Each decoder layer holds two attention sublayers and one MoE: num_hidden_layers is
+# twice num_layers, the decoder-layer count.
+register_family(
+    MoEAdapter(
+        model_type="longcat_flash",
+        num_experts_field="n_routed_experts",
+        top_k_field="moe_topk",
+        router_attr="router",
+        router_tensors=("classifier.weight", "e_score_correction_bias"),
+        routing="softmax_topk_biased_scaled",
+        extra_rows_field="zero_expert_num",
+        extra_row_tensors=("classifier.weight", "e_score_correction_bias"),
+        routed_count_attributes=("num_routed_experts",),
+        total_count_attributes=("router.n_routed_experts",),
+        layers_field="num_layers",
+        tiny_config=dict(
+            vocab_size=99,
+            hidden_size=32,
+            num_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            ffn_hidden_size=48,
+            expert_ffn_hidden_size=24,
+            q_lora_rank=16,
+            kv_lora_rank=16,
+            qk_nope_head_dim=8,
+            qk_rope_head_dim=8,
+            head_dim=8,
+            v_head_dim=8,
+            max_position_embeddings=128,
+            n_routed_experts=8,
+            zero_expert_num=3,
+            moe_topk=2,
+            routed_scaling_factor=2.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    )
+)
+
 
 # MiniMax-M3-VL's language model: sigmoid scores, unsorted top-k on score + the router's e_score_correction_bias,
 # renormalised; routed_scaling_factor scales the block output. Sparse (indexed) attention layers do not touch it.
@@ -1410,7 +1502,8 @@ DEEPSEEK_V4 = register_family(
 _TEXT_FIELDS = (
     "num_experts_field", "block_attr", "router_attr", "experts_attr", "router_tensors", "expert_tensors",
     "score_function", "renormalizes", "group_field", "topk_group_field", "group_limited", "group_score_experts",
-    "top_k_field", "routing", "block_tensors", "skip_quantization",
+    "top_k_field", "routing", "block_tensors", "skip_quantization", "extra_rows_field", "extra_row_tensors",
+    "routed_count_attributes", "total_count_attributes", "layers_field",
 )  # fmt: skip
 # A vision tower small enough for the tests (Qwen3-VL layout: patches of 4 x 4 x 2 frames, merged 2 x 2).
 _QWEN_VISION: dict[str, Any] = dict(
@@ -1619,29 +1712,31 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Inkling (inkling_mm_model): the inkling_text language model at model.language_model, a vision tower that turns each
+# patch ([temporal, height, width, channels]) into one placeholder token's embedding, and an audio tower.
+_multimodal(
+    "inkling_mm_model",
+    INKLING_TEXT,
+    tiny_config=dict(
+        text_config=dict(INKLING_TEXT.tiny_config),
+        vision_config=dict(patch_size=4, temporal_patch_size=2, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2),
+        audio_config=dict(n_mel_bins=8, mel_vocab_size=16),
+        image_token_id=95,
+        audio_token_id=96,
+        image_bos_token_id=97,
+        audio_bos_token_id=98,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
-# Router rows beyond the routed experts (Longcat-Flash's zero-computation experts, Inkling's shared experts, ZAYA's skip
-# slot): surgery, statistics and the pruned format size a router by its routed experts, so these families need a
-# declared "extra router rows" mechanism, not built yet.
-_EXTRA_ROWS = (
-    "its router scores {} after the routed experts ({}); surgery, the statistics and the pruned format take a router's "
-    "width to be the routed-expert count, so pruning would drop or misplace those rows"
-)
 for _model_type, _reason in {
     "llama4_text": (
         "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
         "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "
         "hooks of the statistics and of the selection bias do not apply"
-    ),
-    "longcat_flash": _EXTRA_ROWS.format(
-        "zero_expert_num zero-computation (identity) experts",
-        "the experts module sends indices >= n_routed_experts to them, and its gate_up_proj holds rows for them too "
-        "while down_proj holds the routed experts only",
-    ),
-    "inkling_text": _EXTRA_ROWS.format(
-        "the n_shared_experts shared experts", "their logits join the routed top-k in one log-sigmoid normalisation"
     ),
     "jetmoe": (
         "no v5 experts module: the MLP experts are split over two JetMoeParallelExperts modules (mlp.input_linear, "
@@ -1654,8 +1749,13 @@ for _model_type, _reason in {
         "[experts, hidden] router"
     ),
     "zaya": (
-        "its router is an MLP (down_proj, then fc1/fc2, then out_proj) that also reads the previous layer's router "
-        "state; " + _EXTRA_ROWS.format("a skip slot", "balancing_biases has experts + 1 entries")
+        "its router is an MLP over a router state carried from the previous layer (ZayaRouter(hidden_states, "
+        "router_states): down_proj, + router_states x router_states_scale, then router_mlp's norm/fc1/fc2/out_proj), "
+        "not an [experts, hidden] projection of the hidden states that discovery and the routing rules take a router "
+        "to be; and its skip slot (row num_experts of router_mlp.out_proj and of balancing_biases) is recognised by "
+        "comparing the chosen index with config.num_experts, the global count that all layers share, then returned "
+        "as expert 0 with weight 0: a layer pruned narrower than the widest would not recognise its own skip slot, "
+        "and the router's indices cannot tell a skip from a route to expert 0 for the statistics"
     ),
 }.items():
     register_unsupported(_model_type, _reason)
@@ -1680,7 +1780,6 @@ for _model_type, _reason in {
     ),
     "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
     "llama4": _text_unsupported("llama4_text"),
-    "inkling_mm_model": _text_unsupported("inkling_text"),
     "aria": _UNVERIFIED_MULTIMODAL,
     "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,

@@ -33,6 +33,10 @@ RULES = {
     "score_fn_topk": "the config's `scoring_func` + `e_score_correction_bias` on the choice, unsorted top-k, "
     "renormalised, x `routed_scaling_factor`",
     "sparsemixer_eval": "SparseMixer top-2 (eval mode; sampled in training)",
+    "softmax_topk_biased_scaled": "softmax over routed and zero-computation experts, unsorted top-k on probability + "
+    "`e_score_correction_bias`, never renormalised, x `routed_scaling_factor`",
+    "logsigmoid_topk_shared": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k; the chosen and the "
+    "shared experts' logits normalised together (log-sigmoid), x `route_scale`",
 }
 # rules not listed here: derived from adapters.base.RULE_RENORMALIZES
 REMOVAL = {
@@ -44,6 +48,7 @@ REMOVAL = {
     "sigmoid_group_limited_zero_fill": "unchanged with one group; with `{group}` > 1 only if each group's top-2 "
     "survive",
     "softmax_topk_scaled": "weights divide by the kept probability mass",
+    "softmax_topk_biased_scaled": "weights divide by the kept probability mass",
 }
 
 
@@ -61,6 +66,9 @@ def _layout(adapter: MoEAdapter) -> str:
             f"layers whose `{keep_all.layer_types_field}` entry is {values} keep all their experts"
             + (f" (expert ids in {tables})" if tables else "")
         )
+    if adapter.extra_rows_field is not None:  # kept at the end of these router tensors, never pruned
+        rows = ", ".join(f"`{n}`" for n in adapter.extra_row_tensors)
+        parts.append(f"`{adapter.extra_rows_field}` unpruned rows after the routed experts in {rows}")
     return "; ".join(parts)
 
 

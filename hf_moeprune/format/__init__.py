@@ -110,6 +110,12 @@ def mark_pruned(model, adapter) -> None:
     config.expert_count_attributes = adapter.count_attributes
     config.expert_count_field = adapter.num_experts_field
     config.expert_top_k_field = adapter.top_k_field
+    if adapter.extra_rows_field is not None:  # router rows after the routed experts stay at the end
+        config.expert_extra_rows_field = adapter.extra_rows_field
+        config.expert_extra_row_tensors = adapter.extra_row_tensor_names
+        config.expert_total_count_attributes = adapter.total_count_attribute_names
+    if adapter.layers_field != "num_hidden_layers":
+        config.expert_layers_field = adapter.layers_field
     if adapter.text_config_attr is not None:  # a composite config: its language model's fields and layers
         config.expert_config_path = adapter.text_config_attr
         config.expert_layers_path = adapter.layers_path

@@ -46,6 +46,17 @@ OPTIONAL_PRUNING_FIELDS = ("expert_count_field", "expert_top_k_field")
 # (``text_config``) and the path from the model to its MoE decoder layers. Absent: the config itself and
 # ``model.layers``.
 COMPOSITE_PRUNING_FIELDS = ("expert_config_path", "expert_layers_path")
+# Written for families whose routers score rows after the routed experts (LongCat-Flash's zero-computation experts,
+# Inkling's shared experts): the config field counting those rows, the per-expert tensors (relative to the decoder
+# layer) that hold them after the routed rows, and the module attributes caching routed + extra rows. Pruning keeps
+# those rows at the end, in order; the family's own index arithmetic (routed count + j) reads the new routed count.
+# ``expert_layers_field``: the config field counting decoder layers where it is not ``num_hidden_layers``.
+EXTRA_ROW_PRUNING_FIELDS = (
+    "expert_extra_rows_field",
+    "expert_extra_row_tensors",
+    "expert_total_count_attributes",
+    "expert_layers_field",
+)
 COUNT_FIELD_CANDIDATES = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -276,6 +287,50 @@ def score_fn_topk(router: nn.Module, logits: torch.Tensor, selection_bias: torch
     return weights * router.routed_scaling_factor, indices
 
 
+def _pad_to_width(selection_bias: torch.Tensor, width: int) -> torch.Tensor:
+    """A routed experts' selection bias, widened with zeros to the router's rows when extra rows (LongCat's
+    zero-computation experts) follow the routed experts: those rows are never biased nor masked."""
+    missing = width - selection_bias.shape[-1]
+    return selection_bias if missing <= 0 else nn.functional.pad(selection_bias, (0, missing))
+
+
+def softmax_topk_biased_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """LongCat-Flash: softmax over the routed and the zero-computation experts' logits, unsorted top-k on probability
+    + ``e_score_correction_bias``, weights = the chosen probabilities x ``routed_scaling_factor``, never renormalised.
+    Indices >= the routed count choose a zero-computation (identity) expert."""
+    scores = logits.softmax(dim=-1)
+    choice = scores + router.e_score_correction_bias.unsqueeze(0)
+    if selection_bias is not None:
+        choice = choice + _pad_to_width(selection_bias, choice.shape[-1]).to(choice.dtype)
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices) * router.routed_scaling_factor
+    return weights.to(logits.dtype), indices
+
+
+def logsigmoid_topk_shared(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, hidden_states=None
+):
+    """Inkling: the router's rows are the routed experts then ``n_shared_experts`` shared experts; fp32 sigmoid
+    scores, unsorted top-k over the routed ones on score + ``e_score_correction_bias``, then the chosen routed logits
+    and the shared logits normalised together (log-sigmoid, softmax over them), x ``route_scale`` x
+    ``global_scale``. The router returns the routed logits only, so the rule reads its input (``hidden_states``, see
+    `ROUTES_READING_INPUTS`) and also returns the shared experts' weights, which depend on the choice."""
+    n_shared = router.n_shared_experts
+    with torch.autocast(device_type=hidden_states.device.type, enabled=False):  # fp32 as the stock router
+        full = nn.functional.linear(hidden_states.reshape(-1, router.hidden_dim).float(), router.weight.float())
+        routed_logits, shared_logits = full[..., :-n_shared], full[..., -n_shared:]
+        choice = routed_logits.sigmoid() + router.e_score_correction_bias.float()
+        if selection_bias is not None:
+            choice = choice + selection_bias.to(choice.dtype)
+        indices = torch.topk(choice, router.top_k, dim=-1, sorted=False)[1]
+        chosen = torch.cat([routed_logits.gather(-1, indices), shared_logits], dim=-1)
+        log_probs = nn.functional.logsigmoid(chosen)
+        weights = torch.exp(log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True))
+        weights = weights * router.route_scale * router.global_scale.float()
+    weights = weights.to(hidden_states.dtype)
+    return weights[..., : router.top_k].contiguous(), indices, weights[..., -n_shared:].contiguous()
+
+
 def _sparsemixer_pick(scores: torch.Tensor, candidates: torch.Tensor, jitter_eps: float, selection_bias):
     """One SparseMixer pick in eval mode: the best candidate, and its softmax weight over the candidates whose score is
     within ``2 * jitter_eps`` (relative) of the pick's; with a selection bias the pick is made on candidates + bias."""
@@ -325,9 +380,27 @@ ROUTE_FUNCTIONS = {
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "sigmoid_topk_unsorted_scaled": sigmoid_topk_unsorted_scaled,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
+    "softmax_topk_biased_scaled": softmax_topk_biased_scaled,
+    "logsigmoid_topk_shared": logsigmoid_topk_shared,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
+# Rules that read the router's inputs, not only its first output: called with all of the router's positional
+# arguments (the hidden states first) after the selection bias, they return (weights, indices, *the router's outputs
+# after the indices), which depend on the choice (Inkling's shared experts' weights).
+ROUTES_READING_INPUTS = frozenset({"logsigmoid_topk_shared"})
+
+
+def reroute(routing: str, router: nn.Module, args: tuple, output: tuple, selection_bias: torch.Tensor | None):
+    """``output`` of ``router(*args)`` with its experts chosen again by the family rule ``routing`` on score +
+    ``selection_bias`` (the logits stay as they are)."""
+    reads_inputs = routing in ROUTES_READING_INPUTS
+    # args[1:]: what the MoE block passes besides the hidden states (MiniMax-M2's, LFM2's block-held bias)
+    weights, indices, *rest = ROUTE_FUNCTIONS[routing](
+        router, output[0], selection_bias, *(args if reads_inputs else args[1:])
+    )
+    return (output[0], weights.to(output[1].dtype), indices, *(rest if reads_inputs else output[3:]))
+
 
 # -- router selection bias (aux-loss-free balancing kept with the model) ----------------------------------
 SELECTION_BIAS = "selection_bias"  # buffer name on each MoE router
@@ -336,11 +409,7 @@ SELECTION_BIAS_FIELDS = ("selection_bias_router", "selection_bias_routing")
 
 def _route_with_selection_bias(router: nn.Module, args, output):
     """Forward hook on a router: choose experts on score + ``router.selection_bias``, weight with the raw score."""
-    logits = output[0]
-    route = ROUTE_FUNCTIONS[router._moeprune_routing]
-    # args[1:]: what the MoE block passes besides the hidden states (MiniMax-M2's, LFM2's block-held bias)
-    weights, indices = route(router, logits, getattr(router, SELECTION_BIAS), *args[1:])
-    return (logits, weights.to(output[1].dtype), indices, *output[3:])
+    return reroute(router._moeprune_routing, router, args, output, getattr(router, SELECTION_BIAS))
 
 
 def attach_selection_bias(model: nn.Module, config) -> None:
@@ -480,12 +549,22 @@ def get_submodule_attr(root: nn.Module, dotted: str):
     return owner, attr
 
 
+def with_extra_rows(index: torch.Tensor, old_count: int, extra_rows: int) -> torch.Tensor:
+    """``index`` over the routed experts, followed by the ``extra_rows`` rows after the old ``old_count`` routed
+    ones (unpruned, in order): the rows a tensor with extra rows keeps."""
+    tail = torch.arange(old_count, old_count + extra_rows, dtype=index.dtype, device=index.device)
+    return torch.cat((index, tail))
+
+
 def resize_expert_tensors(
     layer: nn.Module,
     tensor_names: list[str],
     count_attributes: list[str],
     num_experts: int,
     index: torch.Tensor | None = None,
+    extra_rows: int = 0,
+    extra_row_tensors: list[str] = (),
+    total_count_attributes: list[str] = (),
 ) -> list[str]:
     """Give every per-expert tensor of one decoder layer ``num_experts`` rows along dim 0.
 
@@ -493,9 +572,12 @@ def resize_expert_tensors(
     rows are left uninitialised (load time: the checkpoint fills them). Names that the layer does
     not have are skipped (e.g. a bias a family only sometimes has); the names actually resized are
     returned. Each tensor is replaced one at a time, so at most one extra tensor is alive.
+    ``extra_row_tensors`` hold ``extra_rows`` more rows after the routed experts' (not routed experts: LongCat's
+    zero-computation experts); they keep those rows at the end, and ``total_count_attributes`` become
+    ``num_experts + extra_rows``.
     """
     resized = []
-    before = None  # the expert count before resizing, read off the first tensor (the router weight)
+    before = None  # the routed-expert count before resizing, read off the first tensor (the router weight)
     for name in tensor_names:
         try:
             owner, attr = get_submodule_attr(layer, name)
@@ -504,14 +586,17 @@ def resize_expert_tensors(
         old = getattr(owner, attr, None)
         if not isinstance(old, torch.Tensor):
             continue
-        before = old.shape[0] if before is None else before
+        extra = extra_rows if name in extra_row_tensors else 0
+        routed = old.shape[0] - extra
+        before = routed if before is None else before
         # experts are on dim 0, except in [1, experts] statistics (Ernie-4.5's e_score_correction_bias)
         axis = 1 if old.dim() == 2 and old.shape[0] == 1 and old.shape[1] == before != 1 else 0
         if index is not None:
-            data = old.detach().index_select(axis, index.to(old.device))
+            rows = with_extra_rows(index, routed, extra) if extra else index
+            data = old.detach().index_select(axis, rows.to(old.device))
         else:
             shape = list(old.shape)
-            shape[axis] = num_experts
+            shape[axis] = num_experts + extra
             data = torch.empty(shape, dtype=old.dtype, device=old.device)
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(data, requires_grad=old.requires_grad)
@@ -527,7 +612,33 @@ def resize_expert_tensors(
             continue
         if hasattr(owner, attr):
             setattr(owner, attr, num_experts)
+    for name in total_count_attributes:
+        try:
+            owner, attr = get_submodule_attr(layer, name)
+        except AttributeError:
+            continue
+        if hasattr(owner, attr):
+            setattr(owner, attr, num_experts + extra_rows)
     return resized
+
+
+def extra_row_layout(config) -> dict:
+    """The keyword arguments of `resize_expert_tensors` for a family whose routers score rows after the routed
+    experts, read from a pruned config (empty for the others)."""
+    field = getattr(config, "expert_extra_rows_field", None)
+    if not field:
+        return {}
+    return dict(
+        extra_rows=int(getattr(moe_config(config), field) or 0),
+        extra_row_tensors=list(getattr(config, "expert_extra_row_tensors", None) or ()),
+        total_count_attributes=list(getattr(config, "expert_total_count_attributes", None) or ()),
+    )
+
+
+def num_decoder_layers(config) -> int:
+    """Decoder layers of a pruned config: ``expert_layers_field`` where recorded (LongCat's ``num_layers``), else
+    ``num_hidden_layers``."""
+    return int(getattr(moe_config(config), getattr(config, "expert_layers_field", None) or "num_hidden_layers"))
 
 
 def pad_router_logits(router_logits) -> tuple[torch.Tensor, ...]:
@@ -608,11 +719,11 @@ def check_pruned_config(config) -> None:
         raise PrunedConfigError(f"pruned config of model_type {config.model_type!r} is missing field(s) {missing}")
     counts = config.experts_per_layer
     ids = config.kept_expert_ids
-    num_layers = moe_config(config).num_hidden_layers
+    num_layers = num_decoder_layers(config)
     if len(counts) != num_layers or len(ids) != num_layers:
         raise PrunedConfigError(
-            f"experts_per_layer has {len(counts)} entries and kept_expert_ids {len(ids)}, "
-            f"but num_hidden_layers is {num_layers}"
+            f"experts_per_layer has {len(counts)} entries and kept_expert_ids {len(ids)}, but "
+            f"{getattr(config, 'expert_layers_field', None) or 'num_hidden_layers'} is {num_layers}"
         )
     for layer, (count, kept) in enumerate(zip(counts, ids)):
         if (count is None) != (kept is None):
@@ -683,7 +794,11 @@ class PrunedMoEMixin:
             if count is None:
                 continue
             resized = resize_expert_tensors(
-                layers[layer_idx], config.expert_tensor_names, config.expert_count_attributes, count
+                layers[layer_idx],
+                config.expert_tensor_names,
+                config.expert_count_attributes,
+                count,
+                **extra_row_layout(config),
             )
             if not resized:
                 raise PrunedConfigError(
@@ -725,7 +840,7 @@ class PrunedMoEMixin:
         config = self.config
         pruned_config_cls, pruned_model_cls = type(config), type(self)
         fields = {name: config.__dict__.pop(name) for name in PRUNING_FIELDS}
-        optional = (*OPTIONAL_PRUNING_FIELDS, *COMPOSITE_PRUNING_FIELDS)
+        optional = (*OPTIONAL_PRUNING_FIELDS, *COMPOSITE_PRUNING_FIELDS, *EXTRA_ROW_PRUNING_FIELDS)
         fields.update({name: config.__dict__.pop(name) for name in optional if name in config.__dict__})
         config.moeprune_provenance = dict(fields)
         config.__class__, self.__class__ = self.stock_config_class, self.stock_model_class

@@ -324,7 +324,8 @@ class MoEPruneMixin:
             router = self.adapter.router(layers[layer])
             # DeepSeek-V3's native e_score_correction_bias, or the selection_bias buffer given to other families
             name = "e_score_correction_bias" if self.adapter.has_native_selection_bias else SELECTION_BIAS
-            bias = getattr(router, name)
+            # the routed experts' entries: a native bias may go on over extra router rows (LongCat's zero experts)
+            bias = getattr(router, name)[: load.numel()]
             with torch.no_grad():
                 bias.copy_(bias_update(bias, load.to(bias.device), rate))
 
