@@ -35,6 +35,8 @@ RULE_PREFERENCE = (
     "sigmoid_group_limited_sorted",
 )
 GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
+# Rules that route group-limited on the router's ``num_group`` / ``topk_group`` (Mistral-4: softmax_group_limited)
+GROUP_RULES = ("sigmoid_group_limited", "softmax_group_limited")
 
 
 class DiscoveryError(ValueError):
@@ -150,21 +152,23 @@ def _decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str | None]:
 
 def discover_adapter(model: nn.Module) -> MoEAdapter:
     """An adapter for ``model`` derived from its modules; `DiscoveryError` says what does not fit."""
-    layers, layers_path = _decoder_layers(model)
-    composite = {}
-    config = model.config
-    if layers_path is not None:  # the MoE fields are in the language model's sub-config
-        from hf_moeprune.adapters.base import AUTO_CLASS_MAPPINGS, auto_class_mapping
+    from hf_moeprune.adapters.base import AUTO_CLASS_MAPPINGS, auto_class_mapping
 
-        auto_class = next(
-            (
-                name
-                for name in AUTO_CLASS_MAPPINGS
-                if auto_class_mapping(name).get(config.model_type) == type(model).__name__
-            ),
-            "AutoModelForImageTextToText",
-        )
-        composite = dict(text_config_attr="text_config", layers_path=layers_path, auto_class=auto_class)
+    layers, layers_path = _decoder_layers(model)
+    config = model.config
+    # the Auto class whose mapping gives this model's class; a text-only model may be reachable only through
+    # AutoModelForImageTextToText (Mistral-Small-4: Mistral4ForCausalLM)
+    auto_class = next(
+        (
+            name
+            for name in AUTO_CLASS_MAPPINGS
+            if auto_class_mapping(name).get(config.model_type) == type(model).__name__
+        ),
+        "AutoModelForCausalLM" if layers_path is None else "AutoModelForImageTextToText",
+    )
+    composite = dict(auto_class=auto_class)
+    if layers_path is not None:  # the MoE fields are in the language model's sub-config
+        composite.update(text_config_attr="text_config", layers_path=layers_path)
         config = config.text_config
     found = [(idx, _find_block(layer)) for idx, layer in enumerate(layers)]
     found = [(idx, f) for idx, f in found if f is not None]
@@ -193,7 +197,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         )
     routing = rules[0]
     groups = {}
-    if routing == "sigmoid_group_limited":
+    if routing in GROUP_RULES:
         group_field = _config_field(config, GROUP_FIELD_CANDIDATES, getattr(router, "num_group", None))
         groups = dict(group_field=group_field or "n_group", topk_group_field="topk_group")
     return MoEAdapter(

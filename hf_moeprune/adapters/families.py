@@ -1424,6 +1424,43 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Mistral-Small-4 (mistral4): a text-only MoE (Mistral4ForCausalLM, DeepSeek-V3's layout with MLA attention) that
+# transformers reaches only through AutoModelForImageTextToText. Its router is DeepSeek-V3's group-limited one on
+# softmax probabilities (no correction bias); the tiny config uses 2 groups and a scale so that only that rule fits.
+_MISTRAL4_TEXT: dict[str, Any] = dict(
+    _tiny(
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.0,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_key_value_heads=4,
+    ),
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                     "llama_4_scaling_beta": 0.1},
+)  # fmt: skip
+_MISTRAL4_ROUTER: dict[str, Any] = dict(
+    routing="softmax_group_limited", group_field="n_group", topk_group_field="topk_group"
+)
+register_family(
+    MoEAdapter(
+        model_type="mistral4",
+        auto_class="AutoModelForImageTextToText",
+        **_MISTRAL4_ROUTER,
+        tiny_config=_MISTRAL4_TEXT,
+    )
+)
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1500,7 +1537,6 @@ for _model_type, _reason in {
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
     "glm5_next": _UNVERIFIED_MULTIMODAL,
     "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
-    "mistral4": _UNVERIFIED_MULTIMODAL,
     "mistral_large4": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
     "qwen3_omni_moe_thinker": _UNVERIFIED_MULTIMODAL,

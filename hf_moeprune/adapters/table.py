@@ -31,6 +31,8 @@ RULES = {
     "score_fn_topk": "the config's `scoring_func` + `e_score_correction_bias` on the choice, unsorted top-k, "
     "renormalised, x `routed_scaling_factor`",
     "sparsemixer_eval": "SparseMixer top-2 (eval mode; sampled in training)",
+    "softmax_group_limited": "softmax, group-limited unsorted top-k (groups by their top-2 sum), renormalised with "
+    "`norm_topk_prob`, x `routed_scaling_factor`",
 }
 # rules not listed here: derived from adapters.base.RULE_RENORMALIZES
 REMOVAL = {
@@ -42,6 +44,8 @@ REMOVAL = {
     "sigmoid_group_limited_zero_fill": "unchanged with one group; with `{group}` > 1 only if each group's top-2 "
     "survive",
     "softmax_topk_scaled": "weights divide by the kept probability mass",
+    "softmax_group_limited": "unchanged with one group when renormalised (`norm_topk_prob`; Mistral-Large-4: always); "
+    "with `{group}` > 1 only if each group's top-2 survive",
 }
 
 
