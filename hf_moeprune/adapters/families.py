@@ -1461,6 +1461,31 @@ register_family(
     )
 )
 
+# Mistral-Large-4: Mistral-Small-4's router in fp32 with the renormalisation always on (the router has no
+# norm_topk_prob), on a DeepSeek-V3.2-style language model (indexed sparse attention, MLA without q-LoRA) behind a
+# Pixtral vision tower.
+_multimodal(
+    "mistral_large4",
+    **_MISTRAL4_ROUTER,
+    renormalizes=lambda config: True,
+    tiny_config=dict(
+        text_config=dict(
+            {k: v for k, v in _MISTRAL4_TEXT.items() if k not in ("q_lora_rank", "norm_topk_prob")},
+            index_topk=4,  # below the test sequences' length, so the indexer does select
+            index_head_dim=16,
+            index_n_heads=2,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "attention_factor": 1.0},
+        ),
+        vision_config=dict(
+            model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            head_dim=16, patch_size=4, image_size=16, hidden_act="silu",
+        ),
+        image_token_index=100,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1537,7 +1562,6 @@ for _model_type, _reason in {
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
     "glm5_next": _UNVERIFIED_MULTIMODAL,
     "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
-    "mistral_large4": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
     "qwen3_omni_moe_thinker": _UNVERIFIED_MULTIMODAL,
     "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
