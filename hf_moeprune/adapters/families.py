@@ -1486,6 +1486,34 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Qwen3-Omni-MoE's thinker (text, vision and audio in, text out): Qwen3-MoE's language model and router behind a
+# Qwen3-VL vision tower and a Whisper-style audio encoder. (The talker, which turns the thinker's states into speech, is
+# a model of its own with another MoE: qwen3_omni_moe_talker is not an image-text-to-text family.)
+_multimodal(
+    "qwen3_omni_moe_thinker",
+    routing=QWEN3_MOE.routing,  # the count field is num_experts here (Qwen3-MoE's config reads num_local_experts)
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            max_position_embeddings=256, pad_token_id=0,
+        ),
+        vision_config=dict(_QWEN_VISION, deepstack_visual_indexes=[0]),
+        audio_config=dict(
+            num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+            output_dim=32, max_source_positions=32, n_window=4, n_window_infer=8, downsample_hidden_size=8,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        audio_token_id=152,
+        audio_start_token_id=153,
+        user_token_id=154,
+        # not a field of the thinker's config class, but its generate() reads it (get_rope_index raises without it)
+        vision_start_token_id=155,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1563,7 +1591,6 @@ for _model_type, _reason in {
     "glm5_next": _UNVERIFIED_MULTIMODAL,
     "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
-    "qwen3_omni_moe_thinker": _UNVERIFIED_MULTIMODAL,
     "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
 }.items():
     if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
