@@ -1514,6 +1514,36 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# GLM-5.3-Flash (glm5_next): DeepSeek-V3's router on a language model of KDA linear attention and indexed (DSA)
+# attention layers with hyper-connections (hc_mult residual streams), behind a GLM-OCR-style vision tower.
+_multimodal(
+    "glm5_next",
+    **_DEEPSEEK_V3_ROUTER,
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=0, v_head_dim=16,
+            index_topk=4, index_kpool=2, index_head_dim=8, index_n_heads=2,  # index_topk below the test sequences
+            linear_head_dim=8, linear_num_heads=2, hc_mult=2, hc_sinkhorn_iters=3,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            layer_types=["linear_attention", "indexed_attention", "linear_attention"],
+            max_position_embeddings=256, pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4, image_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, projection_intermediate_size=32,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        image_start_token_id=152,
+        image_end_token_id=153,
+        video_start_token_id=154,
+        video_end_token_id=155,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1588,7 +1618,6 @@ for _model_type, _reason in {
     "aria": _UNVERIFIED_MULTIMODAL,
     "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
-    "glm5_next": _UNVERIFIED_MULTIMODAL,
     "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
     "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
