@@ -1544,6 +1544,27 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Hy4 vision-language (hy_v4_vl): HY-V4's language model (DeepSeek-V3 router, DSA attention, iHC) with M-RoPE over
+# (t, h, w), behind a HunYuan-VL vision tower.
+_multimodal(
+    "hy_v4_vl",
+    ADAPTERS["hy_v4"],
+    tiny_config=dict(
+        text_config=dict(
+            ADAPTERS["hy_v4"].tiny_config,
+            vocab_size=160,
+            # the three sections cover qk_rope_head_dim // 2 frequencies
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 0, 1]},
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=32,
+            patch_size=4, spatial_merge_size=2, max_image_size=16,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1618,7 +1639,6 @@ for _model_type, _reason in {
     "aria": _UNVERIFIED_MULTIMODAL,
     "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
-    "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
     "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
 }.items():
