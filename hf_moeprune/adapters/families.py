@@ -1565,6 +1565,21 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Aria: aria_text's language model and router, behind an Idefics3 vision tower and a cross-attention projector.
+_multimodal(
+    "aria",
+    ADAPTERS["aria_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["aria_text"].tiny_config,
+        vision_config=dict(
+            model_type="idefics3_vision", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, patch_size=4, image_size=16,
+        ),
+        projector_patch_to_query_dict={16: 4},  # a 16 x 16 image of 4 x 4 patches -> 4 queries
+        image_token_index=98,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1636,7 +1651,6 @@ for _model_type, _reason in {
     "inkling2": _text_unsupported("inkling2_text"),
     "inkling2_loop": _text_unsupported("inkling2_loop_text"),
     "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
-    "aria": _UNVERIFIED_MULTIMODAL,
     "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
