@@ -1580,6 +1580,33 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# DeepSeek-OCR-2: DeepSeek-V2's router (fp32 softmax, greedy or group-limited greedy top-k, never renormalised,
+# x routed_scaling_factor) on an MHA language model, behind a SAM encoder and a Qwen2-style query encoder. The tiny
+# config routes group-limited and scaled, so that no other rule reproduces it.
+_multimodal(
+    "deepseek_ocr2",
+    DEEPSEEK_V2,
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=2.0,
+            mlp_layer_types=["dense", "sparse", "sparse"], max_position_embeddings=128, pad_token_id=0,
+        ),
+        vision_config=dict(
+            sam_config=dict(
+                hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                patch_size=16, window_size=2, global_attn_indexes=[1], downsample_channels=[16, 32],
+            ),
+            encoder_config=dict(
+                vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2,
+            ),
+        ),
+        image_token_id=100,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1651,7 +1678,6 @@ for _model_type, _reason in {
     "inkling2": _text_unsupported("inkling2_text"),
     "inkling2_loop": _text_unsupported("inkling2_loop_text"),
     "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
-    "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
     "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
