@@ -1607,6 +1607,30 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Unlimited-OCR: DeepSeek-OCR-2's language model (DeepSeek-V2 router) with reference sliding-window attention (every
+# token also sees the image and prompt tokens), behind a SAM encoder and a CLIP encoder.
+_multimodal(
+    "unlimited_ocr",
+    DEEPSEEK_V2,
+    tiny_config=dict(
+        text_config=dict(
+            ADAPTERS["deepseek_ocr2"].tiny_config["text_config"],
+            sliding_window=4,  # below the test sequences' length
+        ),
+        vision_config=dict(
+            sam_config=dict(
+                hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                patch_size=16, window_size=2, global_attn_indexes=[1], downsample_channels=[16, 32], mlp_dim=32,
+            ),
+            encoder_config=dict(
+                hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                patch_size=4,
+            ),
+        ),
+        image_token_id=100,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1680,7 +1704,6 @@ for _model_type, _reason in {
     "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
     "muse_spark": _UNVERIFIED_MULTIMODAL,
-    "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
 }.items():
     if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
         register_unsupported(_model_type, _reason)
