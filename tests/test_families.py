@@ -380,7 +380,8 @@ def test_family_trains_prunes_by_reap_quantizes_and_generates(family, tmp_path):
     expected = _logits(model)
     quantize(model, "int8")
     assert any(
-        name.startswith("model.layers.") and f".{adapter.experts_path}." in name for name in quantized_targets(model)
+        name.startswith(f"{adapter.layers_path or 'model.layers'}.") and f".{adapter.experts_path}." in name
+        for name in quantized_targets(model)
     )
     out = _logits(model)
     assert torch.nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.99

@@ -56,7 +56,8 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "score_fn_topk": True,  # per-expert scores (sigmoid, sqrtsoftplus): no shared denominator
     "logit_topk_sigmoid": True,
     "softmax_topk_renorm_expert_scale": True,
-    "softmax_group_limited": None,  # Mistral-Large-4's router renormalises always: its registration says so
+    "softmax_group_limited": None,
+    "sigmoid_topk_unsorted_scaled": True,  # Mistral-Large-4's router renormalises always: its registration says so
 }
 # What the router's first output is turned into per-expert scores with, per rule (statistics, balancing losses).
 # Gemma-4's router returns probabilities already, not logits.

@@ -54,9 +54,10 @@ def _per_expert(module: nn.Module, num_experts: int, recurse: bool = True) -> li
     ]
 
 
-def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
+def _find_block(layer: nn.Module, hidden_size: int) -> tuple[str, str, str, nn.Module] | None:
     """(block attribute, router attribute, router weight path, experts module) of a decoder layer, or None. The block
-    attribute is "" when the layer itself holds router and experts (Gemma-4)."""
+    attribute is "" when the layer itself holds router and experts (Gemma-4). The router reads the experts' input width
+    or the decoder's ``hidden_size`` (Muse-Spark's experts run at a pooled width of their own)."""
     for block_attr, block in [("", layer), *layer.named_children()]:
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module):
@@ -72,7 +73,7 @@ def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
             if router_attr == "experts":
                 continue
             for name, param in router.named_parameters():
-                if param.dim() == 2 and param.shape[0] == num_experts and param.shape[1] in hidden:
+                if param.dim() == 2 and param.shape[0] == num_experts and param.shape[1] in (*hidden, hidden_size):
                     return block_attr, router_attr, name, experts
     return None
 
@@ -170,7 +171,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     if layers_path is not None:  # the MoE fields are in the language model's sub-config
         composite.update(text_config_attr="text_config", layers_path=layers_path)
         config = config.text_config
-    found = [(idx, _find_block(layer)) for idx, layer in enumerate(layers)]
+    found = [(idx, _find_block(layer, config.hidden_size)) for idx, layer in enumerate(layers)]
     found = [(idx, f) for idx, f in found if f is not None]
     if not found:
         raise DiscoveryError(f"{type(model).__name__}: no decoder layer has an experts module with fused 3D tensors")

@@ -1631,6 +1631,38 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Muse-Spark: the MoE block pools hidden_size down to moe_hidden_size before the routed experts (which run at that
+# width, each followed by a shared post-expert norm) and back up after; the router reads the full hidden state:
+# fp32 logits x output_multiplier, sigmoid, e_score_correction_bias on the choice, x routed_scaling_factor (2 in the
+# tiny config, so that only its rule fits). Vision and audio towers are kept.
+_multimodal(
+    "muse_spark",
+    router_tensors=("weight", "e_score_correction_bias"),
+    score_function="sigmoid",
+    routing="sigmoid_topk_unsorted_scaled",
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, moe_hidden_size=16,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8,
+            num_experts_per_tok=2, routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse", "sparse"],
+            sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ),
+        vision_config=dict(
+            patch_size=4, pos_emb_height=4, pos_emb_width=4, num_attention_heads=2, num_hidden_layers=1, hidden_size=32,
+            intermediate_size=32, max_position_embeddings=16,
+        ),
+        audio_config=dict(
+            patch_sizes=[4, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=32,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        audio_token_id=152,
+        out_hidden_size=32,
+        projector_hidden_size=32,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1703,7 +1735,6 @@ for _model_type, _reason in {
     "inkling2_loop": _text_unsupported("inkling2_loop_text"),
     "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
     "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
-    "muse_spark": _UNVERIFIED_MULTIMODAL,
 }.items():
     if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
         register_unsupported(_model_type, _reason)

@@ -33,6 +33,8 @@ RULES = {
     "sparsemixer_eval": "SparseMixer top-2 (eval mode; sampled in training)",
     "softmax_group_limited": "softmax, group-limited unsorted top-k (groups by their top-2 sum), renormalised with "
     "`norm_topk_prob`, x `routed_scaling_factor`",
+    "sigmoid_topk_unsorted_scaled": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k, renormalised, "
+    "x `routed_scaling_factor`",
 }
 # rules not listed here: derived from adapters.base.RULE_RENORMALIZES
 REMOVAL = {

@@ -155,6 +155,20 @@ def sigmoid_topk_unsorted(router: nn.Module, logits: torch.Tensor, selection_bia
     return _sigmoid_topk(router, logits, selection_bias, sorted_topk=False)
 
 
+def sigmoid_topk_unsorted_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Muse-Spark (language model): the router's logits (fp32, already x its ``output_multiplier``) -> sigmoid scores,
+    unsorted top-k on score + ``e_score_correction_bias``, renormalised with ``norm_topk_prob_eps`` in the denominator,
+    x ``routed_scaling_factor``."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + router.e_score_correction_bias.to(scores.dtype)
+    if selection_bias is not None:
+        choice = choice + selection_bias.to(scores.dtype)
+    indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
+    weights = scores.gather(1, indices)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + router.norm_topk_prob_eps)
+    return weights * router.routed_scaling_factor, indices
+
+
 def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
     """Kolibri-1: top-k on the logits + e_score_correction_bias, weights = sigmoid of the chosen logits, renormalised
     with ``norm_topk_prob``."""
@@ -332,6 +346,7 @@ ROUTE_FUNCTIONS = {
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
     "softmax_group_limited": softmax_group_limited,
+    "sigmoid_topk_unsorted_scaled": sigmoid_topk_unsorted_scaled,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
