@@ -1710,12 +1710,6 @@ for _model_type, _reason in {
     register_unsupported(_model_type, _reason)
 
 # -- vision-language MoE families hf_moeprune does not prune yet, and why (issue 13, multimodal) ---------------------
-_UNVERIFIED_MULTIMODAL = (
-    "no tiny config of this vision-language family has been verified yet (its composite layout and language-model "
-    "router are unchecked)"
-)
-
-
 def _text_unsupported(text: str) -> str:
     if text in UNSUPPORTED:
         return f"its language model ({text}) is not supported: {UNSUPPORTED[text]}"
@@ -1734,7 +1728,13 @@ for _model_type, _reason in {
     "inkling2": _text_unsupported("inkling2_text"),
     "inkling2_loop": _text_unsupported("inkling2_loop_text"),
     "minimax_m3_vl": _text_unsupported("minimax_m3_vl_text"),
-    "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
+    "diffusion_gemma": (
+        "its Gemma-4 MoE layers exist twice, as model.encoder.language_model.layers (the prompt encoder) and "
+        "model.decoder.layers (the block-diffusion denoiser), the same router and expert tensors tied between them "
+        "(DiffusionGemmaModel._tied_weights_keys): an adapter names one layers path, and surgery replaces one tree's "
+        "per-expert tensors, which unties them and leaves the other tree with every expert; its logits are the "
+        "denoised canvas's and it generates by block diffusion, not token by token"
+    ),
 }.items():
     if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
         register_unsupported(_model_type, _reason)
