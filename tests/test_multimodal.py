@@ -6,6 +6,8 @@ image + text and on text-only inputs."""
 import inspect
 import json
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -20,31 +22,78 @@ from hf_moeprune.demo.tiny_models import tiny_model
 from hf_moeprune.oneshot import collect_statistics, prune_oneshot
 from hf_moeprune.training import MoEPruneArguments, MoEPruneTrainer
 
-MULTIMODAL = sorted(name for name, a in ADAPTERS.items() if a.auto_class == "AutoModelForImageTextToText")
+# composite families (a language model in text_config next to a vision tower); mistral4 loads through the same Auto
+# class but is text-only
+MULTIMODAL = sorted(
+    name
+    for name, a in ADAPTERS.items()
+    if a.auto_class == "AutoModelForImageTextToText" and a.text_config_attr is not None
+)
 GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
 
 
+def _patches(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Qwen-VL / GLM-4V / dots3 / HY-V4-VL / Muse-Spark: patches flattened over the batch, a (t, h, w) grid per image."""
+    vision = config.vision_config
+    temporal = getattr(vision, "temporal_patch_size", None) or getattr(vision, "patch_temporal", 1)
+    patch = 3 * temporal * vision.patch_size**2
+    return {"pixel_values": torch.randn(batch * 16, patch, generator=g), "image_grid_thw": GRID.repeat(batch, 1)}
+
+
+def _images(size: int, **per_image: Callable[[int], torch.Tensor]):
+    """Families that take whole images [batch, 3, size, size] (plus per-image extras such as a pixel mask)."""
+
+    def pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        extras = {name: make(batch) for name, make in per_image.items()}
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g), **extras}
+
+    return pixels
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How a family's model takes one image per sequence: the image tokens the tiny config's tower turns it into, and
+    the pixel inputs."""
+
+    tokens: int
+    pixels: Callable[[object, int, torch.Generator], dict[str, torch.Tensor]]
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise ValueError(f"tokens={self.tokens}; an image is at least one token")
+
+
+QWEN_LAYOUT = ImageLayout(4, _patches)
+IMAGE_LAYOUTS = {
+    "hy_v4_vl": ImageLayout(6, _patches),  # 2 merged rows of 2, each row followed by a newline token
+    "muse_spark": QWEN_LAYOUT,
+    "aria": ImageLayout(4, _images(16, pixel_mask=lambda b: torch.ones(b, 16, 16, dtype=torch.bool))),
+    "mistral_large4": ImageLayout(4, _images(16, image_sizes=lambda b: torch.tensor([[16, 16]] * b))),
+    "deepseek_ocr2": ImageLayout(145, _images(64)),  # 144 learned queries + a view separator
+    "unlimited_ocr": ImageLayout(3, _images(64)),
+}
+
+
+def _layout(model) -> ImageLayout:
+    return IMAGE_LAYOUTS.get(model.config.model_type.removeprefix("moeprune_"), QWEN_LAYOUT)
+
+
 def _image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
-    format of the Qwen-VL / GLM-4V / dots3 families (patches flattened over the batch, a (t, h, w) grid per image;
-    ``mm_token_type_ids`` where the model's forward takes them)."""
+    """A batch of ``[text, <start>, image tokens, <end>, text]`` sequences with one random image each, in the family's
+    input format (``IMAGE_LAYOUTS``; ``mm_token_type_ids`` where the model's forward takes them). ``length`` counts the
+    image as 4 tokens."""
     config = model.config
+    layout = _layout(model)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 90, (batch, length), generator=g)
+    ids = torch.randint(3, 90, (batch, length - 4 + layout.tokens), generator=g)
     start = getattr(config, "vision_start_token_id", None) or getattr(config, "image_start_token_id", None)
     end = getattr(config, "vision_end_token_id", None) or getattr(config, "image_end_token_id", None)
     if start is not None:
         ids[:, 2] = start
     if end is not None:
-        ids[:, 7] = end
-    ids[:, 3:7] = config.image_token_id
-    vision = config.vision_config
-    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
-    inputs = {
-        "input_ids": ids,
-        "pixel_values": torch.randn(batch * 16, patch, generator=g),
-        "image_grid_thw": GRID.repeat(batch, 1),
-    }
+        ids[:, 3 + layout.tokens] = end
+    ids[:, 3 : 3 + layout.tokens] = config.image_token_id
+    inputs = {"input_ids": ids, **layout.pixels(config, batch, g)}
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
     return inputs
@@ -81,7 +130,7 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     assert all(torch.equal(after[n], p) for n, p in vision_before.items())
 
     image = _image_batch(model, batch=2)
-    text = {"input_ids": image["input_ids"][:, 8:]}
+    text = {"input_ids": image["input_ids"][:, 4 + _layout(model).tokens :]}
     expected_image, expected_text = _logits(model, image), _logits(model, text)
     other_pixels = dict(image, pixel_values=image["pixel_values"] * 2)
     assert not torch.equal(_logits(model, other_pixels), expected_image)  # the image reaches the language model
@@ -96,7 +145,7 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     assert torch.equal(_logits(reloaded, image), expected_image)
     assert torch.equal(_logits(reloaded, text), expected_text)
     greedy = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
-    one = {k: v[:1] if k != "pixel_values" else v[:16] for k, v in image.items()}
+    one = _image_batch(model, batch=1)
     assert torch.equal(
         model.generate(**one, generation_config=greedy), reloaded.generate(**one, generation_config=greedy)
     )

@@ -1596,6 +1596,7 @@ _multimodal(
         vision_config=dict(
             sam_config=dict(
                 hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                initializer_range=0.02,  # the class default (1e-10) leaves a random SAM blind to the image
                 patch_size=16, window_size=2, global_attn_indexes=[1], downsample_channels=[16, 32],
             ),
             encoder_config=dict(
@@ -1620,6 +1621,7 @@ _multimodal(
         vision_config=dict(
             sam_config=dict(
                 hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                initializer_range=0.02,  # the class default (1e-10) leaves a random SAM blind to the image
                 patch_size=16, window_size=2, global_attn_indexes=[1], downsample_channels=[16, 32], mlp_dim=32,
             ),
             encoder_config=dict(
@@ -1658,7 +1660,7 @@ _multimodal(
         image_token_id=150,
         video_token_id=151,
         audio_token_id=152,
-        out_hidden_size=32,
+        out_hidden_size=128,  # the vision tower's width x its 2 x 2 merge
         projector_hidden_size=32,
     ),
 )  # fmt: skip
