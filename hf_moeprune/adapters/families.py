@@ -1711,6 +1711,7 @@ for _model_type, _reason in {
 }.items():
     register_unsupported(_model_type, _reason)
 
+
 # -- vision-language MoE families hf_moeprune does not prune yet, and why (issue 13, multimodal) ---------------------
 def _text_unsupported(text: str) -> str:
     if text in UNSUPPORTED:
