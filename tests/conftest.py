@@ -3,6 +3,8 @@ import json
 import json as json_module
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -77,12 +79,23 @@ def workspace(tmp_path_factory):
 VL_GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
 
 
-def _qwen_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Qwen-VL / GLM-4V / dots3 / MiniMax-M3-VL: t x p x p patches flattened over the batch, a (t, h, w) patch grid
-    per image."""
+def _patches(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Qwen-VL / GLM-4V / dots3 / MiniMax-M3-VL / HY-V4-VL / Muse-Spark: t x p x p patches flattened over the batch, a
+    (t, h, w) patch grid per image."""
     vision = config.vision_config
-    patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
+    temporal = getattr(vision, "temporal_patch_size", None) or getattr(vision, "patch_temporal", 1)
+    patch = 3 * temporal * vision.patch_size**2
     return {"pixel_values": torch.randn(batch * 16, patch, generator=g), "image_grid_thw": VL_GRID.repeat(batch, 1)}
+
+
+def _images(size: int, **per_image):
+    """Families that take whole images [batch, 3, size, size] (plus per-image extras such as a pixel mask)."""
+
+    def pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        extras = {name: make(batch) for name, make in per_image.items()}
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g), **extras}
+
+    return pixels
 
 
 def _gemma4_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -112,34 +125,57 @@ def _inkling_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.T
     return {"pixel_values": torch.randn(batch * 4, *patch, generator=g)}
 
 
-PIXEL_INPUTS = {
-    "gemma4": _gemma4_pixels,
-    "inkling2": _inkling2_pixels,
-    "inkling2_loop": _inkling2_pixels,
-    "inkling_mm_model": _inkling_pixels,
+@dataclass(frozen=True)
+class ImageLayout:
+    """How a family's model takes one image per sequence: the image tokens the tiny config's tower turns it into, and
+    the pixel inputs."""
+
+    tokens: int
+    pixels: Callable[[object, int, torch.Generator], dict[str, torch.Tensor]]
+
+    def __post_init__(self):
+        if self.tokens < 1:
+            raise ValueError(f"tokens={self.tokens}; an image is at least one token")
+
+
+QWEN_LAYOUT = ImageLayout(4, _patches)
+IMAGE_LAYOUTS = {  # families not listed take Qwen-VL's
+    "gemma4": ImageLayout(4, _gemma4_pixels),
+    "inkling2": ImageLayout(4, _inkling2_pixels),
+    "inkling2_loop": ImageLayout(4, _inkling2_pixels),
+    "inkling_mm_model": ImageLayout(4, _inkling_pixels),
+    "hy_v4_vl": ImageLayout(6, _patches),  # 2 merged rows of 2, each row followed by a newline token
+    "aria": ImageLayout(4, _images(16, pixel_mask=lambda b: torch.ones(b, 16, 16, dtype=torch.bool))),
+    "mistral_large4": ImageLayout(4, _images(16, image_sizes=lambda b: torch.tensor([[16, 16]] * b))),
+    "deepseek_ocr2": ImageLayout(145, _images(64)),  # 144 learned queries + a view separator
+    "unlimited_ocr": ImageLayout(3, _images(64)),
 }
 
 
+def vl_image_layout(model) -> ImageLayout:
+    return IMAGE_LAYOUTS.get(get_adapter(model).model_type, QWEN_LAYOUT)
+
+
+def _first_token_id(config, names: tuple[str, ...]) -> int | None:
+    return next((v for name in names if (v := getattr(config, name, None)) is not None), None)
+
+
 def vl_image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
-    format of the model's family (`PIXEL_INPUTS`, Qwen-VL's by default; ``mm_token_type_ids`` where the model's
-    forward takes them)."""
+    """A batch of ``[text, <start>, image tokens, <end>, text]`` sequences with one random image each, in the input
+    format of the model's family (`IMAGE_LAYOUTS`; ``mm_token_type_ids`` where the model's forward takes them).
+    ``length`` counts the image as 4 tokens; the text after the image starts at ``4 + layout.tokens``."""
     config = model.config
+    layout = vl_image_layout(model)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 90, (batch, length), generator=g)
-    start = next((v for k in ("vision_start_token_id", "image_start_token_id", "boi_token_id")
-                  if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
-    end = next((v for k in ("vision_end_token_id", "image_end_token_id", "eoi_token_id")
-                if (v := getattr(config, k, None)) is not None), None)  # fmt: skip
+    ids = torch.randint(3, 90, (batch, length - 4 + layout.tokens), generator=g)
+    start = _first_token_id(config, ("vision_start_token_id", "image_start_token_id", "boi_token_id"))
+    end = _first_token_id(config, ("vision_end_token_id", "image_end_token_id", "eoi_token_id"))
     if start is not None:
         ids[:, 2] = start
     if end is not None:
-        ids[:, 7] = end
-    ids[:, 3:7] = config.image_token_id
-    inputs = {
-        "input_ids": ids,
-        **PIXEL_INPUTS.get(get_adapter(model).model_type, _qwen_pixels)(config, batch, g),
-    }
+        ids[:, 3 + layout.tokens] = end
+    ids[:, 3 : 3 + layout.tokens] = config.image_token_id
+    inputs = {"input_ids": ids, **layout.pixels(config, batch, g)}
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).long()
     return inputs

@@ -350,6 +350,36 @@ def test_selection_bias_on_families_with_their_own_bias(family, tmp_path):
     assert torch.equal(_logits(AutoModelForCausalLM.from_pretrained(tmp_path)), biased)
 
 
+def test_selection_bias_on_softmax_group_limited_routing(tmp_path):
+    """Mistral-Small-4's rule (softmax, 2 groups ranked by their top-2 sum, one kept): zero bias changes nothing, a
+    large entry pulls its expert's group in and forces the expert, the losing group stays out also when every biased
+    score is negative (the stock router's 0.0 fill would let it back in), and the bias reloads."""
+    from hf_moeprune.format import enable_selection_bias
+
+    model = tiny_model("mistral4")
+    adapter = hf_moeprune.get_adapter(model)
+    assert adapter.routing == "softmax_group_limited" and adapter.num_groups(model.config) == 2
+    expected = _logits(model)
+    enable_selection_bias(model, adapter)
+    assert torch.equal(_logits(model), expected)
+    layer = adapter.decoder_layers(model)[adapter.moe_layer_indices(model)[0]]
+    router = adapter.router(layer)
+    chosen = []
+    router.register_forward_hook(lambda module, args, output: chosen.append(output[2]))
+    with torch.no_grad():
+        router.selection_bias[5] = 100.0
+    forced = _logits(model)
+    assert not torch.equal(forced, expected) and (chosen[-1] == 5).any(dim=-1).all()
+    assert (chosen[-1] >= 4).all()  # topk_group=1: the other expert comes from expert 5's group as well
+    with torch.no_grad():  # every biased score negative, group 0 ahead: a 0.0 fill would let group 1 back in
+        router.selection_bias[:4] = -0.2
+        router.selection_bias[4:] = -0.5
+    masked = _logits(model)
+    assert (chosen[-1] < 4).all() and not torch.equal(masked, expected)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_logits(getattr(transformers, adapter.auto_class).from_pretrained(tmp_path)), masked)
+
+
 def _rule_representatives() -> list[str]:
     """One registered family per routing rule that the per-family deep suite (conftest.FAMILIES) does not run: the
     first registered (the looped Inkling-2 follows the plain one, and trains far slower)."""
@@ -392,7 +422,8 @@ def test_family_trains_prunes_by_reap_quantizes_and_generates(family, tmp_path):
     expected = _logits(model)
     quantize(model, "int8")
     assert any(
-        name.startswith("model.layers.") and f".{adapter.experts_path}." in name for name in quantized_targets(model)
+        name.startswith(f"{adapter.layers_path or 'model.layers'}.") and f".{adapter.experts_path}." in name
+        for name in quantized_targets(model)
     )
     out = _logits(model)
     assert torch.nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.99

@@ -63,6 +63,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "softmax_topk_biased_scaled": False,
     # per-expert sigmoids normalised over the chosen and the shared experts (Inkling): an unchosen expert adds nothing
     "logsigmoid_topk_shared": True,
+    "softmax_group_limited": None,
 }
 # What the router's first output is turned into per-expert scores with, per rule (statistics, balancing losses).
 # Gemma-4's router returns probabilities already, not logits.

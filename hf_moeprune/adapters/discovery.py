@@ -46,6 +46,8 @@ GROUP_FIELD_CANDIDATES = ("n_group", "num_expert_group")
 EXTRA_ROW_FIELD_CANDIDATES = ("zero_expert_num", "n_shared_experts")
 # Config fields counting decoder layers where num_hidden_layers counts something else (LongCat: attention sublayers)
 LAYER_COUNT_FIELD_CANDIDATES = ("num_layers",)
+# Rules that route group-limited on the router's ``num_group`` / ``topk_group`` (Mistral-4: softmax_group_limited)
+GROUP_RULES = ("sigmoid_group_limited", "softmax_group_limited")
 
 
 class DiscoveryError(ValueError):
@@ -71,10 +73,11 @@ def _extra_rows_field(block: nn.Module, router: nn.Module, extra: int) -> str | 
     return None
 
 
-def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
+def _find_block(layer: nn.Module, hidden_size: int) -> tuple[str, str, str, nn.Module] | None:
     """(block attribute, router attribute, router weight path, experts module) of a decoder layer, or None. The block
-    attribute is "" when the layer itself holds router and experts (Gemma-4). The router's weight may have extra rows
-    after the routed experts where router or block name their count (`EXTRA_ROW_FIELD_CANDIDATES`)."""
+    attribute is "" when the layer itself holds router and experts (Gemma-4). The router reads the experts' input width
+    or the decoder's ``hidden_size`` (Muse-Spark's experts run at a pooled width of their own). Its weight may have
+    extra rows after the routed experts where router or block name their count (`EXTRA_ROW_FIELD_CANDIDATES`)."""
     for block_attr, block in [("", layer), *layer.named_children()]:
         experts = getattr(block, "experts", None)
         if not isinstance(experts, nn.Module):
@@ -90,7 +93,7 @@ def _find_block(layer: nn.Module) -> tuple[str, str, str, nn.Module] | None:
             if router_attr == "experts":
                 continue
             for name, param in router.named_parameters():
-                if param.dim() != 2 or param.shape[1] not in hidden:
+                if param.dim() != 2 or param.shape[1] not in (*hidden, hidden_size):
                     continue
                 extra = param.shape[0] - num_experts
                 if extra == 0 or (extra > 0 and _extra_rows_field(block, router, extra) is not None):
@@ -215,21 +218,25 @@ def _decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str | None]:
 
 def discover_adapter(model: nn.Module) -> MoEAdapter:
     """An adapter for ``model`` derived from its modules; `DiscoveryError` says what does not fit."""
-    layers, layers_path = _decoder_layers(model)
-    composite = {}
-    config = model.config
-    if layers_path is not None:  # the MoE fields are in the language model's sub-config
-        from hf_moeprune.adapters.base import AUTO_CLASS_MAPPINGS, auto_class_mapping
+    from hf_moeprune.adapters.base import AUTO_CLASS_MAPPINGS, auto_class_mapping
 
-        # a composite whose class is also its causal-LM class (Gemma-4's) is loaded as the vision-language model it is
-        preferred = sorted(AUTO_CLASS_MAPPINGS, key=lambda name: name != "AutoModelForImageTextToText")
-        auto_class = next(
-            (name for name in preferred if auto_class_mapping(name).get(config.model_type) == type(model).__name__),
-            "AutoModelForImageTextToText",
-        )
-        composite = dict(text_config_attr="text_config", layers_path=layers_path, auto_class=auto_class)
+    layers, layers_path = _decoder_layers(model)
+    config = model.config
+    # the Auto class whose mapping gives this model's class; a text-only model may be reachable only through
+    # AutoModelForImageTextToText (Mistral-Small-4: Mistral4ForCausalLM)
+    auto_class = next(
+        (
+            name
+            for name in AUTO_CLASS_MAPPINGS
+            if auto_class_mapping(name).get(config.model_type) == type(model).__name__
+        ),
+        "AutoModelForCausalLM" if layers_path is None else "AutoModelForImageTextToText",
+    )
+    composite = dict(auto_class=auto_class)
+    if layers_path is not None:  # the MoE fields are in the language model's sub-config
+        composite.update(text_config_attr="text_config", layers_path=layers_path)
         config = config.text_config
-    found = [(idx, _find_block(layer)) for idx, layer in enumerate(layers)]
+    found = [(idx, _find_block(layer, config.hidden_size)) for idx, layer in enumerate(layers)]
     found = [(idx, f) for idx, f in found if f is not None]
     if not found:
         raise DiscoveryError(f"{type(model).__name__}: no decoder layer has an experts module with fused 3D tensors")
@@ -300,7 +307,7 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         )
     routing = rules[0]
     groups = {}
-    if routing == "sigmoid_group_limited":
+    if routing in GROUP_RULES:
         group_field = _config_field(config, GROUP_FIELD_CANDIDATES, getattr(router, "num_group", None))
         groups = dict(group_field=group_field or "n_group", topk_group_field="topk_group")
     return MoEAdapter(

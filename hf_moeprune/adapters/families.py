@@ -1729,6 +1729,247 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Mistral-Small-4 (mistral4): a text-only MoE (Mistral4ForCausalLM, DeepSeek-V3's layout with MLA attention) that
+# transformers reaches only through AutoModelForImageTextToText. Its router is DeepSeek-V3's group-limited one on
+# softmax probabilities (no correction bias); the tiny config uses 2 groups and a scale so that only that rule fits.
+_MISTRAL4_TEXT: dict[str, Any] = dict(
+    _tiny(
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.0,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        num_key_value_heads=4,
+    ),
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+                     "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                     "llama_4_scaling_beta": 0.1},
+)  # fmt: skip
+_MISTRAL4_ROUTER: dict[str, Any] = dict(
+    routing="softmax_group_limited", group_field="n_group", topk_group_field="topk_group"
+)
+register_family(
+    MoEAdapter(
+        model_type="mistral4",
+        auto_class="AutoModelForImageTextToText",
+        **_MISTRAL4_ROUTER,
+        tiny_config=_MISTRAL4_TEXT,
+    )
+)
+
+# Mistral-Large-4: Mistral-Small-4's router in fp32 with the renormalisation always on (the router has no
+# norm_topk_prob), on a DeepSeek-V3.2-style language model (indexed sparse attention, MLA without q-LoRA) behind a
+# Pixtral vision tower.
+_multimodal(
+    "mistral_large4",
+    **_MISTRAL4_ROUTER,
+    renormalizes=lambda config: True,
+    tiny_config=dict(
+        text_config=dict(
+            {k: v for k, v in _MISTRAL4_TEXT.items() if k not in ("q_lora_rank", "norm_topk_prob")},
+            index_topk=4,  # below the test sequences' length, so the indexer does select
+            index_head_dim=16,
+            index_n_heads=2,
+            rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                             "original_max_position_embeddings": 32, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "attention_factor": 1.0},
+        ),
+        vision_config=dict(
+            model_type="pixtral", hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            head_dim=16, patch_size=4, image_size=16, hidden_act="silu",
+        ),
+        image_token_index=100,
+    ),
+)  # fmt: skip
+
+# Qwen3-Omni-MoE's thinker (text, vision and audio in, text out): Qwen3-MoE's language model and router behind a
+# Qwen3-VL vision tower and a Whisper-style audio encoder. (The talker, which turns the thinker's states into speech, is
+# a model of its own with another MoE: qwen3_omni_moe_talker is not an image-text-to-text family.)
+_multimodal(
+    "qwen3_omni_moe_thinker",
+    routing=QWEN3_MOE.routing,  # the count field is num_experts here (Qwen3-MoE's config reads num_local_experts)
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+            max_position_embeddings=256, pad_token_id=0,
+        ),
+        vision_config=dict(_QWEN_VISION, deepstack_visual_indexes=[0]),
+        audio_config=dict(
+            num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+            output_dim=32, max_source_positions=32, n_window=4, n_window_infer=8, downsample_hidden_size=8,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        audio_token_id=152,
+        audio_start_token_id=153,
+        user_token_id=154,
+        # not a field of the thinker's config class, but its generate() reads it (get_rope_index raises without it)
+        vision_start_token_id=155,
+    ),
+)  # fmt: skip
+
+# GLM-5.3-Flash (glm5_next): DeepSeek-V3's router on a language model of KDA linear attention and indexed (DSA)
+# attention layers with hyper-connections (hc_mult residual streams), behind a GLM-OCR-style vision tower.
+_multimodal(
+    "glm5_next",
+    **_DEEPSEEK_V3_ROUTER,
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0,
+            q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=0, v_head_dim=16,
+            index_topk=4, index_kpool=2, index_head_dim=8, index_n_heads=2,  # index_topk below the test sequences
+            linear_head_dim=8, linear_num_heads=2, hc_mult=2, hc_sinkhorn_iters=3,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            layer_types=["linear_attention", "indexed_attention", "linear_attention"],
+            max_position_embeddings=256, pad_token_id=0,
+        ),
+        vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4, image_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, projection_intermediate_size=32,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        image_start_token_id=152,
+        image_end_token_id=153,
+        video_start_token_id=154,
+        video_end_token_id=155,
+    ),
+)  # fmt: skip
+
+# Hy4 vision-language (hy_v4_vl): HY-V4's language model (DeepSeek-V3 router, DSA attention, iHC) with M-RoPE over
+# (t, h, w), behind a HunYuan-VL vision tower.
+_multimodal(
+    "hy_v4_vl",
+    ADAPTERS["hy_v4"],
+    tiny_config=dict(
+        text_config=dict(
+            ADAPTERS["hy_v4"].tiny_config,
+            vocab_size=160,
+            # the three sections cover qk_rope_head_dim // 2 frequencies
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 0, 1]},
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, out_hidden_size=32,
+            patch_size=4, spatial_merge_size=2, max_image_size=16,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+    ),
+)  # fmt: skip
+
+# Aria: aria_text's language model and router, behind an Idefics3 vision tower and a cross-attention projector.
+_multimodal(
+    "aria",
+    ADAPTERS["aria_text"],
+    tiny_config=dict(
+        text_config=ADAPTERS["aria_text"].tiny_config,
+        vision_config=dict(
+            model_type="idefics3_vision", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, patch_size=4, image_size=16,
+        ),
+        projector_patch_to_query_dict={16: 4},  # a 16 x 16 image of 4 x 4 patches -> 4 queries
+        image_token_index=98,
+    ),
+)  # fmt: skip
+
+# DeepSeek-OCR-2: DeepSeek-V2's router (fp32 softmax, greedy or group-limited greedy top-k, never renormalised,
+# x routed_scaling_factor) on an MHA language model, behind a SAM encoder and a Qwen2-style query encoder. The tiny
+# config routes group-limited and scaled, so that no other rule reproduces it.
+_multimodal(
+    "deepseek_ocr2",
+    DEEPSEEK_V2,
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            topk_method="group_limited_greedy", n_group=2, topk_group=1, routed_scaling_factor=2.0,
+            mlp_layer_types=["dense", "sparse", "sparse"], max_position_embeddings=128, pad_token_id=0,
+        ),
+        vision_config=dict(
+            sam_config=dict(
+                hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                initializer_range=0.02,  # the class default (1e-10) leaves a random SAM blind to the image
+                patch_size=16, window_size=2, global_attn_indexes=[1], downsample_channels=[16, 32],
+            ),
+            encoder_config=dict(
+                vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2,
+            ),
+        ),
+        image_token_id=100,
+    ),
+)  # fmt: skip
+
+# Unlimited-OCR: DeepSeek-OCR-2's language model (DeepSeek-V2 router) with reference sliding-window attention (every
+# token also sees the image and prompt tokens), behind a SAM encoder and a CLIP encoder.
+_multimodal(
+    "unlimited_ocr",
+    DEEPSEEK_V2,
+    tiny_config=dict(
+        text_config=dict(
+            ADAPTERS["deepseek_ocr2"].tiny_config["text_config"],
+            sliding_window=4,  # below the test sequences' length
+        ),
+        vision_config=dict(
+            sam_config=dict(
+                hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                initializer_range=0.02,  # the class default (1e-10) leaves a random SAM blind to the image
+                patch_size=16, window_size=2, global_attn_indexes=[1], downsample_channels=[16, 32], mlp_dim=32,
+            ),
+            encoder_config=dict(
+                hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                patch_size=4,
+            ),
+        ),
+        image_token_id=100,
+    ),
+)  # fmt: skip
+
+# Muse-Spark: the MoE block pools hidden_size down to moe_hidden_size before the routed experts (which run at that
+# width, each followed by a shared post-expert norm) and back up after; the router reads the full hidden state:
+# fp32 logits x output_multiplier, sigmoid, e_score_correction_bias on the choice, x routed_scaling_factor (2 in the
+# tiny config, so that only its rule fits). Vision and audio towers are kept.
+_multimodal(
+    "muse_spark",
+    router_tensors=("weight", "e_score_correction_bias"),
+    score_function="sigmoid",
+    routing="sigmoid_topk_unsorted_scaled",
+    tiny_config=dict(
+        text_config=dict(
+            vocab_size=160, hidden_size=32, intermediate_size=64, moe_intermediate_size=24, moe_hidden_size=16,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8,
+            num_experts_per_tok=2, routed_scaling_factor=2.0, mlp_layer_types=["dense", "sparse", "sparse"],
+            sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ),
+        vision_config=dict(
+            patch_size=4, pos_emb_height=4, pos_emb_width=4, num_attention_heads=2, num_hidden_layers=1, hidden_size=32,
+            intermediate_size=32, max_position_embeddings=16,
+        ),
+        audio_config=dict(
+            patch_sizes=[4, 2], hidden_sizes=[8, 16], depths=[1, 1], num_hidden_layers=2, out_hidden_size=32,
+        ),
+        image_token_id=150,
+        video_token_id=151,
+        audio_token_id=152,
+        out_hidden_size=128,  # the vision tower's width x its 2 x 2 merge
+        projector_hidden_size=32,
+    ),
+)  # fmt: skip
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
@@ -1760,13 +2001,8 @@ for _model_type, _reason in {
 }.items():
     register_unsupported(_model_type, _reason)
 
+
 # -- vision-language MoE families hf_moeprune does not prune yet, and why (issue 13, multimodal) ---------------------
-_UNVERIFIED_MULTIMODAL = (
-    "no tiny config of this vision-language family has been verified yet (its composite layout and language-model "
-    "router are unchecked)"
-)
-
-
 def _text_unsupported(text: str) -> str:
     if text in UNSUPPORTED:
         return f"its language model ({text}) is not supported: {UNSUPPORTED[text]}"
@@ -1780,16 +2016,13 @@ for _model_type, _reason in {
     ),
     "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
     "llama4": _text_unsupported("llama4_text"),
-    "aria": _UNVERIFIED_MULTIMODAL,
-    "deepseek_ocr2": _UNVERIFIED_MULTIMODAL,
-    "diffusion_gemma": _UNVERIFIED_MULTIMODAL,
-    "glm5_next": _UNVERIFIED_MULTIMODAL,
-    "hy_v4_vl": _UNVERIFIED_MULTIMODAL,
-    "mistral4": _UNVERIFIED_MULTIMODAL,
-    "mistral_large4": _UNVERIFIED_MULTIMODAL,
-    "muse_spark": _UNVERIFIED_MULTIMODAL,
-    "qwen3_omni_moe_thinker": _UNVERIFIED_MULTIMODAL,
-    "unlimited_ocr": _UNVERIFIED_MULTIMODAL,
+    "diffusion_gemma": (
+        "its Gemma-4 MoE layers exist twice, as model.encoder.language_model.layers (the prompt encoder) and "
+        "model.decoder.layers (the block-diffusion denoiser), the same router and expert tensors tied between them "
+        "(DiffusionGemmaModel._tied_weights_keys): an adapter names one layers path, and surgery replaces one tree's "
+        "per-expert tensors, which unties them and leaves the other tree with every expert; its logits are the "
+        "denoised canvas's and it generates by block diffusion, not token by token"
+    ),
 }.items():
     if _model_type not in UNSUPPORTED and _model_type not in ADAPTERS:
         register_unsupported(_model_type, _reason)

@@ -37,6 +37,8 @@ RULES = {
     "`e_score_correction_bias`, never renormalised, x `routed_scaling_factor`",
     "logsigmoid_topk_shared": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k; the chosen and the "
     "shared experts' logits normalised together (log-sigmoid), x `route_scale`",
+    "softmax_group_limited": "softmax, group-limited unsorted top-k (groups by their top-2 sum), renormalised with "
+    "`norm_topk_prob`, x `routed_scaling_factor`",
 }
 # rules not listed here: derived from adapters.base.RULE_RENORMALIZES
 REMOVAL = {
@@ -49,6 +51,8 @@ REMOVAL = {
     "survive",
     "softmax_topk_scaled": "weights divide by the kept probability mass",
     "softmax_topk_biased_scaled": "weights divide by the kept probability mass",
+    "softmax_group_limited": "unchanged with one group when renormalised (`norm_topk_prob`; Mistral-Large-4: always); "
+    "with `{group}` > 1 only if each group's top-2 survive",
 }
 
 

@@ -170,16 +170,17 @@ def sigmoid_topk_unsorted(router: nn.Module, logits: torch.Tensor, selection_bia
 
 
 def sigmoid_topk_unsorted_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
-    """Ergo: fp32 sigmoid scores, unsorted top-k on score + the router's ``e_score_correction_bias``, the chosen raw
-    scores renormalised (over their sum + 1e-20) and x the router's ``routed_scaling_factor``."""
+    """Ergo, Muse-Spark (language model): fp32 sigmoid scores (Muse-Spark's logits come already x its
+    ``output_multiplier``), unsorted top-k on score + ``e_score_correction_bias``, the chosen raw scores renormalised
+    over their sum + ``norm_topk_prob_eps`` (Ergo: 1e-20), x ``routed_scaling_factor``."""
     scores = torch.sigmoid(logits.float())
     choice = scores + router.e_score_correction_bias.to(scores.dtype)
     if selection_bias is not None:
         choice = choice + selection_bias.to(scores.dtype)
     indices = torch.topk(choice, router.top_k, dim=-1, sorted=False).indices
     weights = scores.gather(-1, indices)
-    weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * router.routed_scaling_factor
-    return weights, indices
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + getattr(router, "norm_topk_prob_eps", 1e-20))
+    return weights * router.routed_scaling_factor, indices
 
 
 def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
@@ -208,6 +209,29 @@ def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias:
         choice = choice.masked_fill(~score_mask.bool(), 0.0 if selection_bias is None else float("-inf"))
     indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
     return scores.gather(-1, indices) * router.routed_scaling_factor, indices
+
+
+def softmax_group_limited(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
+    """Mistral-Small-4 (mistral4), Mistral-Large-4's language model: softmax over all experts (in the logits' dtype;
+    Mistral-Large-4's logits are fp32), the best ``topk_group`` of ``num_group`` groups by the sum of their top-2
+    members (DeepSeek-V3's group score on probabilities, no correction bias), unsorted top-k inside them, weights = the
+    chosen probabilities, renormalised (+1e-20) with ``norm_topk_prob`` (Mistral-Large-4's router has no such switch:
+    always), x ``routed_scaling_factor``."""
+    scores = logits.softmax(-1)
+    choice = scores if selection_bias is None else scores + selection_bias.to(scores.dtype)
+    groups, num_experts = router.num_group, router.num_experts
+    group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+    # the stock router fills 0.0 (probabilities are positive); a selection bias may be negative or -inf, so then only
+    # -inf keeps the masked groups out
+    choice = choice.masked_fill(~score_mask.bool(), 0.0 if selection_bias is None else float("-inf"))
+    indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if getattr(router, "norm_topk_prob", True):
+        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * router.routed_scaling_factor, indices
 
 
 def softmax_topk_renorm_biased(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
@@ -382,6 +406,7 @@ ROUTE_FUNCTIONS = {
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
     "softmax_topk_biased_scaled": softmax_topk_biased_scaled,
     "logsigmoid_topk_shared": logsigmoid_topk_shared,
+    "softmax_group_limited": softmax_group_limited,
 }
 # The rules this file defines, so available to trust_remote_code; hf_moeprune registers families only on these.
 BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
