@@ -223,14 +223,13 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
     layers, layers_path = _decoder_layers(model)
     config = model.config
     # the Auto class whose mapping gives this model's class; a text-only model may be reachable only through
-    # AutoModelForImageTextToText (Mistral-Small-4: Mistral4ForCausalLM)
+    # AutoModelForImageTextToText (Mistral-Small-4: Mistral4ForCausalLM), and a composite whose class is also its
+    # causal-LM class (Gemma-4's) is the vision-language model it is
+    composite_first = layers_path is not None
+    preferred = sorted(AUTO_CLASS_MAPPINGS, key=lambda name: (name == "AutoModelForImageTextToText") != composite_first)
     auto_class = next(
-        (
-            name
-            for name in AUTO_CLASS_MAPPINGS
-            if auto_class_mapping(name).get(config.model_type) == type(model).__name__
-        ),
-        "AutoModelForCausalLM" if layers_path is None else "AutoModelForImageTextToText",
+        (name for name in preferred if auto_class_mapping(name).get(config.model_type) == type(model).__name__),
+        "AutoModelForImageTextToText" if composite_first else "AutoModelForCausalLM",
     )
     composite = dict(auto_class=auto_class)
     if layers_path is not None:  # the MoE fields are in the language model's sub-config

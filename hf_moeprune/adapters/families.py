@@ -43,6 +43,7 @@ from typing import Any
 
 from hf_moeprune.adapters.base import (
     ADAPTERS,
+    NOT_INSTALLED,
     UNSUPPORTED,
     KeepAllExperts,
     MoEAdapter,
@@ -1519,6 +1520,12 @@ _QWEN_VISION: dict[str, Any] = dict(
 )
 
 
+def _declared(model_type: str) -> MoEAdapter:
+    """A family declared above: registered, or recorded in NOT_INSTALLED when this transformers is older than it (a
+    composite built on it is new in the same release, so it is recorded there too)."""
+    return ADAPTERS.get(model_type) or NOT_INSTALLED[model_type]
+
+
 def _multimodal(model_type: str, text: MoEAdapter | None = None, **fields: Any) -> MoEAdapter:
     """A vision-language family whose language model's MoE is ``text``'s (a registered text family), or declared by
     ``fields`` (router and experts as for a text family, plus the tiny config)."""
@@ -1562,10 +1569,10 @@ QWEN3_VL_MOE = _multimodal(
 # (dots3's vision tower has MoE layers of its own, which are left as they are: only the language model is pruned.)
 _multimodal(
     "qwen3_5_moe",
-    ADAPTERS["qwen3_5_moe_text"],
+    _declared("qwen3_5_moe_text"),
     tiny_config=dict(
         text_config=dict(
-            ADAPTERS["qwen3_5_moe_text"].tiny_config,
+            _declared("qwen3_5_moe_text").tiny_config,
             rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0,
                              "mrope_interleaved": True, "partial_rotary_factor": 0.5},
         ),
@@ -1578,9 +1585,9 @@ _multimodal(
 )  # fmt: skip
 _multimodal(
     "qwen4_exp",
-    ADAPTERS["qwen4_exp_text"],
+    _declared("qwen4_exp_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["qwen4_exp_text"].tiny_config,
+        text_config=_declared("qwen4_exp_text").tiny_config,
         vision_config=_QWEN_VISION,
         image_token_id=95,
         video_token_id=96,
@@ -1590,9 +1597,9 @@ _multimodal(
 )
 _multimodal(
     "dots3_note",
-    ADAPTERS["dots3_note_text"],
+    _declared("dots3_note_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["dots3_note_text"].tiny_config,
+        text_config=_declared("dots3_note_text").tiny_config,
         vision_config=dict(
             hidden_size=32,
             intermediate_size=64,
@@ -1659,9 +1666,9 @@ _multimodal(
 # per-image patch sequences with (x, y) positions and pools k x k patches into one soft token. No audio tower.
 _multimodal(
     "gemma4",
-    ADAPTERS["gemma4_text"],
+    _declared("gemma4_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["gemma4_text"].tiny_config,
+        text_config=_declared("gemma4_text").tiny_config,
         vision_config=dict(
             hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
             head_dim=8, patch_size=4, position_embedding_size=16, pooling_kernel_size=2,
@@ -1680,16 +1687,16 @@ _INKLING2_VISION: dict[str, Any] = dict(
 )  # fmt: skip
 _multimodal(
     "inkling2",
-    ADAPTERS["inkling2_text"],
+    _declared("inkling2_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["inkling2_text"].tiny_config, vision_config=_INKLING2_VISION, image_token_id=95
+        text_config=_declared("inkling2_text").tiny_config, vision_config=_INKLING2_VISION, image_token_id=95
     ),
 )
 _multimodal(
     "inkling2_loop",
-    ADAPTERS["inkling2_loop_text"],
+    _declared("inkling2_loop_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["inkling2_loop_text"].tiny_config,
+        text_config=_declared("inkling2_loop_text").tiny_config,
         vision_config=dict(_INKLING2_VISION, model_type="inkling2_vision"),
         image_token_id=95,
     ),
@@ -1699,9 +1706,9 @@ _multimodal(
 # grid per image, 2 x 2 merge in the projector).
 _multimodal(
     "minimax_m3_vl",
-    ADAPTERS["minimax_m3_vl_text"],
+    _declared("minimax_m3_vl_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["minimax_m3_vl_text"].tiny_config,
+        text_config=_declared("minimax_m3_vl_text").tiny_config,
         vision_config=dict(
             hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=4,
             temporal_patch_size=2, spatial_merge_size=2, image_size=16,
@@ -1853,10 +1860,10 @@ _multimodal(
 # (t, h, w), behind a HunYuan-VL vision tower.
 _multimodal(
     "hy_v4_vl",
-    ADAPTERS["hy_v4"],
+    _declared("hy_v4"),
     tiny_config=dict(
         text_config=dict(
-            ADAPTERS["hy_v4"].tiny_config,
+            _declared("hy_v4").tiny_config,
             vocab_size=160,
             # the three sections cover qk_rope_head_dim // 2 frequencies
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 0, 1]},
@@ -1873,9 +1880,9 @@ _multimodal(
 # Aria: aria_text's language model and router, behind an Idefics3 vision tower and a cross-attention projector.
 _multimodal(
     "aria",
-    ADAPTERS["aria_text"],
+    _declared("aria_text"),
     tiny_config=dict(
-        text_config=ADAPTERS["aria_text"].tiny_config,
+        text_config=_declared("aria_text").tiny_config,
         vision_config=dict(
             model_type="idefics3_vision", hidden_size=32, intermediate_size=32, num_hidden_layers=1,
             num_attention_heads=2, patch_size=4, image_size=16,
@@ -1920,7 +1927,7 @@ _multimodal(
     DEEPSEEK_V2,
     tiny_config=dict(
         text_config=dict(
-            ADAPTERS["deepseek_ocr2"].tiny_config["text_config"],
+            _declared("deepseek_ocr2").tiny_config["text_config"],
             sliding_window=4,  # below the test sequences' length
         ),
         vision_config=dict(
