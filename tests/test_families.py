@@ -110,7 +110,7 @@ def test_registration_matches_the_model(family):
     model = tiny_model(family)
     declared, found = ADAPTERS[family], discover_adapter(model)
     fields = ("block_attr", "router_attr", "expert_tensors", "block_tensors", "config_class", "model_class")
-    for field in (*fields, "text_config_attr", "layers_path", "auto_class"):
+    for field in (*fields, "text_config_attr", "layers_path", "auto_class", "router_output", "experts_call"):
         assert getattr(declared, field) == getattr(found, field), field
     assert (
         set(declared.router_tensors) == set(found.router_tensors)

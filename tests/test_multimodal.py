@@ -24,21 +24,33 @@ MULTIMODAL = sorted(name for name, a in ADAPTERS.items() if a.auto_class == "Aut
 GRID = torch.tensor([[1, 4, 4]])  # one image of 4 x 4 patches, merged 2 x 2 into 4 image tokens
 
 
+def _whole_images(model) -> bool:
+    """Whether the model takes whole images ``[images, 3, size, size]`` (Llama 4) rather than the Qwen-VL layout of
+    patches flattened over the images with a (t, h, w) grid per image."""
+    return "image_grid_thw" not in inspect.signature(model.forward).parameters
+
+
 def _image_batch(model, batch: int = 1, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
     """A batch of ``[text, <start>, 4 image tokens, <end>, text]`` sequences with one random image each, in the input
     format of the Qwen-VL / GLM-4V / dots3 families (patches flattened over the batch, a (t, h, w) grid per image;
-    ``mm_token_type_ids`` where the model's forward takes them)."""
+    ``mm_token_type_ids`` where the model's forward takes them), or Llama 4's (one 16 x 16 image per sequence, whose
+    16 patches are pixel-shuffled into 4 tokens)."""
     config = model.config
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 90, (batch, length), generator=g)
     start = getattr(config, "vision_start_token_id", None) or getattr(config, "image_start_token_id", None)
     end = getattr(config, "vision_end_token_id", None) or getattr(config, "image_end_token_id", None)
+    if _whole_images(model):
+        start, end = getattr(config, "boi_token_id", None), getattr(config, "eoi_token_id", None)
     if start is not None:
         ids[:, 2] = start
     if end is not None:
         ids[:, 7] = end
     ids[:, 3:7] = config.image_token_id
     vision = config.vision_config
+    if _whole_images(model):
+        size = vision.image_size
+        return {"input_ids": ids, "pixel_values": torch.randn(batch, 3, size, size, generator=g)}
     patch = 3 * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
     inputs = {
         "input_ids": ids,
@@ -96,7 +108,7 @@ def test_pruned_vision_language_model_reloads_with_exact_logits(family, tmp_path
     assert torch.equal(_logits(reloaded, image), expected_image)
     assert torch.equal(_logits(reloaded, text), expected_text)
     greedy = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
-    one = {k: v[:1] if k != "pixel_values" else v[:16] for k, v in image.items()}
+    one = {k: v[:1] if k != "pixel_values" or _whole_images(model) else v[:16] for k, v in image.items()}
     assert torch.equal(
         model.generate(**one, generation_config=greedy), reloaded.generate(**one, generation_config=greedy)
     )

@@ -38,10 +38,14 @@ def test_route_function_reproduces_stock_router_exactly(family, overrides):
     for layer in adapter.moe_layer_indices(model):
         router = adapter.router(adapter.decoder_layers(model)[layer])
         args = block_router_args(adapter.moe_block(adapter.decoder_layers(model)[layer]), adapter.block_tensors)
-        logits, weights, indices = call_router(router, hidden, *args)
+        output = call_router(router, hidden, *args)
+        logits, weights, indices = adapter.unpack_router_output(router, output)
         w, i = adapter.route(router, logits, None, *args)
         assert torch.equal(i, indices)
         assert torch.equal(w, weights) and w.dtype == weights.dtype
+        # written back in the router's own form (Llama 4: scores scattered over all experts), the whole output
+        repacked = adapter.pack_router_output(router, output, w, i)
+        assert len(repacked) == len(output) and all(torch.equal(a, b) for a, b in zip(repacked, output))
 
 
 def test_selection_bias_changes_choice_not_weights():

@@ -39,8 +39,8 @@ def _in_memory(src: Path, plan, out: Path) -> None:
 
 
 # mixtral/qwen2_moe: legacy per-expert keys on disk; deepseek_v3: dense first layer and a correction-bias buffer;
-# gpt_oss: fused tensors with biases on disk
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss"])
+# gpt_oss: fused tensors with biases on disk; llama4_text: transposed fused experts, an nn.Linear router, dense layers
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4_text"])
 @pytest.mark.parametrize("uniform", [True, False], ids=["stock-export", "pruned-format"])
 def test_streaming_surgery_writes_the_in_memory_files(tmp_path, family, uniform):
     model = tiny_model(family).to(torch.bfloat16)

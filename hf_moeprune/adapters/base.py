@@ -25,6 +25,8 @@ from hf_moeprune.format import register_pruned_classes
 from hf_moeprune.format.layout import base_model_type
 from hf_moeprune.format.modeling_moeprune import (
     COUNT_FIELD_CANDIDATES,
+    DEFAULT_ROUTER_OUTPUT,
+    ROUTER_OUTPUTS,
     SELECTION_BIAS,
     get_submodule_attr,
     make_pruned_classes,
@@ -55,6 +57,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sparsemixer_eval": False,
     "score_fn_topk": True,  # per-expert scores (sigmoid, sqrtsoftplus): no shared denominator
     "logit_topk_sigmoid": True,
+    "logit_topk_sigmoid_unnormalized": True,  # per-expert sigmoid of the chosen logit (Llama 4)
     "softmax_topk_renorm_expert_scale": True,
 }
 # What the router's first output is turned into per-expert scores with, per rule (statistics, balancing losses).
@@ -68,6 +71,16 @@ ROUTER_SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "softmax": lambda logits: torch.softmax(logits.float(), dim=-1),
     "sigmoid": lambda logits: torch.sigmoid(logits.float()),
     "probabilities": lambda probs: probs.float(),
+}
+
+
+# How the MoE block calls its experts module; the statistics wrap the call to read each routed pair's expert output.
+EXPERTS_CALLS: dict[str, str] = {
+    "routed": "experts(hidden_states [tokens, hidden], top_k_index, top_k_weights): transformers v5's experts modules",
+    "dense_scaled_inputs": (
+        "experts(routed_in [experts * tokens, hidden]): every expert runs on every token, whose input is first "
+        "multiplied by the expert's score (0 for the unchosen ones) (Llama 4)"
+    ),
 }
 
 
@@ -115,6 +128,10 @@ class MoEAdapter:
         auto_class: the Auto class that loads the family (``AutoModelForCausalLM``, or
             ``AutoModelForImageTextToText`` for the vision-language families); the stock model class is read
             from its mapping and the saved ``auto_map`` names it.
+        router_output: what the router returns, a key of ``ROUTER_OUTPUTS`` (``"logits_weights_indices"``, or
+            Llama 4's ``"scores_logits"``: the chosen experts' weights scattered over all experts, and the logits).
+        experts_call: how the MoE block calls its experts module, a key of ``EXPERTS_CALLS`` (``"routed"``, or
+            Llama 4's ``"dense_scaled_inputs"``).
     """
 
     model_type: str
@@ -140,8 +157,18 @@ class MoEAdapter:
     text_config_attr: str | None = None
     layers_path: str | None = None
     auto_class: str = "AutoModelForCausalLM"
+    router_output: str = DEFAULT_ROUTER_OUTPUT
+    experts_call: str = "routed"
 
     def __post_init__(self):
+        if self.router_output not in ROUTER_OUTPUTS:
+            raise ValueError(
+                f"router_output={self.router_output!r} for {self.model_type!r}; known: {sorted(ROUTER_OUTPUTS)}"
+            )
+        if self.experts_call not in EXPERTS_CALLS:
+            raise ValueError(
+                f"experts_call={self.experts_call!r} for {self.model_type!r}; known: {sorted(EXPERTS_CALLS)}"
+            )
         if self.score_function not in ROUTER_SCORE_FUNCTIONS:
             raise ValueError(
                 f"score_function={self.score_function!r} for {self.model_type!r}; "
@@ -282,6 +309,14 @@ class MoEAdapter:
     def scores(self, router_logits: torch.Tensor) -> torch.Tensor:
         """Per-expert router scores [tokens, experts] from router logits (probabilities or sigmoids)."""
         return ROUTER_SCORE_FUNCTIONS[self.score_function](router_logits)
+
+    def unpack_router_output(self, router: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, top-k weights, top-k indices) from what the family's router returned."""
+        return ROUTER_OUTPUTS[self.router_output].unpack(router, output)
+
+    def pack_router_output(self, router: nn.Module, output, weights: torch.Tensor, indices: torch.Tensor):
+        """``output`` with its choice replaced by ``weights``/``indices``, in the router's own form."""
+        return ROUTER_OUTPUTS[self.router_output].pack(router, output, weights, indices)
 
     def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, *router_args):
         """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice.

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hf_moeprune.adapters.base import ADAPTERS, RULE_RENORMALIZES, UNSUPPORTED, MoEAdapter, join_path
+from hf_moeprune.format.modeling_moeprune import DEFAULT_ROUTER_OUTPUT
 
 START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
 
@@ -27,6 +28,7 @@ RULES = {
     "sigmoid_topk": "sigmoid (+ `e_score_correction_bias` where the router has one) on the choice, top-k, renormalised",
     "sigmoid_topk_unsorted": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k, renormalised",
     "logit_topk_sigmoid": "top-k on logits + `e_score_correction_bias`, sigmoid of the chosen logits",
+    "logit_topk_sigmoid_unnormalized": "top-k on logits, sigmoid of the chosen logits (others 0), never renormalised",
     "softmax_topk_renorm_expert_scale": "router returns probabilities; top-k renormalised, x `per_expert_scale`",
     "score_fn_topk": "the config's `scoring_func` + `e_score_correction_bias` on the choice, unsorted top-k, "
     "renormalised, x `routed_scaling_factor`",
@@ -51,6 +53,10 @@ def _layout(adapter: MoEAdapter) -> str:
     parts += [f"`{n}`" for n in adapter.router_tensors[1:]]
     parts.append(f"`{adapter.experts_path}`: " + ", ".join(f"`{n}`" for n in adapter.expert_tensors))
     parts += [f"`{join_path(adapter.block_attr, n)}`" for n in adapter.block_tensors]
+    if adapter.router_output != DEFAULT_ROUTER_OUTPUT:
+        parts.append(f"router returns `{adapter.router_output}`")
+    if adapter.experts_call != "routed":
+        parts.append(f"experts called `{adapter.experts_call}`")
     return "; ".join(parts)
 
 
