@@ -11,7 +11,9 @@ bias, soft masks), never from re-ranking logits, so every family is counted as i
 - An instance-level wrapper around each experts module records the REAP statistic (gate weight x ||expert
   output||). It calls the module's own forward (eager, grouped_mm, ...) with one row per (token, expert)
   pair and unit weights, so the per-pair outputs come out at no extra expert compute; the weighted sum is
-  then formed exactly as transformers forms it.
+  then formed exactly as transformers forms it. Experts modules that the block calls densely on score-scaled
+  inputs (``adapters.base.EXPERTS_CALLS``, Llama 4) keep their stock call and get the per-pair outputs from one
+  more gradient-free call; the router's output is read through the family's ``router_output`` convention.
 
 Recording is switched on only around the training forward (``recording``), so activation-checkpoint
 recomputation during backward and evaluation forwards are not counted twice. ``observe_routing`` runs
@@ -128,6 +130,9 @@ class RoutingInstrumentation:
         self.routed_pairs: dict[int, torch.Tensor] = {}
         self._handles = []
         self._wrapped: list[nn.Module] = []
+        # layer -> (router input, top-k weights, top-k indices) of the current forward, for EXPERTS_CALLS other
+        # than "routed"
+        self._routes: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     def attach(self) -> None:
@@ -139,7 +144,8 @@ class RoutingInstrumentation:
             experts = self.adapter.experts(layers[idx])
             self._handles.append(router.register_forward_hook(self._router_hook(idx)))
             if self.record_reap:
-                experts.forward = self._experts_forward(idx, experts, experts.forward)
+                wrap = EXPERTS_FORWARD_WRAPPERS[self.adapter.experts_call]
+                experts.forward = wrap(self, idx, experts, experts.forward)
                 self._wrapped.append(experts)
 
     def detach(self) -> None:
@@ -147,7 +153,7 @@ class RoutingInstrumentation:
             handle.remove()
         for experts in self._wrapped:
             del experts.forward  # back to the class's forward
-        self._handles, self._wrapped = [], []
+        self._handles, self._wrapped, self._routes = [], [], {}
 
     def select(self, layer: int, index: torch.Tensor) -> None:
         """Follow expert surgery in one layer."""
@@ -175,11 +181,15 @@ class RoutingInstrumentation:
 
     def _router_hook(self, layer: int):
         def hook(module, args, output):
-            logits, indices = output[0], output[2]
+            logits, weights, indices = self.adapter.unpack_router_output(module, output)
             bias = self._mask_bias(layer, module, logits)
             if bias is not None:
                 output = self.adapter.reroute(module, args, output, bias)
-                indices = output[2]
+                logits, weights, indices = self.adapter.unpack_router_output(module, output)
+            if self.record_reap and self.adapter.experts_call != "routed":
+                # an experts module called without the choice (Llama 4) reads it here: the block calls the router
+                # right before its experts, also when activation checkpointing recomputes the forward
+                self._routes[layer] = (args[0], weights, indices)
             if self.capture_logits:
                 self.router_logits[layer] = logits
             num_experts = logits.shape[-1]
@@ -207,6 +217,60 @@ class RoutingInstrumentation:
         # the router's rows: the layer's global count (under expert parallelism experts.num_experts is the local one)
         return self.adapter.num_experts(self.adapter.decoder_layers(self.model)[layer])
 
+    def _record_outputs(self, layer, experts, hidden_states, top_k_index, top_k_weights, per_pair) -> None:
+        """Add one forward's REAP / EAN sums and feed the output observers (``per_pair`` in
+        ``top_k_index.reshape(-1)`` order). Pairs the router sent to extra rows (LongCat's zero-computation experts,
+        `routed_pairs`) are no routed expert's output and are left out."""
+        with torch.no_grad():
+            token_weights = self._token_weights(top_k_index.shape[0], per_pair.device)
+            num_experts = self._num_experts(layer)
+            routed = self.routed_pairs.pop(layer, None)
+            if routed is not None and routed.shape != top_k_index.shape:
+                raise RuntimeError(
+                    f"layer {layer}: the router chose {tuple(routed.shape)} (token, slot) pairs but the experts "
+                    f"received {tuple(top_k_index.shape)}; cannot tell routed experts from extra router rows"
+                )
+            reap, ean = output_norm_sums(top_k_index, top_k_weights, per_pair, num_experts, token_weights, routed)
+            self.statistics.add(layer, "reap_sum", reap)
+            self.statistics.add(layer, "ean_sum", ean)
+            self.statistics.add(layer, "reap_tokens", routed_counts(top_k_index, num_experts, token_weights, routed))
+            observed = per_pair.detach()
+            if routed is not None:  # placeholder pairs of extra rows: no output of the expert they name
+                observed = observed * routed.reshape(-1, 1).to(observed.dtype)
+            for observe in self.output_observers:
+                observe(layer, experts, hidden_states, top_k_index, observed, token_weights)
+
+    def _dense_experts_forward(self, layer: int, experts: nn.Module, original_forward):
+        """EXPERTS_CALLS["dense_scaled_inputs"] (Llama 4): the block calls ``experts(routed_in)`` with every token
+        once per expert, its input multiplied by that expert's score. The stock call runs unchanged; when REAP is
+        recorded, one more gradient-free call on the same layout with score 1 for the chosen experts (0 elsewhere;
+        an expert without biases maps 0 to 0) gives each routed pair's own output f(x), weighted by its score as in
+        every family (REAP = score x ||f(x)||; Llama 4 adds f(score * x), which only equals score * f(x) for a
+        linear expert)."""
+
+        def forward(routed_in, *args, **kwargs):
+            out = original_forward(routed_in, *args, **kwargs)
+            route = self._routes.pop(layer, None)
+            if not (experts.training or self.reap_in_eval) or not self.reap_active or not self.recording:
+                return out
+            if route is None:
+                raise RuntimeError(f"layer {layer}: the experts ran without their router's forward hook seeing it")
+            hidden_states, top_k_weights, top_k_index = route
+            hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+            num_tokens = top_k_index.shape[0]
+            num_experts = routed_in.shape[0] // num_tokens
+            with torch.no_grad():
+                chosen = torch.zeros(num_tokens, num_experts, dtype=routed_in.dtype, device=routed_in.device)
+                chosen.scatter_(1, top_k_index, 1.0)
+                unit_in = hidden_states.repeat(num_experts, 1) * chosen.transpose(0, 1).reshape(-1, 1)
+                own = original_forward(unit_in, *args, **kwargs).view(num_experts, num_tokens, -1)
+                tokens = torch.arange(num_tokens, device=own.device).repeat_interleave(top_k_index.shape[1])
+                per_pair = own[top_k_index.reshape(-1), tokens]
+            self._record_outputs(layer, experts, hidden_states, top_k_index, top_k_weights, per_pair)
+            return out
+
+        return forward
+
     def _experts_forward(self, layer: int, experts: nn.Module, original_forward):
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             # The path depends on the module's mode, not on `recording`: activation checkpointing recomputes
@@ -219,28 +283,8 @@ class RoutingInstrumentation:
             unit = torch.ones(num_tokens * top_k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
             per_pair = original_forward(pairs, top_k_index.reshape(-1, 1), unit, *args, **kwargs)
             combined = (per_pair.view(num_tokens, top_k, -1) * top_k_weights.unsqueeze(-1)).sum(dim=1)
-            if not self.recording:
-                return combined.to(hidden_states.dtype)
-            with torch.no_grad():
-                token_weights = self._token_weights(num_tokens, per_pair.device)
-                num_experts = self._num_experts(layer)
-                routed = self.routed_pairs.pop(layer, None)
-                if routed is not None and routed.shape != top_k_index.shape:
-                    raise RuntimeError(
-                        f"layer {layer}: the router chose {tuple(routed.shape)} (token, slot) pairs but the experts "
-                        f"received {tuple(top_k_index.shape)}; cannot tell routed experts from extra router rows"
-                    )
-                reap, ean = output_norm_sums(top_k_index, top_k_weights, per_pair, num_experts, token_weights, routed)
-                self.statistics.add(layer, "reap_sum", reap)
-                self.statistics.add(layer, "ean_sum", ean)
-                self.statistics.add(
-                    layer, "reap_tokens", routed_counts(top_k_index, num_experts, token_weights, routed)
-                )
-                observed = per_pair.detach()
-                if routed is not None:  # placeholder pairs of extra rows: no output of the expert they name
-                    observed = observed * routed.reshape(-1, 1).to(observed.dtype)
-                for observe in self.output_observers:
-                    observe(layer, experts, hidden_states, top_k_index, observed, token_weights)
+            if self.recording:
+                self._record_outputs(layer, experts, hidden_states, top_k_index, top_k_weights, per_pair)
             return combined.to(hidden_states.dtype)
 
         return forward
@@ -267,6 +311,14 @@ class RoutingInstrumentation:
     def take_router_logits(self) -> dict[int, torch.Tensor]:
         logits, self.router_logits = self.router_logits, {}
         return logits
+
+
+# EXPERTS_CALLS name -> how the instrumentation wraps such an experts module's forward: (instrumentation, layer,
+# experts, original forward) -> forward
+EXPERTS_FORWARD_WRAPPERS: dict[str, Callable] = {
+    "routed": RoutingInstrumentation._experts_forward,
+    "dense_scaled_inputs": RoutingInstrumentation._dense_experts_forward,
+}
 
 
 # -- observing calibration data ---------------------------------------------------------------------------------

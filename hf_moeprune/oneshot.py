@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from hf_moeprune import compat
 from hf_moeprune.adapters import get_adapter
+from hf_moeprune.adapters.discovery import experts_call_convention
 from hf_moeprune.observation import attach_observer, new_statistics, observe_routing
 from hf_moeprune.pruning.allocation import AllocationSpec, allocate, select_experts
 from hf_moeprune.pruning.budgets import layer_budgets
@@ -65,6 +66,25 @@ class MaxActivationObserver(OutputObserver):
         store[layer] = current.scatter_reduce(0, top_k_index.reshape(-1), peaks, reduce="amax")
 
 
+def _every_expert_routed(experts: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    num_experts, n = experts.num_experts, hidden.shape[0]
+    pairs = hidden.repeat_interleave(num_experts, dim=0)
+    index = torch.arange(num_experts, device=hidden.device).repeat(n).unsqueeze(-1)
+    unit = torch.ones(n * num_experts, 1, dtype=hidden.dtype, device=hidden.device)
+    return type(experts).forward(experts, pairs, index, unit).view(n, num_experts, -1)
+
+
+def _every_expert_dense(experts: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    # every token once per expert with score 1: the block's own layout (experts-major), transposed to tokens-major
+    num_experts, n = experts.num_experts, hidden.shape[0]
+    return type(experts).forward(experts, hidden.repeat(num_experts, 1)).view(num_experts, n, -1).transpose(0, 1)
+
+
+# adapters.base.EXPERTS_CALLS name -> (experts module, hidden [tokens, hidden]) -> every expert's output on every token
+# [tokens, experts, hidden], through the class's own forward (not the statistics wrapper)
+EVERY_EXPERT_OUTPUTS = {"routed": _every_expert_routed, "dense_scaled_inputs": _every_expert_dense}
+
+
 class ExpertOutputObserver(OutputObserver):
     """Each expert's output summed over *all* calibration tokens (every expert applied to every token, as HC-SMoE
     compares experts), for merging removed experts into the kept expert whose outputs are most similar."""
@@ -74,16 +94,12 @@ class ExpertOutputObserver(OutputObserver):
         self.chunk_tokens = chunk_tokens
 
     def __call__(self, layer, experts, hidden_states, top_k_index, per_pair, token_weights) -> None:
-        num_experts = experts.num_experts
-        forward = type(experts).forward  # the class's own forward, not the statistics wrapper
+        every_expert = EVERY_EXPERT_OUTPUTS[experts_call_convention(experts)]
         total = None
         for start in range(0, hidden_states.shape[0], self.chunk_tokens):
             chunk = hidden_states[start : start + self.chunk_tokens]
             n = chunk.shape[0]
-            pairs = chunk.repeat_interleave(num_experts, dim=0)
-            index = torch.arange(num_experts, device=chunk.device).repeat(n).unsqueeze(-1)
-            unit = torch.ones(n * num_experts, 1, dtype=chunk.dtype, device=chunk.device)
-            out = forward(experts, pairs, index, unit).float().view(n, num_experts, -1)
+            out = every_expert(experts, chunk).float()
             if token_weights is not None:
                 out = out * token_weights[start : start + n].view(n, 1, 1)
             part = out.sum(0)
@@ -133,7 +149,9 @@ def _capture_layer_inputs(model: nn.Module, adapter, batch: dict[str, torch.Tens
     for i, layer in enumerate(layers):
         layer.forward = catcher(i)
     try:
-        base = getattr(model, model.base_model_prefix)
+        base = getattr(model, model.base_model_prefix, None)
+        if base is None:  # Llama 4's causal LM declares the prefix "language_model" but keeps its backbone in .model
+            base = getattr(model, "model", model)
         base(**batch, use_cache=False)
     except _StopForward:
         pass

@@ -125,6 +125,12 @@ def _inkling_pixels(config, batch: int, g: torch.Generator) -> dict[str, torch.T
     return {"pixel_values": torch.randn(batch * 4, *patch, generator=g)}
 
 
+def _whole_image(config, batch: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Llama 4: one whole image [3, image_size, image_size] per sequence (its 16 patches pixel-shuffled into 4 tokens)."""
+    size = config.vision_config.image_size
+    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
 @dataclass(frozen=True)
 class ImageLayout:
     """How a family's model takes one image per sequence: the image tokens the tiny config's tower turns it into, and
@@ -144,6 +150,7 @@ IMAGE_LAYOUTS = {  # families not listed take Qwen-VL's
     "inkling2": ImageLayout(4, _inkling2_pixels),
     "inkling2_loop": ImageLayout(4, _inkling2_pixels),
     "inkling_mm_model": ImageLayout(4, _inkling_pixels),
+    "llama4": ImageLayout(4, _whole_image),
     "hy_v4_vl": ImageLayout(6, _patches),  # 2 merged rows of 2, each row followed by a newline token
     "aria": ImageLayout(4, _images(16, pixel_mask=lambda b: torch.ones(b, 16, 16, dtype=torch.bool))),
     "mistral_large4": ImageLayout(4, _images(16, image_sizes=lambda b: torch.tensor([[16, 16]] * b))),

@@ -134,7 +134,16 @@ def test_registration_matches_the_model(family):
     declared, found = ADAPTERS[family], discover_adapter(model)
     fields = ("block_attr", "router_attr", "expert_tensors", "block_tensors", "config_class", "model_class")
     extra_rows = ("extra_rows_field", "extra_row_tensors", "routed_count_attributes", "total_count_attributes")
-    for field in (*fields, "text_config_attr", "layers_path", "auto_class", *extra_rows, "layers_field"):
+    for field in (
+        *fields,
+        "text_config_attr",
+        "layers_path",
+        "auto_class",
+        *extra_rows,
+        "layers_field",
+        "router_output",
+        "experts_call",
+    ):
         assert getattr(declared, field) == getattr(found, field), field
     assert (
         set(declared.router_tensors) == set(found.router_tensors)

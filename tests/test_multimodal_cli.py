@@ -222,6 +222,7 @@ ENCODERS = {
     "inkling2": ["model.vision_tower"],
     "inkling2_loop": ["model.vision_tower"],
     "inkling_mm_model": ["model.audio_tower", "model.vision_tower"],
+    "llama4": ["vision_model", "multi_modal_projector"],
     "minimax_m3_vl": ["model.vision_tower", "model.multi_modal_projector"],
     "mistral_large4": ["model.vision_tower", "model.multi_modal_projector"],
     "muse_spark": ["model.vision_tower", "model.vision_adapter", "model.vision_projection", "model.audio_tower"],
@@ -243,7 +244,8 @@ def test_encoders_are_every_module_outside_the_language_model(family):
     names = encoder_module_names(model)
     assert names == ENCODERS[family]
     outside = [n for n, _ in model.named_parameters()
-               if not n.startswith(("model.language_model.", "lm_head.", *(f"{e}." for e in names)))
+               # the language model: model.language_model + lm_head, or (Llama 4) language_model with its own head
+               if not n.startswith(("model.language_model.", "lm_head.", "language_model.", *(f"{e}." for e in names)))
                and n.count(".") > 1]  # fmt: skip
     assert outside == []
     assert set(ENCODERS) == {n for n, a in ADAPTERS.items() if a.layers_path is not None}

@@ -66,7 +66,13 @@ def _padded_batches():
 # qwen3_moe with tied embeddings: the LM head is skipped only when it is not the input embedding
 @pytest.mark.parametrize(
     ("family", "overrides"),
-    [("mixtral", {}), ("deepseek_v3", {}), ("qwen3_next", {}), ("qwen3_moe", {"tie_word_embeddings": True})],
+    [
+        ("mixtral", {}),
+        ("deepseek_v3", {}),
+        ("qwen3_next", {}),
+        ("qwen3_moe", {"tie_word_embeddings": True}),
+        ("llama4_text", {}),  # router output (scores, logits), dense experts on score-scaled inputs
+    ],
 )
 def test_layerwise_statistics_equal_the_full_model(tmp_path, family, overrides):
     from transformers import AutoModelForCausalLM

@@ -40,8 +40,10 @@ def _in_memory(src: Path, plan, out: Path) -> None:
 
 # mixtral/qwen2_moe: legacy per-expert keys on disk; deepseek_v3: dense first layer and a correction-bias buffer;
 # gpt_oss: fused tensors with biases on disk; longcat_flash / inkling_text: router rows after the routed experts
-# (zero-computation / shared experts), kept at the end
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "longcat_flash", "inkling_text"])
+# (zero-computation / shared experts), kept at the end; llama4_text: transposed fused experts, an nn.Linear router
+@pytest.mark.parametrize(
+    "family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "longcat_flash", "inkling_text", "llama4_text"]
+)
 @pytest.mark.parametrize("uniform", [True, False], ids=["stock-export", "pruned-format"])
 def test_streaming_surgery_writes_the_in_memory_files(tmp_path, family, uniform):
     model = tiny_model(family).to(torch.bfloat16)

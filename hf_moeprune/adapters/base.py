@@ -26,6 +26,8 @@ from hf_moeprune.format.layout import base_model_type
 from hf_moeprune.format.modeling_moeprune import (
     AUTO_CLASS_MAPPING_NAMES,
     COUNT_FIELD_CANDIDATES,
+    DEFAULT_ROUTER_OUTPUT,
+    ROUTER_OUTPUTS,
     SELECTION_BIAS,
     get_submodule_attr,
     make_pruned_classes,
@@ -58,6 +60,7 @@ RULE_RENORMALIZES: dict[str, bool | None] = {
     "sparsemixer_eval": False,
     "score_fn_topk": True,  # per-expert scores (sigmoid, sqrtsoftplus): no shared denominator
     "logit_topk_sigmoid": True,
+    "logit_topk_sigmoid_unnormalized": True,  # per-expert sigmoid of the chosen logit (Llama 4)
     "softmax_topk_renorm_expert_scale": True,
     # the softmax runs over every routed (and zero-computation) expert and is never renormalised (LongCat-Flash)
     "softmax_topk_biased_scaled": False,
@@ -132,6 +135,16 @@ class KeepAllExperts:
         return f"{self.layer_types_field}[{layer}] is {get(self.layer_types_field)[layer]!r}: {self.reason}"
 
 
+# How the MoE block calls its experts module; the statistics wrap the call to read each routed pair's expert output.
+EXPERTS_CALLS: dict[str, str] = {
+    "routed": "experts(hidden_states [tokens, hidden], top_k_index, top_k_weights): transformers v5's experts modules",
+    "dense_scaled_inputs": (
+        "experts(routed_in [experts * tokens, hidden]): every expert runs on every token, whose input is first "
+        "multiplied by the expert's score (0 for the unchosen ones) (Llama 4)"
+    ),
+}
+
+
 def join_path(*parts: str) -> str:
     """A dotted module path from its parts, skipping empty ones (``block_attr=""``: the decoder layer itself holds the
     router and the experts, as in Gemma-4)."""
@@ -193,6 +206,10 @@ class MoEAdapter:
             (LongCat's ``router.n_routed_experts``); surgery sets them to the kept count + the extra rows.
         layers_field: config field holding the number of decoder layers (LongCat: ``num_layers``; its
             ``num_hidden_layers`` counts two attention sublayers per decoder layer).
+        router_output: what the router returns, a key of ``ROUTER_OUTPUTS`` (``"logits_weights_indices"``, or
+            Llama 4's ``"scores_logits"``: the chosen experts' weights scattered over all experts, and the logits).
+        experts_call: how the MoE block calls its experts module, a key of ``EXPERTS_CALLS`` (``"routed"``, or
+            Llama 4's ``"dense_scaled_inputs"``).
     """
 
     model_type: str
@@ -224,8 +241,18 @@ class MoEAdapter:
     routed_count_attributes: tuple[str, ...] = ()
     total_count_attributes: tuple[str, ...] = ()
     layers_field: str = "num_hidden_layers"
+    router_output: str = DEFAULT_ROUTER_OUTPUT
+    experts_call: str = "routed"
 
     def __post_init__(self):
+        if self.router_output not in ROUTER_OUTPUTS:
+            raise ValueError(
+                f"router_output={self.router_output!r} for {self.model_type!r}; known: {sorted(ROUTER_OUTPUTS)}"
+            )
+        if self.experts_call not in EXPERTS_CALLS:
+            raise ValueError(
+                f"experts_call={self.experts_call!r} for {self.model_type!r}; known: {sorted(EXPERTS_CALLS)}"
+            )
         if self.keep_all_experts is not None and not isinstance(self.keep_all_experts, KeepAllExperts):
             raise TypeError(
                 f"keep_all_experts for {self.model_type!r} must be a KeepAllExperts, got "
@@ -431,6 +458,14 @@ class MoEAdapter:
         """Per-expert router scores [tokens, experts] from router logits (probabilities or sigmoids)."""
         return ROUTER_SCORE_FUNCTIONS[self.score_function](router_logits)
 
+    def unpack_router_output(self, router: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, top-k weights, top-k indices) from what the family's router returned."""
+        return ROUTER_OUTPUTS[self.router_output].unpack(router, output)
+
+    def pack_router_output(self, router: nn.Module, output, weights: torch.Tensor, indices: torch.Tensor):
+        """``output`` with its choice replaced by ``weights``/``indices``, in the router's own form."""
+        return ROUTER_OUTPUTS[self.router_output].pack(router, output, weights, indices)
+
     def route(self, router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None, *router_args):
         """The family's (weights, indices) from router logits; ``selection_bias`` shifts only the choice.
         ``router_args``: the router's arguments after the hidden states (a bias the MoE block holds and passes)."""
@@ -439,7 +474,7 @@ class MoEAdapter:
     def reroute(self, router: nn.Module, args: tuple, output: tuple, selection_bias: torch.Tensor | None) -> tuple:
         """The router's ``output`` (for inputs ``args``) with its experts chosen on score + ``selection_bias``: the
         logits as they were, the new weights and indices, and the further outputs that follow the choice."""
-        return reroute(self.routing, router, args, output, selection_bias)
+        return reroute(self.routing, router, args, output, selection_bias, self.router_output)
 
     def num_groups(self, config) -> int:
         config = self.moe_config(config)

@@ -13,6 +13,7 @@ declaration cannot drift from the modeling code it describes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -25,7 +26,12 @@ from hf_moeprune.adapters.base import (
     KeepAllExperts,
     MoEAdapter,
 )
-from hf_moeprune.format.modeling_moeprune import ROUTE_FUNCTIONS, ROUTES_READING_INPUTS
+from hf_moeprune.format.modeling_moeprune import (
+    DEFAULT_ROUTER_OUTPUT,
+    ROUTE_FUNCTIONS,
+    ROUTER_OUTPUTS,
+    ROUTES_READING_INPUTS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,20 +112,55 @@ def _config_field(config, candidates: tuple[str, ...], value) -> str | None:
     return next((name for name in candidates if declared.get(name) == value), None)
 
 
-def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_args: tuple = ()) -> list[str]:
-    """Every rule in ``ROUTE_FUNCTIONS`` that reproduces ``router`` bit for bit on random inputs, preferred first.
-    ``router_args``: what the MoE block passes the router besides the hidden states (a block-held bias)."""
+def router_output_convention(output) -> str | None:
+    """The ``ROUTER_OUTPUTS`` convention a router's output follows, read off its shape, or None."""
+    if not (isinstance(output, tuple) and all(isinstance(t, torch.Tensor) for t in output)):
+        return None
+    # (logits, weights, indices) plus, for some routers, outputs that follow the choice (Inkling's shared weights)
+    if len(output) >= 3 and not output[2].is_floating_point() and output[1].shape == output[2].shape:
+        return DEFAULT_ROUTER_OUTPUT
+    if len(output) == 2 and output[0].shape == output[1].shape and output[0].is_floating_point():
+        return "scores_logits"
+    return None
+
+
+def experts_call_convention(experts: nn.Module) -> str:
+    """The ``EXPERTS_CALLS`` convention of an experts module: ``"dense_scaled_inputs"`` when its forward takes the
+    hidden states alone (Llama 4), else ``"routed"`` (hidden states, top-k indices, top-k weights). Read off the
+    class's forward: the statistics replace the instance's while they observe."""
+    parameters = inspect.signature(type(experts).forward).parameters.values()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return "dense_scaled_inputs" if len(positional) == 2 else "routed"  # self and the hidden states
+
+
+def _probe_hidden(router: nn.Module, hidden_size: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    weight = next(router.parameters())
-    hidden = torch.randn(64, hidden_size, generator=generator).to(weight.dtype)
+    return torch.randn(64, hidden_size, generator=generator).to(next(router.parameters()).dtype)
+
+
+def _probe_router(router: nn.Module, hidden_size: int, seed: int, router_args: tuple):
+    hidden = _probe_hidden(router, hidden_size, seed)
     with torch.no_grad():
         try:
-            output = call_router(router, hidden, *router_args)
+            return call_router(router, hidden, *router_args)
         except TypeError as exc:  # a router that needs more than the hidden states (a bias owned by the block)
             raise DiscoveryError(f"{type(router).__name__} is not called as router(hidden_states): {exc}") from None
-    if not (isinstance(output, tuple) and len(output) >= 3 and all(isinstance(t, torch.Tensor) for t in output[:3])):
-        raise DiscoveryError(f"{type(router).__name__} does not return (logits, top-k weights, top-k indices, ...)")
-    logits, weights, indices = output[:3]
+
+
+def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_args: tuple = ()) -> list[str]:
+    """Every rule in ``ROUTE_FUNCTIONS`` that reproduces ``router`` bit for bit on random inputs, preferred first:
+    its (weights, indices), and the router's whole output once written back in the router's own form
+    (``ROUTER_OUTPUTS``). ``router_args``: what the MoE block passes the router besides the hidden states."""
+    hidden = _probe_hidden(router, hidden_size, seed)
+    output = _probe_router(router, hidden_size, seed, router_args)
+    convention = router_output_convention(output)
+    if convention is None:
+        raise DiscoveryError(
+            f"{type(router).__name__} returns none of the known router outputs: "
+            + "; ".join(f"{name}: {c.description}" for name, c in ROUTER_OUTPUTS.items())
+        )
+    unpack, pack = ROUTER_OUTPUTS[convention].unpack, ROUTER_OUTPUTS[convention].pack
+    logits, weights, indices = unpack(router, output)
     matches = []
     for name in sorted(ROUTE_FUNCTIONS, key=lambda n: RULE_PREFERENCE.index(n) if n in RULE_PREFERENCE else 99):
         reads_inputs = name in ROUTES_READING_INPUTS
@@ -128,10 +169,13 @@ def identify_routing(router: nn.Module, hidden_size: int, seed: int = 0, router_
             w, i, *rest = ROUTE_FUNCTIONS[name](router, logits, None, *inputs)
         except (AttributeError, RuntimeError, TypeError, ValueError, IndexError):
             continue  # the rule reads router attributes (or inputs) this family does not have
-        # a rule that returns the router's further outputs (Inkling's shared-expert weights) must reproduce them too
-        if reads_inputs and not (len(rest) == len(output) - 3 and all(map(_same, rest, output[3:]))):
+        if not (torch.equal(i, indices) and _same(w, weights)):
             continue
-        if torch.equal(i, indices) and _same(w, weights):
+        if reads_inputs:  # it returns the router's further outputs too (Inkling's shared-expert weights)
+            if len(rest) == len(output) - 3 and all(map(_same, rest, output[3:])):
+                matches.append(name)
+            continue
+        if all(torch.equal(a, b) for a, b in zip(pack(router, output, w, i), output, strict=True)):
             matches.append(name)
     return matches
 
@@ -157,7 +201,8 @@ def router_top_k(router: nn.Module, hidden_size: int) -> int | None:
     weight = next(router.parameters())
     with torch.no_grad():
         output = call_router(router, torch.zeros(1, hidden_size, dtype=weight.dtype, device=weight.device))
-    return output[-1].shape[-1] if isinstance(output, tuple) else None
+    convention = router_output_convention(output)
+    return None if convention is None else ROUTER_OUTPUTS[convention].unpack(router, output)[2].shape[-1]
 
 
 def block_router_args(block: nn.Module, block_tensors) -> tuple:
@@ -200,7 +245,7 @@ def _keep_all_declaration(config, num_layers: int, fixed: list[int], routed: lis
 
 
 # Where vision-language models keep their language model's decoder layers (transformers v5 composite models).
-COMPOSITE_LAYER_PATHS = ("model.language_model.layers",)
+COMPOSITE_LAYER_PATHS = ("model.language_model.layers", "language_model.model.layers")  # the second: Llama 4
 
 
 def _decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str | None]:
@@ -305,6 +350,9 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
             f"{config.model_type}: no rule in {sorted(ROUTE_FUNCTIONS)} reproduces {type(router).__name__}"
         )
     routing = rules[0]
+    router_output = router_output_convention(
+        _probe_router(router, config.hidden_size, 0, block_router_args(block, block_tensors))
+    )
     groups = {}
     if routing in GROUP_RULES:
         group_field = _config_field(config, GROUP_FIELD_CANDIDATES, getattr(router, "num_group", None))
@@ -323,6 +371,8 @@ def discover_adapter(model: nn.Module) -> MoEAdapter:
         config_class=type(model.config).__name__,
         model_class=type(model).__name__,
         keep_all_experts=keep_all,
+        router_output=router_output,
+        experts_call=experts_call_convention(experts),
         **groups,
         **composite,
         **extra_rows,

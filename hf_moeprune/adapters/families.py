@@ -1088,6 +1088,39 @@ register_family(
     )
 )
 
+# Llama 4 (Scout, Maverick): the router is an nn.Linear returning (the chosen experts' sigmoid scores scattered over all
+# experts, logits); the block multiplies each token's input by every expert's score and runs all experts densely on
+# transposed [experts, in, out] tensors; a shared expert; dense layers between the MoE ones (moe_layers).
+register_family(
+    MoEAdapter(
+        model_type="llama4_text",
+        block_attr="feed_forward",
+        router_attr="router",
+        score_function="sigmoid",
+        routing="logit_topk_sigmoid_unnormalized",
+        router_output="scores_logits",
+        experts_call="dense_scaled_inputs",
+        tiny_config={
+            "vocab_size": 128,
+            "hidden_size": 32,
+            "intermediate_size": 32,  # experts' and shared expert's width (multiples of 16 fit the int4 kernel)
+            "intermediate_size_mlp": 48,  # the dense layers' width
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_layers": [0, 2],  # layer 1 is dense
+            "attention_chunk_size": 32,
+            "pad_token_id": 0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    )
+)
+
 # A.X K2: DeepSeek-V3 router whose group mask fills 0.0 (A.X-K2-Light: no groups, n_group None).
 register_family(
     MoEAdapter(
@@ -1504,7 +1537,7 @@ _TEXT_FIELDS = (
     "num_experts_field", "block_attr", "router_attr", "experts_attr", "router_tensors", "expert_tensors",
     "score_function", "renormalizes", "group_field", "topk_group_field", "group_limited", "group_score_experts",
     "top_k_field", "routing", "block_tensors", "skip_quantization", "extra_rows_field", "extra_row_tensors",
-    "routed_count_attributes", "total_count_attributes", "layers_field",
+    "routed_count_attributes", "total_count_attributes", "layers_field", "router_output", "experts_call",
 )  # fmt: skip
 # A vision tower small enough for the tests (Qwen3-VL layout: patches of 4 x 4 x 2 frames, merged 2 x 2).
 _QWEN_VISION: dict[str, Any] = dict(
@@ -1977,15 +2010,36 @@ _multimodal(
     ),
 )  # fmt: skip
 
+# Llama 4 (Scout, Maverick as released): the llama4_text language model under language_model.model.layers, a vision
+# tower whose pixel-shuffled patches (16 patches of a 16 x 16 image -> 4 image tokens) are projected into it.
+_multimodal(
+    "llama4",
+    _declared("llama4_text"),
+    layers_path="language_model.model.layers",
+    tiny_config=dict(
+        text_config=_declared("llama4_text").tiny_config,
+        vision_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,  # = hidden_size / pixel_shuffle_ratio**2: the projector MLP reads shuffled patches
+            image_size=16,
+            patch_size=4,
+            pixel_shuffle_ratio=0.5,
+            vision_output_dim=32,
+            projector_input_dim=32,
+            projector_output_dim=32,
+        ),
+        image_token_index=95,
+        boi_token_index=96,
+        eoi_token_index=97,
+    ),
+)
+
 # == end of the vision-language families ==========================================================================
 
 # -- MoE families hf_moeprune does not prune yet, and why -------------------------------------------------------------
 for _model_type, _reason in {
-    "llama4_text": (
-        "Llama4Router returns (sigmoid scores of every expert, logits), not (logits, top-k weights, top-k indices), "
-        "and the experts run densely on inputs pre-multiplied by those scores (experts(routed_in)), so the routing "
-        "hooks of the statistics and of the selection bias do not apply"
-    ),
     "jetmoe": (
         "no v5 experts module: the MLP experts are split over two JetMoeParallelExperts modules (mlp.input_linear, "
         "mlp.output_linear) called with their own dispatch, and the attention is itself a mixture of experts (MoA) "
@@ -2022,7 +2076,6 @@ for _model_type, _reason in {
         "modality, moe_num_experts=[text, vision]); one expert count per layer cannot describe them"
     ),
     "step3p7": "no v5 experts module with fused 3D tensors in its language model (checked with adapters.discovery)",
-    "llama4": _text_unsupported("llama4_text"),
     "diffusion_gemma": (
         "its Gemma-4 MoE layers exist twice, as model.encoder.language_model.layers (the prompt encoder) and "
         "model.decoder.layers (the block-diffusion denoiser), the same router and expert tensors tied between them "

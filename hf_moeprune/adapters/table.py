@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from hf_moeprune.adapters.base import ADAPTERS, RULE_RENORMALIZES, UNSUPPORTED, MoEAdapter, join_path
+from hf_moeprune.format.modeling_moeprune import DEFAULT_ROUTER_OUTPUT
 
 START, END = "<!-- family-table:start -->", "<!-- family-table:end -->"
 
@@ -29,6 +30,7 @@ RULES = {
     "sigmoid_topk_unsorted_scaled": "sigmoid + `e_score_correction_bias` on the choice, unsorted top-k, renormalised, "
     "x `routed_scaling_factor`",
     "logit_topk_sigmoid": "top-k on logits + `e_score_correction_bias`, sigmoid of the chosen logits",
+    "logit_topk_sigmoid_unnormalized": "top-k on logits, sigmoid of the chosen logits (others 0), never renormalised",
     "softmax_topk_renorm_expert_scale": "router returns probabilities; top-k renormalised, x `per_expert_scale`",
     "score_fn_topk": "the config's `scoring_func` + `e_score_correction_bias` on the choice, unsorted top-k, "
     "renormalised, x `routed_scaling_factor`",
@@ -73,6 +75,10 @@ def _layout(adapter: MoEAdapter) -> str:
     if adapter.extra_rows_field is not None:  # kept at the end of these router tensors, never pruned
         rows = ", ".join(f"`{n}`" for n in adapter.extra_row_tensors)
         parts.append(f"`{adapter.extra_rows_field}` unpruned rows after the routed experts in {rows}")
+    if adapter.router_output != DEFAULT_ROUTER_OUTPUT:
+        parts.append(f"router returns `{adapter.router_output}`")
+    if adapter.experts_call != "routed":
+        parts.append(f"experts called `{adapter.experts_call}`")
     return "; ".join(parts)
 
 

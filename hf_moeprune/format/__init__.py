@@ -14,9 +14,11 @@ from transformers import AutoConfig
 from hf_moeprune import compat
 from hf_moeprune.format.layout import PROVENANCE_FIELD, pruning_fields
 from hf_moeprune.format.modeling_moeprune import (
+    DEFAULT_ROUTER_OUTPUT,
     MODEL_TYPE_PREFIX,
     PRUNED_CLASSES,
     PRUNING_FIELDS,
+    SELECTION_BIAS_ROUTER_OUTPUT,
     PrunedConfigError,
     PrunedMoEMixin,
     attach_selection_bias,
@@ -152,4 +154,6 @@ def enable_selection_bias(model, adapter) -> None:
     config = model.config
     config.selection_bias_router = adapter.router_path
     config.selection_bias_routing = adapter.routing
+    if adapter.router_output != DEFAULT_ROUTER_OUTPUT:  # absent means the default (checkpoints from before it)
+        setattr(config, SELECTION_BIAS_ROUTER_OUTPUT, adapter.router_output)
     attach_selection_bias(model, config)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -191,6 +193,18 @@ def logit_topk_sigmoid(router: nn.Module, logits: torch.Tensor, selection_bias: 
     if router.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, indices
+
+
+def logit_topk_sigmoid_unnormalized(
+    router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None
+):
+    """Llama 4: sorted top-k on the logits, weights = fp32 sigmoid of the chosen logits in the logits' dtype, never
+    renormalised (the router returns them scattered over all experts: see ``ROUTER_OUTPUTS["scores_logits"]``)."""
+    indices = _select(logits, router.top_k, selection_bias)
+    # the sigmoid runs on the [tokens, experts] layout the router uses: CPU kernels round the vectorised part and the
+    # tail of a tensor differently, so a sigmoid of the [tokens, k] values alone can differ in the last bit
+    scattered = torch.full_like(logits, float("-inf")).scatter(1, indices, logits.gather(1, indices))
+    return torch.sigmoid(scattered.float()).to(logits.dtype).gather(1, indices), indices
 
 
 def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
@@ -403,6 +417,7 @@ ROUTE_FUNCTIONS = {
     "score_fn_topk": score_fn_topk,
     "logit_topk_sigmoid": logit_topk_sigmoid,
     "sigmoid_topk_unsorted_scaled": sigmoid_topk_unsorted_scaled,
+    "logit_topk_sigmoid_unnormalized": logit_topk_sigmoid_unnormalized,
     "softmax_topk_renorm_expert_scale": softmax_topk_renorm_expert_scale,
     "softmax_topk_biased_scaled": softmax_topk_biased_scaled,
     "logsigmoid_topk_shared": logsigmoid_topk_shared,
@@ -416,25 +431,96 @@ BUILTIN_ROUTE_FUNCTIONS = frozenset(ROUTE_FUNCTIONS)
 ROUTES_READING_INPUTS = frozenset({"logsigmoid_topk_shared"})
 
 
-def reroute(routing: str, router: nn.Module, args: tuple, output: tuple, selection_bias: torch.Tensor | None):
+def reroute(
+    routing: str,
+    router: nn.Module,
+    args: tuple,
+    output: tuple,
+    selection_bias: torch.Tensor | None,
+    router_output: str = "logits_weights_indices",
+):
     """``output`` of ``router(*args)`` with its experts chosen again by the family rule ``routing`` on score +
-    ``selection_bias`` (the logits stay as they are)."""
+    ``selection_bias`` (the logits stay as they are), in the router's own output convention (`ROUTER_OUTPUTS`)."""
+    convention = ROUTER_OUTPUTS[router_output]
     reads_inputs = routing in ROUTES_READING_INPUTS
-    # args[1:]: what the MoE block passes besides the hidden states (MiniMax-M2's, LFM2's block-held bias)
+    logits = convention.unpack(router, output)[0]
+    # args[1:]: what the MoE block passes besides the hidden states (MiniMax-M2's, LFM2's block-held bias); a rule that
+    # reads the router's input (Inkling) also returns the outputs after the indices (the shared experts' weights)
     weights, indices, *rest = ROUTE_FUNCTIONS[routing](
-        router, output[0], selection_bias, *(args if reads_inputs else args[1:])
+        router, logits, selection_bias, *(args if reads_inputs else args[1:])
     )
-    return (output[0], weights.to(output[1].dtype), indices, *(rest if reads_inputs else output[3:]))
+    packed = convention.pack(router, output, weights, indices)
+    return (*packed[:3], *rest) if reads_inputs else packed
+
+
+# -- router output conventions ------------------------------------------------------------------------
+# What a family's router returns, as a pair of pure functions: ``unpack(router, output) -> (logits, top-k weights,
+# top-k indices)`` reads it, ``pack(router, output, weights, indices) -> output`` writes a re-routed choice back in the
+# router's own form, so that the hooks of the selection bias and of the statistics work on every family alike.
+
+
+def _unpack_logits_weights_indices(router: nn.Module, output):
+    return output[0], output[1], output[2]
+
+
+def _pack_logits_weights_indices(router: nn.Module, output, weights: torch.Tensor, indices: torch.Tensor):
+    return (output[0], weights.to(output[1].dtype), indices, *output[3:])
+
+
+def _unpack_scores_logits(router: nn.Module, output):
+    # unchosen experts score sigmoid(-inf) = 0 exactly, so the top-k of the scores is the router's choice (also after
+    # a selection bias re-routed it); only a chosen logit below about -100 (sigmoid underflowing to 0) would tie
+    scores, logits = output[0], output[1]
+    indices = torch.topk(scores, router.top_k, dim=-1).indices
+    return logits, scores.gather(-1, indices), indices
+
+
+def _pack_scores_logits(router: nn.Module, output, weights: torch.Tensor, indices: torch.Tensor):
+    scores = torch.zeros_like(output[0]).scatter(-1, indices, weights.to(output[0].dtype))
+    return (scores, *output[1:])
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """One router output convention: how to read (logits, weights, indices) off it and write a choice back."""
+
+    unpack: Callable
+    pack: Callable
+    description: str
+
+    def __post_init__(self):
+        if not (callable(self.unpack) and callable(self.pack)):
+            raise TypeError(f"RouterOutput needs callable unpack and pack, got {self.unpack!r}, {self.pack!r}")
+
+
+DEFAULT_ROUTER_OUTPUT = "logits_weights_indices"
+ROUTER_OUTPUTS = {
+    DEFAULT_ROUTER_OUTPUT: RouterOutput(
+        _unpack_logits_weights_indices,
+        _pack_logits_weights_indices,
+        "(logits [tokens, experts], top-k weights, top-k indices): transformers v5's MoE routers",
+    ),
+    "scores_logits": RouterOutput(
+        _unpack_scores_logits,
+        _pack_scores_logits,
+        "(scores [tokens, experts], logits): the chosen experts' combine weights scattered over all experts, 0 "
+        "elsewhere (Llama 4)",
+    ),
+}
 
 
 # -- router selection bias (aux-loss-free balancing kept with the model) ----------------------------------
 SELECTION_BIAS = "selection_bias"  # buffer name on each MoE router
 SELECTION_BIAS_FIELDS = ("selection_bias_router", "selection_bias_routing")
+# written only for routers whose output is not DEFAULT_ROUTER_OUTPUT (checkpoints saved before it lack it)
+SELECTION_BIAS_ROUTER_OUTPUT = "selection_bias_router_output"
 
 
 def _route_with_selection_bias(router: nn.Module, args, output):
     """Forward hook on a router: choose experts on score + ``router.selection_bias``, weight with the raw score."""
-    return reroute(router._moeprune_routing, router, args, output, getattr(router, SELECTION_BIAS))
+    return reroute(
+        router._moeprune_routing, router, args, output, getattr(router, SELECTION_BIAS), router._moeprune_router_output
+    )
 
 
 def attach_selection_bias(model: nn.Module, config) -> None:
@@ -444,6 +530,11 @@ def attach_selection_bias(model: nn.Module, config) -> None:
     router_path, routing = (getattr(config, f, None) for f in SELECTION_BIAS_FIELDS)
     if routing not in ROUTE_FUNCTIONS:
         raise PrunedConfigError(f"selection_bias_routing={routing!r} is not one of {sorted(ROUTE_FUNCTIONS)}")
+    router_output = getattr(config, SELECTION_BIAS_ROUTER_OUTPUT, None) or DEFAULT_ROUTER_OUTPUT
+    if router_output not in ROUTER_OUTPUTS:
+        raise PrunedConfigError(
+            f"{SELECTION_BIAS_ROUTER_OUTPUT}={router_output!r} is not one of {sorted(ROUTER_OUTPUTS)}"
+        )
     name = f"{router_path}.{SELECTION_BIAS}"
     if name not in config.expert_tensor_names:
         config.expert_tensor_names = [*config.expert_tensor_names, name]
@@ -461,6 +552,7 @@ def attach_selection_bias(model: nn.Module, config) -> None:
             device = next(router.parameters()).device
             router.register_buffer(SELECTION_BIAS, torch.zeros(count, dtype=torch.float32, device=device))
         router._moeprune_routing = routing
+        router._moeprune_router_output = router_output
         if not getattr(router, "_moeprune_bias_hooked", False):
             router.register_forward_hook(_route_with_selection_bias)
             router._moeprune_bias_hooked = True
@@ -626,6 +718,8 @@ def resize_expert_tensors(
         if isinstance(old, nn.Parameter):
             new = nn.Parameter(data, requires_grad=old.requires_grad)
             setattr(owner, attr, new)
+            if isinstance(owner, nn.Linear) and attr == "weight":  # a router that is an nn.Linear itself (Llama 4)
+                owner.out_features = data.shape[0]
         else:
             persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
             owner.register_buffer(attr, data, persistent=persistent)
