@@ -118,7 +118,8 @@ def _routed_pairs(model, adapter) -> dict[int, int]:
         limit = adapter.num_experts(layers[i])
 
         def hook(module, args, output, i=i, limit=limit):
-            found[i] = found.get(i, 0) + int((output[2] < limit).sum())
+            indices = adapter.unpack_router_output(module, output)[2]  # Llama 4 returns (scores, logits)
+            found[i] = found.get(i, 0) + int((indices < limit).sum())
 
         handles.append(adapter.router(layers[i]).register_forward_hook(hook))
     _logits(model)
