@@ -99,7 +99,10 @@ def _group_holders(model: nn.Module, adapter: MoEAdapter) -> Callable[[], None] 
             unknown = [
                 name
                 for name, value in vars(module).items()
-                if "group" in name and name not in count_names | per_token_names and value == groups
+                if "group" in name
+                and name not in count_names | per_token_names
+                and isinstance(value, int)
+                and value == groups
             ]
             if unknown:
                 raise ValueError(
