@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from train_args import train_args
 from transformers import AutoModelForCausalLM
 
 import hf_moeprune
@@ -175,23 +176,15 @@ def test_trainer_leaves_hash_layers_whole(tmp_path):
     before = _hash_layer_state(model)
     start = torch.randint(3, 60, (16, 1), generator=torch.Generator().manual_seed(0))
     ids = start + torch.arange(12)
-    args = MoEPruneArguments(
-        output_dir=str(tmp_path / "run"),
+    args = train_args(
+        tmp_path / "run",
         max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=2e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
         prune_target=0.25,
         prune_criterion="reap",
         prune_schedule="oneshot",
         prune_start_step=2,
         prune_end_step=3,
         router_bias_update_rate=1e-3,  # DeepSeek-V4's own e_score_correction_bias, in the top-k layers only
-        disable_tqdm=True,
     )
     for parameter in model.model.layers[HASH].mlp.parameters():
         parameter.requires_grad_(False)  # so that "whole" means bit for bit after training
