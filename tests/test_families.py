@@ -16,8 +16,7 @@ import pytest
 import torch
 import transformers
 from conftest import FAMILIES, run_without_package
-from datasets import Dataset
-from train_args import train_args
+from train_args import counting_dataset, train_args
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import (
@@ -406,8 +405,6 @@ def test_family_trains_prunes_by_reap_quantizes_and_generates(family, tmp_path):
     routing rule outside the deep suite (PhiMoE: its router samples in training, the trainer observes the samples)."""
     model = tiny_model(family)
     adapter = hf_moeprune.get_adapter(model)
-    start = torch.randint(3, 60, (16, 1), generator=torch.Generator().manual_seed(0))
-    ids = start + torch.arange(12)  # next token = token + 1, ids < 99 (the smallest tiny vocabulary)
     args = train_args(
         tmp_path / "run",
         max_steps=4,
@@ -419,8 +416,7 @@ def test_family_trains_prunes_by_reap_quantizes_and_generates(family, tmp_path):
     )
     experts_before = adapter.experts(adapter.decoder_layers(model)[adapter.moe_layer_indices(model)[-1]])
     down_before = experts_before.down_proj.detach().clone()
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    trainer = MoEPruneTrainer(model=model, args=args, train_dataset=data)
+    trainer = MoEPruneTrainer(model=model, args=args, train_dataset=counting_dataset())
     trainer.train()
     model = trainer.model.eval()
     counts = [c for c in model.config.experts_per_layer if c is not None]

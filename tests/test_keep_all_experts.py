@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
-from train_args import train_args
+from train_args import counting_dataset, train_args
 from transformers import AutoModelForCausalLM
 
 import hf_moeprune
@@ -174,8 +173,6 @@ def test_selection_bias_and_rebalancing_leave_hash_layers_alone():
 def test_trainer_leaves_hash_layers_whole(tmp_path):
     model = tiny_model("deepseek_v4")
     before = _hash_layer_state(model)
-    start = torch.randint(3, 60, (16, 1), generator=torch.Generator().manual_seed(0))
-    ids = start + torch.arange(12)
     args = train_args(
         tmp_path / "run",
         max_steps=4,
@@ -188,8 +185,7 @@ def test_trainer_leaves_hash_layers_whole(tmp_path):
     )
     for parameter in model.model.layers[HASH].mlp.parameters():
         parameter.requires_grad_(False)  # so that "whole" means bit for bit after training
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    trainer = MoEPruneTrainer(model=model, args=args, train_dataset=data)
+    trainer = MoEPruneTrainer(model=model, args=args, train_dataset=counting_dataset())
     assert trainer._budgets[HASH].keep_all and trainer._budgets[HASH].lowest == 8
     trainer.train()
     model = trainer.model.eval()

@@ -3,6 +3,9 @@
 
 from pathlib import Path
 
+import torch
+from datasets import Dataset
+
 from hf_moeprune.training import MoEPruneArguments
 
 QUIET_CPU_RUN = dict(
@@ -19,3 +22,10 @@ QUIET_CPU_RUN = dict(
 
 def train_args(output_dir: str | Path, **fields) -> MoEPruneArguments:
     return MoEPruneArguments(output_dir=str(output_dir), **{**QUIET_CPU_RUN, **fields})
+
+
+def counting_dataset(rows: int = 16, length: int = 12, seed: int = 0) -> Dataset:
+    """A learnable pattern (next token = token + 1) within every tiny vocabulary (ids < 99, the smallest)."""
+    start = torch.randint(3, 60, (rows, 1), generator=torch.Generator().manual_seed(seed))
+    ids = start + torch.arange(length)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
