@@ -103,6 +103,24 @@ def topk_softmax(router: nn.Module, logits: torch.Tensor, selection_bias: torch.
     return torch.softmax(values, dim=1, dtype=values.dtype), indices
 
 
+GROUP_SCORES = {
+    # DeepSeek-V3, Mistral-4: a group scores the sum of its two best members; DeepSeek-V2: its best member
+    "top2_sum": lambda grouped: grouped.topk(2, dim=-1)[0].sum(dim=-1),
+    "max": lambda grouped: grouped.max(dim=-1).values,
+}
+
+
+def _outside_best_groups(router, choice: torch.Tensor, group_score: str) -> torch.Tensor:
+    """``[tokens, experts]`` True where an expert is outside the router's best ``topk_group`` of its ``num_group``
+    groups of contiguous experts (group-limited routing), scored on ``choice`` by ``GROUP_SCORES[group_score]``."""
+    groups, num_experts = router.num_group, router.num_experts
+    group_scores = GROUP_SCORES[group_score](choice.view(-1, groups, num_experts // groups))
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
+    return ~score_mask.bool()
+
+
 def _sigmoid_grouped(router, logits, selection_bias, sorted_topk: bool, masked_value: float):
     """Sigmoid scores + e_score_correction_bias, the best ``topk_group`` groups by the sum of their top-2 members
     (skipped when the router has no groups: ``num_group`` None), top-k inside them, weights = the raw scores of the
@@ -111,13 +129,8 @@ def _sigmoid_grouped(router, logits, selection_bias, sorted_topk: bool, masked_v
     choice = scores + router.e_score_correction_bias
     if selection_bias is not None:
         choice = choice + selection_bias.to(choice.dtype)
-    groups, num_experts = router.num_group, router.num_experts
-    if groups is not None:
-        group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
-        choice = choice.masked_fill(~score_mask.bool(), masked_value)
+    if router.num_group is not None:
+        choice = choice.masked_fill(_outside_best_groups(router, choice, "top2_sum"), masked_value)
     indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=sorted_topk)[1]
     weights = scores.gather(1, indices)
     if router.norm_topk_prob:
@@ -207,20 +220,19 @@ def logit_topk_sigmoid_unnormalized(
     return torch.sigmoid(scattered.float()).to(logits.dtype).gather(1, indices), indices
 
 
+def _masked_probability(selection_bias: torch.Tensor | None) -> float:
+    # the stock softmax routers fill 0.0 (probabilities are positive); a selection bias may be negative or -inf, so
+    # then only -inf keeps the masked groups out
+    return 0.0 if selection_bias is None else float("-inf")
+
+
 def softmax_topk_scaled(router: nn.Module, logits: torch.Tensor, selection_bias: torch.Tensor | None = None):
     """DeepSeek-V2: fp32 softmax over all experts, top-k (``greedy``, or ``group_limited_greedy``: the best
     ``topk_group`` groups by their maximum score), unsorted, never renormalised, x ``routed_scaling_factor``."""
     scores = logits.softmax(dim=-1, dtype=torch.float32)
     choice = scores if selection_bias is None else scores + selection_bias.to(scores.dtype)
     if router.topk_method == "group_limited_greedy":
-        groups, num_experts = router.num_group, router.num_experts
-        group_scores = choice.view(-1, groups, num_experts // groups).max(dim=-1).values
-        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
-        # the stock router fills 0.0 (probabilities are positive); a selection bias may be negative or -inf,
-        # so then only -inf keeps the masked groups out
-        choice = choice.masked_fill(~score_mask.bool(), 0.0 if selection_bias is None else float("-inf"))
+        choice = choice.masked_fill(_outside_best_groups(router, choice, "max"), _masked_probability(selection_bias))
     indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
     return scores.gather(-1, indices) * router.routed_scaling_factor, indices
 
@@ -233,14 +245,7 @@ def softmax_group_limited(router: nn.Module, logits: torch.Tensor, selection_bia
     always), x ``routed_scaling_factor``."""
     scores = logits.softmax(-1)
     choice = scores if selection_bias is None else scores + selection_bias.to(scores.dtype)
-    groups, num_experts = router.num_group, router.num_experts
-    group_scores = choice.view(-1, groups, num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, groups, num_experts // groups).reshape(-1, num_experts)
-    # the stock router fills 0.0 (probabilities are positive); a selection bias may be negative or -inf, so then only
-    # -inf keeps the masked groups out
-    choice = choice.masked_fill(~score_mask.bool(), 0.0 if selection_bias is None else float("-inf"))
+    choice = choice.masked_fill(_outside_best_groups(router, choice, "top2_sum"), _masked_probability(selection_bias))
     indices = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, indices)
     if getattr(router, "norm_topk_prob", True):
